@@ -1,0 +1,1 @@
+"""Interaction logs -> leave-one-out split -> WebDataset shards, and the resumable streaming reader."""

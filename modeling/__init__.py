@@ -1,0 +1,1 @@
+"""Model and tokenizer factory, item tokens, LoRA, adversarial perturbation, ranking, export."""

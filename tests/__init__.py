@@ -1,0 +1,1 @@
+"""recgpt test suite."""

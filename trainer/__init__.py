@@ -1,0 +1,1 @@
+"""DeepSpeed engine, training loop, evaluation, checkpoints and logging (never imports Ray)."""
