@@ -1,0 +1,54 @@
+"""The recgpt CLI: every subcommand has real --help, bad config gives one line and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import build_parser, main
+
+SUBCOMMANDS = [["shards"], ["shards", "build"], ["shards", "inspect"], ["shards", "verify"], ["train"],
+               ["evaluate"], ["export"], ["recommend"]]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: recgpt " + " ".join(cmd))
+    assert len(out.splitlines()) > 3
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.bogus=1"], "train.bogus"),
+        (["zero.stage=4"], "zero.stage"),
+        (["zero.fp16=true", "zero.bf16=true"], "zero.fp16"),
+        (["lora.r=0"], "lora.r"),
+        (["train.max_steps=ten"], "train.max_steps"),
+        (["nonsense"], "nonsense"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(overrides, key, capsys):
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+
+
+def test_bad_key_in_yaml_names_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.yaml" in err and "train.max_stepz" in err and "Traceback" not in err
+
+
+def test_python_dash_m_launcher_without_install():
+    # What a Ray job's working directory runs: no console script, only the source tree.
+    out = subprocess.run([sys.executable, "-m", "launcher", "--help"], capture_output=True, text=True, check=True)
+    assert "shards" in out.stdout and "recommend" in out.stdout
+    res = subprocess.run([sys.executable, "-m", "launcher", "train", "zero.stage=7"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "zero.stage" in res.stderr
