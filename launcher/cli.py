@@ -20,8 +20,15 @@ class UserError(Exception):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML file of overrides (see configs/); defaults live in trainer/config.py")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides applied last, e.g. train.max_steps=100")
+    p.add_argument(
+        "--config", "-c", help="YAML file of overrides (see configs/); defaults live in trainer/config.py"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotlist overrides applied last, e.g. train.max_steps=100",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rating-col", default=None, help="generic CSV/Parquet: rating column (optional)")
     b.add_argument("--time-col", default="timestamp", help="generic CSV/Parquet: timestamp column")
     b.add_argument("--title-col", default=None, help="generic CSV/Parquet: item title column (optional)")
-    b.add_argument("--min-user-interactions", type=int, default=5, help="k-core: drop users with fewer (default 5)")
-    b.add_argument("--min-item-interactions", type=int, default=1, help="k-core: drop items with fewer (default 1)")
-    b.add_argument("--rating-threshold", type=float, default=None, help="keep only interactions rated >= this")
-    b.add_argument("--max-history", type=int, default=50, help="history items per record (windows are max_history+1)")
-    b.add_argument("--prefix-records", action="store_true", help="one training record per target (RecBole style, ~50x compute)")
+    b.add_argument(
+        "--min-user-interactions", type=int, default=5, help="k-core: drop users with fewer (default 5)"
+    )
+    b.add_argument(
+        "--min-item-interactions", type=int, default=1, help="k-core: drop items with fewer (default 1)"
+    )
+    b.add_argument(
+        "--rating-threshold", type=float, default=None, help="keep only interactions rated >= this"
+    )
+    b.add_argument(
+        "--max-history", type=int, default=50, help="history items per record (windows are max_history+1)"
+    )
+    b.add_argument(
+        "--prefix-records",
+        action="store_true",
+        help="one training record per target (RecBole style, ~50x compute)",
+    )
     b.add_argument("--records-per-member", type=int, default=256, help="records packed into one tar member")
-    b.add_argument("--max-shard-mb", type=float, default=64.0, help="cap on one shard's size")
-    b.add_argument("--skip-bad-lines", action="store_true", help="count and report malformed lines instead of stopping")
+    b.add_argument("--max-shard-mb", type=float, default=16.0, help="cap on one shard's size (default 16)")
+    b.add_argument(
+        "--skip-bad-lines", action="store_true", help="count and report malformed lines instead of stopping"
+    )
+    b.add_argument("--force", action="store_true", help="replace an existing output directory")
     i = ssub.add_parser("inspect", help="print a shard directory's statistics")
     i.add_argument("dir", help="shard directory (holding manifest.json)")
     i.add_argument("--json", action="store_true", help="print the manifest statistics as JSON")
@@ -87,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs distributed under torchrun. Prints one JSON line of metrics.",
     )
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="run directory (latest complete checkpoint) or one checkpoint directory")
+    src.add_argument(
+        "--checkpoint", help="run directory (latest complete checkpoint) or one checkpoint directory"
+    )
     src.add_argument("--model", help="an export directory written by `recgpt export`")
     e.add_argument("--data", help="shard directory (default: the one the run was trained on)")
     e.add_argument("--split", default="test", choices=["valid", "test"], help="split to score (default test)")
-    e.add_argument("--best", action="store_true", help="with a run directory: use the best checkpoint, not the latest")
+    e.add_argument(
+        "--best", action="store_true", help="with a run directory: use the best checkpoint, not the latest"
+    )
     _add_config_args(e)
 
     # ------------------------------------------------------------------ export
@@ -104,10 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--checkpoint", required=True, help="run directory or one checkpoint directory")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
-    x.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default export.dtype)")
+    x.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default export.dtype)"
+    )
     which = x.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="export the best checkpoint of a run directory")
-    which.add_argument("--latest", action="store_true", help="export the latest complete checkpoint (default)")
+    which.add_argument(
+        "--latest", action="store_true", help="export the latest complete checkpoint (default)"
+    )
     x.add_argument("--adapter-only", action="store_true", help="also write the PEFT adapter alone (adapter/)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -139,7 +169,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.ray.num_workers > 0:
             if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-                raise UserError("ray.num_workers > 0 cannot run under torchrun: launch one process, Ray starts the workers")
+                raise UserError(
+                    "ray.num_workers > 0 cannot run under torchrun: launch one process, Ray starts the workers"
+                )
             from launcher.ray_launch import train_with_ray
 
             return train_with_ray(cfg) or 0
@@ -164,11 +196,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from data_shards.errors import DataError
     from trainer.config import ConfigError
 
     try:
         return _dispatch(args)
-    except (ConfigError, UserError) as e:
+    except (ConfigError, UserError, DataError) as e:
         print(f"recgpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

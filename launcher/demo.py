@@ -46,7 +46,16 @@ def recgpt(*args: str) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "launcher", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "launcher",
+        *args,
+    ]
 
 
 def _last_json(text: str) -> dict:
@@ -87,25 +96,67 @@ def main(argv: list[str] | None = None) -> int:
 
     _run(
         "train a small GPT from scratch (full tuning, DeepSpeed, 2 processes)",
-        torchrun(args.nproc, "train", "--config", "configs/demo_base.yaml",
-                 f"data.shards={shards}", f"train.output_dir={base}"),
+        torchrun(
+            args.nproc,
+            "train",
+            "--config",
+            "configs/demo_base.yaml",
+            f"data.shards={shards}",
+            f"train.output_dir={base}",
+        ),
     )
-    _run("export the base model", recgpt("export", "--checkpoint", str(base), "--best", "--out", str(base_export), "--force"))
+    _run(
+        "export the base model",
+        recgpt("export", "--checkpoint", str(base), "--best", "--out", str(base_export), "--force"),
+    )
     _run(
         "adapt the export with LoRA + PGD adversarial training (2 processes)",
-        torchrun(args.nproc, "train", "--config", "configs/demo_adapt.yaml",
-                 f"data.shards={shards}", f"model.name_or_path={base_export}", f"train.output_dir={adapted}"),
+        torchrun(
+            args.nproc,
+            "train",
+            "--config",
+            "configs/demo_adapt.yaml",
+            f"data.shards={shards}",
+            f"model.name_or_path={base_export}",
+            f"train.output_dir={adapted}",
+        ),
     )
-    before = _last_json(_run("evaluate base (test split)", recgpt(
-        "evaluate", "--model", str(base_export), "--data", str(shards), "--split", "test"), capture=True))
-    after = _last_json(_run("evaluate adapted (test split)", recgpt(
-        "evaluate", "--checkpoint", str(adapted), "--best", "--data", str(shards), "--split", "test"), capture=True))
-    _run("export merged weights", recgpt("export", "--checkpoint", str(adapted), "--best", "--out", str(adapted_export), "--force"))
+    before = _last_json(
+        _run(
+            "evaluate base (test split)",
+            recgpt("evaluate", "--model", str(base_export), "--data", str(shards), "--split", "test"),
+            capture=True,
+        )
+    )
+    after = _last_json(
+        _run(
+            "evaluate adapted (test split)",
+            recgpt(
+                "evaluate", "--checkpoint", str(adapted), "--best", "--data", str(shards), "--split", "test"
+            ),
+            capture=True,
+        )
+    )
+    _run(
+        "export merged weights",
+        recgpt("export", "--checkpoint", str(adapted), "--best", "--out", str(adapted_export), "--force"),
+    )
 
     history_file = root / "history.json"
     history_file.write_text(json.dumps(_user_history_titles(shards)))
-    _run("recommend for one user", recgpt("recommend", "--model", str(adapted_export),
-                                          "--history-file", str(history_file), "-k", "10", "--exclude-seen"))
+    _run(
+        "recommend for one user",
+        recgpt(
+            "recommend",
+            "--model",
+            str(adapted_export),
+            "--history-file",
+            str(history_file),
+            "-k",
+            "10",
+            "--exclude-seen",
+        ),
+    )
 
     keys = [k for k in before if k.split("@")[0] in ("hr", "ndcg", "mrr") or k.startswith("robust")]
     print("\n=== test metrics (full ranking over all items, history excluded)")

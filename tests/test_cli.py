@@ -7,8 +7,16 @@ import pytest
 
 from launcher.cli import build_parser, main
 
-SUBCOMMANDS = [["shards"], ["shards", "build"], ["shards", "inspect"], ["shards", "verify"], ["train"],
-               ["evaluate"], ["export"], ["recommend"]]
+SUBCOMMANDS = [
+    ["shards"],
+    ["shards", "build"],
+    ["shards", "inspect"],
+    ["shards", "verify"],
+    ["train"],
+    ["evaluate"],
+    ["export"],
+    ["recommend"],
+]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
@@ -48,7 +56,11 @@ def test_bad_key_in_yaml_names_file_and_key(tmp_path, capsys):
 
 def test_python_dash_m_launcher_without_install():
     # What a Ray job's working directory runs: no console script, only the source tree.
-    out = subprocess.run([sys.executable, "-m", "launcher", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "--help"], capture_output=True, text=True, check=True
+    )
     assert "shards" in out.stdout and "recommend" in out.stdout
-    res = subprocess.run([sys.executable, "-m", "launcher", "train", "zero.stage=7"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", "zero.stage=7"], capture_output=True, text=True
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "zero.stage" in res.stderr

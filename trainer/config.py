@@ -246,14 +246,20 @@ class TrainConfig:
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.max_steps >= 0 and self.epochs >= 0, "train.max_steps", "must be >= 0")
-        _check(self.max_steps > 0 or self.epochs > 0, "train.max_steps", "set train.max_steps or train.epochs > 0")
+        _check(
+            self.max_steps > 0 or self.epochs > 0,
+            "train.max_steps",
+            "set train.max_steps or train.epochs > 0",
+        )
         _choice(self.objective, "train.objective", ("all", "last"))
         _choice(self.loss, "train.loss", ("full", "sampled"))
         _check(self.num_negatives >= 1, "train.num_negatives", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")
-        _check(self.eval_interval >= 0 and self.checkpoint_interval >= 0, "train.eval_interval", "must be >= 0")
+        _check(
+            self.eval_interval >= 0 and self.checkpoint_interval >= 0, "train.eval_interval", "must be >= 0"
+        )
 
 
 @dataclass
@@ -268,7 +274,9 @@ class EvalConfig:
     """Validation metric for the best checkpoint and early stopping (higher is better; rating: accuracy)."""
 
     def __post_init__(self) -> None:
-        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", "must be a non-empty list of K >= 1")
+        _check(
+            len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", "must be a non-empty list of K >= 1"
+        )
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
@@ -305,7 +313,11 @@ class RayConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
-        _choice(self.placement_strategy, "ray.placement_strategy", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        _choice(
+            self.placement_strategy,
+            "ray.placement_strategy",
+            ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        )
         _check(self.max_failures >= -1, "ray.max_failures", "must be >= -1")
 
 
@@ -347,9 +359,13 @@ class RecGPTConfig:
         if self.lora.enabled and self.lora.method == "adalora":
             # AdaLoRA's rank allocator reads parameter .grad, which ZeRO >= 1 partitions or keeps in
             # its own buffers: it would silently compute nonsense there.
-            _check(self.zero.stage == 0, "lora.method", "adalora needs zero.stage 0 (it reads parameter .grad)")
+            _check(
+                self.zero.stage == 0, "lora.method", "adalora needs zero.stage 0 (it reads parameter .grad)"
+            )
         if self.task == "rating":
-            _check(self.train.objective == "all", "train.objective", "the rating task supervises every position")
+            _check(
+                self.train.objective == "all", "train.objective", "the rating task supervises every position"
+            )
         _check(
             self.eval.metric in _valid_metrics(self),
             "eval.metric",
@@ -383,7 +399,9 @@ def _omegaconf_error_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}"
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RecGPTConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RecGPTConfig:
     """Defaults <- YAML file (overrides only) <- ``key=value`` overrides; validated.
 
     Raises :class:`ConfigError` with one line naming the key on any problem.

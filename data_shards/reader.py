@@ -1,0 +1,344 @@
+"""``ShardLoader``: a deterministic, exactly resumable stream of batches from a shard directory.
+
+The plan of an epoch is computed from the manifest alone, identically in every rank and worker (no
+``split_by_node`` guesswork, PITFALLS "Data streaming"):
+
+1. the global record sequence G: shards in an order shuffled by (seed, epoch), each shard's records in
+   a permutation drawn from (seed, epoch, shard) (eval splits keep the written order);
+2. ``nb`` batches per rank: ``N // (world_size * batch_size)`` with ``drop_last`` (train; the remainder,
+   a different tail of G every epoch, is dropped) or ``ceil(N / (world_size * batch_size))`` otherwise
+   (eval; the free slots hold ``"pad": True`` copies of real records, so every record is yielded exactly
+   once and every rank has the same count);
+3. rank r takes the contiguous range ``G[r*nb*B : (r+1)*nb*B]`` (ranks read disjoint shards, mostly),
+   batch i of the rank is the i-th run of B records of that range;
+4. DataLoader worker w yields the rank's batches w, w+K, w+2K, … — exactly the order in which the
+   DataLoader collects them — so the batch sequence does not depend on ``num_workers``.
+
+Each worker reads (through webdataset's ``gopen`` and tar iterator, so ``pipe:`` URLs work) only the
+shards holding its batches and JSON-decodes only the members holding them. A shard is hashed while it
+streams and checked against the manifest before any of its records is used, so a corrupt or truncated
+shard never yields data: it raises :class:`CorruptShardError` naming it, or, within
+``corrupt_tolerance``, is skipped (logged) and its records are replaced by ``"pad": True`` copies of a
+real record — batch counts never change.
+
+Resume: batches are counted in the main process as the trainer receives them (not as workers prefetch
+them); a restored loader computes the plan and starts at the saved batch, reading at most the one shard
+that the saved position is inside of before yielding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from webdataset.gopen import gopen
+from webdataset.tariterators import tar_file_iterator
+
+from data_shards.errors import CorruptShardError, DataError
+from data_shards.manifest import MEMBER_EXT, HashingReader, load_manifest, resolve
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+STATE_KEYS = ("fingerprint", "split", "rank", "world_size", "batch_size", "seed", "epoch", "batch")
+
+
+class EpochPlan:
+    """Which records, in which order, form every batch of one epoch (see the module docstring)."""
+
+    def __init__(
+        self, manifest: dict[str, Any], split: str, world_size: int, batch_size: int, seed: int, epoch: int,
+        shuffle: bool, drop_last: bool,
+    ) -> None:  # fmt: skip
+        self.shards = manifest["splits"][split]["shards"]
+        self.counts = np.array([s["records"] for s in self.shards], dtype=np.int64)
+        self.total = int(self.counts.sum())
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.batch_size = batch_size
+        per_step = world_size * batch_size
+        self.num_batches = self.total // per_step if drop_last else math.ceil(self.total / per_step)
+        self.per_rank = self.num_batches * batch_size
+        rng = np.random.default_rng([seed, epoch, 0])
+        self.order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        self.starts = np.concatenate([[0], np.cumsum(self.counts[self.order])])
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, shard: int) -> np.ndarray:
+        if shard not in self._perms:
+            n = int(self.counts[shard])
+            rng = np.random.default_rng([self.seed, self.epoch, 1, shard])
+            self._perms[shard] = rng.permutation(n) if self.shuffle else np.arange(n)
+        return self._perms[shard]
+
+    def batch(self, rank: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, record-in-shard, is-pad) of every slot of batch i of a rank."""
+        pos = rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
+        pad = pos >= self.total
+        pos = pos % self.total  # a pad slot copies a real record
+        k = np.searchsorted(self.starts, pos, side="right") - 1
+        shard = self.order[k]
+        offset = pos - self.starts[k]
+        record = np.array([self._perm(int(s))[o] for s, o in zip(shard, offset)], dtype=np.int64)
+        return shard, record, pad
+
+
+def read_shard(
+    url: str, meta: dict[str, Any], records_per_member: int, wanted: set[int]
+) -> dict[int, Record]:
+    """The ``wanted`` records of one shard, after checking its size, sha256 and record count."""
+    by_member: dict[int, list[int]] = defaultdict(list)
+    for r in wanted:
+        by_member[r // records_per_member].append(r)
+    n_members = math.ceil(meta["records"] / records_per_member)
+    out: dict[int, Record] = {}
+    try:
+        stream = gopen(url, "rb")
+        reader = HashingReader(stream)
+        member = 0
+        for f in tar_file_iterator(reader):
+            if not f["fname"].endswith("." + MEMBER_EXT) or member >= n_members:
+                raise CorruptShardError(f"{url}: unexpected tar member {f['fname']!r}")
+            if member in by_member:
+                records = json.loads(f["data"])
+                expected = min(records_per_member, meta["records"] - member * records_per_member)
+                if len(records) != expected:
+                    raise CorruptShardError(
+                        f"{url}: member {f['fname']} holds {len(records)} records, expected {expected}"
+                    )
+                for r in by_member[member]:
+                    out[r] = records[r - member * records_per_member]
+            member += 1
+        reader.drain()
+        stream.close()  # a pipe: stream raises here when its command failed
+    except CorruptShardError:
+        raise
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        why = str(e).splitlines()[0].split(" @ ")[0]  # webdataset appends " @ <stream>"
+        raise CorruptShardError(f"{url}: unreadable shard ({type(e).__name__}: {why})") from None
+    if reader.size != meta["bytes"] or reader.sha256.hexdigest() != meta["sha256"]:
+        raise CorruptShardError(
+            f"{url}: {reader.size} bytes with a sha256 that differs from the manifest (truncated or damaged)"
+        )
+    if member != n_members:
+        raise CorruptShardError(f"{url}: {member} tar members, expected {n_members}")
+    return out
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One rank's batches start… of one epoch; inside worker w only the batches w, w+K, … ."""
+
+    def __init__(
+        self, plan: EpochPlan, location: str, rank: int, start: int, records_per_member: int,
+        collate_fn: Callable[[list[Record]], Any] | None, corrupt_tolerance: int,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.plan, self.location, self.rank, self.start = plan, location, rank, start
+        self.records_per_member, self.collate_fn, self.tolerance = (
+            records_per_member,
+            collate_fn,
+            corrupt_tolerance,
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = range(self.start + worker, self.plan.num_batches, workers)
+        slots = [self.plan.batch(self.rank, i) for i in mine]
+        wanted: dict[int, set[int]] = defaultdict(set)
+        last_use: dict[int, int] = {}
+        for j, (shards, records, _) in enumerate(slots):
+            for s, r in zip(shards.tolist(), records.tolist()):
+                wanted[s].add(r)
+                last_use[s] = j
+        cache: dict[int, dict[int, Record]] = {}
+        skipped = 0
+        last_real: Record | None = None
+        for j, (shards, records, pads) in enumerate(slots):
+            for s in dict.fromkeys(shards.tolist()):  # first-use order
+                if s in cache:
+                    continue
+                meta = self.plan.shards[s]
+                try:
+                    cache[s] = read_shard(
+                        resolve(self.location, meta["path"]), meta, self.records_per_member, wanted[s]
+                    )
+                except CorruptShardError as e:
+                    skipped += 1
+                    if skipped > self.tolerance:
+                        raise
+                    log.warning(
+                        "skipping corrupt shard (%d of %d tolerated in this reader): %s; its %d records are "
+                        "replaced by pad copies", skipped, self.tolerance, e, len(wanted[s]),
+                    )  # fmt: skip
+                    cache[s] = {}
+            batch: list[Record | None] = []
+            for s, r, pad in zip(shards.tolist(), records.tolist(), pads.tolist()):
+                rec = cache[s].get(r)
+                batch.append({**rec, "pad": True} if rec is not None and pad else rec)
+            real = next((r for r in batch if r is not None and not r.get("pad")), last_real)
+            last_real = real
+            filled = [r if r is not None else _substitute(real) for r in batch]
+            for s in set(shards.tolist()):
+                if last_use[s] == j:
+                    del cache[s]
+            yield self.collate_fn(filled) if self.collate_fn is not None else filled
+
+
+def _substitute(template: Record | None) -> Record:
+    """A masked stand-in for a record of a skipped corrupt shard."""
+    if template is None:  # no real record read yet by this worker: a minimal one-item record
+        return {
+            "user": "",
+            "uid": 0,
+            "items": [0],
+            "ratings": [0.0],
+            "timestamps": [0],
+            "seen": [],
+            "pad": True,
+        }
+    return {**template, "pad": True}
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _one_line(e: Exception) -> str:
+    """A worker's exception re-raised by the DataLoader carries a traceback; keep its own message."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
+
+
+class ShardLoader:
+    """Batches of one split for one rank; ``len()`` is identical on every rank (see module docstring)."""
+
+    def __init__(
+        self,
+        location: str | os.PathLike,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+        num_workers: int = 1,
+        collate_fn: Callable[[list[Record]], Any] | None = None,
+        drop_last: bool | None = None,
+        corrupt_tolerance: int = 0,
+        prefetch_factor: int = 4,
+        shuffle: bool | None = None,
+        epoch: int = 0,
+    ) -> None:
+        self.location = str(location)
+        self.manifest = load_manifest(self.location)
+        if split not in self.manifest["splits"]:
+            raise DataError(f"split {split!r}: not in {resolve(self.location, 'manifest.json')}")
+        for name, value, low in (("world_size", world_size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                                 ("num_workers", num_workers, 0), ("corrupt_tolerance", corrupt_tolerance, 0),
+                                 ("prefetch_factor", prefetch_factor, 1), ("epoch", epoch, 0)):  # fmt: skip
+            if not isinstance(value, int) or value < low:
+                raise DataError(f"ShardLoader {name}: got {value!r}, must be an int >= {low}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"ShardLoader rank: got {rank}, must be in [0, {world_size})")
+        self.split, self.rank, self.world_size, self.batch_size, self.seed = (
+            split,
+            rank,
+            world_size,
+            batch_size,
+            seed,
+        )
+        self.num_workers, self.collate_fn, self.prefetch_factor = num_workers, collate_fn, prefetch_factor
+        self.corrupt_tolerance = corrupt_tolerance
+        self.drop_last = split == "train" if drop_last is None else drop_last
+        self.shuffle = split == "train" if shuffle is None else shuffle
+        self._epoch, self._batch = epoch, 0
+        self._len = self._plan(epoch).num_batches
+        if self._len == 0:
+            total = self.manifest["splits"][split]["records"]
+            raise DataError(
+                f"split {split!r} has {total} records, fewer than world_size x batch_size = "
+                f"{world_size * batch_size}: no full batch (lower the batch size)"
+            )
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.manifest, self.split, self.world_size, self.batch_size, self.seed, epoch,
+                         self.shuffle, self.drop_last)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        """The rest of the current epoch; when it is exhausted the loader moves to (epoch + 1, 0)."""
+        stream = _EpochStream(
+            self._plan(self._epoch), self.location, self.rank, self._batch,
+            self.manifest.get("records_per_member", 256), self.collate_fn, self.corrupt_tolerance,
+        )  # fmt: skip
+        if self.num_workers == 0:
+            batches: Any = iter(stream)
+        else:
+            batches = iter(
+                torch.utils.data.DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_identity,
+                    prefetch_factor=self.prefetch_factor,
+                    persistent_workers=False,
+                )  # fmt: skip
+            )
+        try:
+            for batch in batches:
+                self._batch += 1  # counted here, as the trainer receives it: prefetched batches do not count
+                yield batch
+        except DataError as e:
+            raise type(e)(_one_line(e)) from None
+        finally:
+            del batches  # shuts DataLoader workers down when the trainer stops mid-epoch
+        self._epoch, self._batch = self._epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batch = (self._epoch + 1, 0) if self._batch >= self._len else (self._epoch, self._batch)
+        return {
+            "fingerprint": self.manifest["fingerprint"],
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": epoch,
+            "batch": batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at batch ``state["batch"]`` of epoch ``state["epoch"]``; refuses another plan's state."""
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise DataError(f"reader state: missing key {missing[0]!r}")
+        mine = self.state_dict()
+        if state["fingerprint"] != mine["fingerprint"]:
+            raise DataError(
+                f"reader state: saved for shards with fingerprint {state['fingerprint'][:12]}…, but "
+                f"{self.location} has {mine['fingerprint'][:12]}… (another build of the data)"
+            )
+        for key in ("split", "rank", "world_size", "batch_size", "seed"):
+            if state[key] != mine[key]:
+                raise DataError(
+                    f"reader state: {key} was {state[key]!r}, this reader has {mine[key]!r}; resuming exactly "
+                    "needs the same data plan"
+                )
+        if not 0 <= state["batch"] <= self._len:
+            raise DataError(f"reader state: batch {state['batch']} outside 0..{self._len}")
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])

@@ -1,0 +1,161 @@
+"""Filters (rating threshold, k-core) and the leave-one-out split into train/valid/test records.
+
+Per user, interactions are ordered by timestamp and then by original file order (a stable tie-break),
+so the same input always gives the same split and a test target never sits inside a training window:
+test = the last interaction, valid = the second to last, train = the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_shards.errors import DataError
+
+MIN_USER_INTERACTIONS = 3  # one train item, the valid target and the test target
+
+
+@dataclass(frozen=True)
+class Filters:
+    min_user_interactions: int = 5
+    min_item_interactions: int = 1
+    rating_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_user_interactions < MIN_USER_INTERACTIONS:
+            raise DataError(
+                f"--min-user-interactions: got {self.min_user_interactions}, leave-one-out needs >= {MIN_USER_INTERACTIONS}"
+            )
+        if self.min_item_interactions < 1:
+            raise DataError(f"--min-item-interactions: got {self.min_item_interactions}, must be >= 1")
+
+
+def apply_filters(frame: pd.DataFrame, filters: Filters) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Rating threshold, then k-core until stable (dropping items can push users below the minimum)."""
+    before = {"interactions": len(frame), "users": frame["user"].nunique(), "items": frame["item"].nunique()}
+    if filters.rating_threshold is not None:
+        frame = frame[frame["rating"] >= filters.rating_threshold]
+    while True:
+        user_n = frame.groupby("user")["item"].transform("size")
+        item_n = frame.groupby("item")["user"].transform("size")
+        keep = (user_n >= filters.min_user_interactions) & (item_n >= filters.min_item_interactions)
+        if keep.all():
+            break
+        frame = frame[keep]
+    if frame.empty:
+        raise DataError(
+            f"no interactions left after filtering (min user interactions {filters.min_user_interactions}, "
+            f"min item interactions {filters.min_item_interactions}, rating threshold {filters.rating_threshold}) "
+            f"of {before['interactions']} read"
+        )
+    stats = {
+        "min_user_interactions": filters.min_user_interactions,
+        "min_item_interactions": filters.min_item_interactions,
+        "rating_threshold": filters.rating_threshold,
+        "removed_interactions": before["interactions"] - len(frame),
+        "removed_users": before["users"] - frame["user"].nunique(),
+        "removed_items": before["items"] - frame["item"].nunique(),
+    }
+    return frame, stats
+
+
+def natural_order(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct ids: numerically when every id is an integer (MovieLens), else as strings."""
+    uniq = np.unique(ids.astype(str))
+    if all(s.isdigit() for s in uniq):
+        return uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
+    return uniq
+
+
+@dataclass
+class Sequences:
+    """Every user's chronological interactions in dense indices (CSR layout)."""
+
+    users: np.ndarray  # dense uid -> original user id
+    items: np.ndarray  # dense item index -> original item id
+    item_counts: np.ndarray  # interactions per dense item
+    offsets: np.ndarray  # user u's interactions are [offsets[u], offsets[u+1])
+    item_idx: np.ndarray
+    ratings: np.ndarray
+    timestamps: np.ndarray
+
+    def user(self, u: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = slice(self.offsets[u], self.offsets[u + 1])
+        return self.item_idx[s], self.ratings[s], self.timestamps[s]
+
+
+def sequences(frame: pd.DataFrame) -> Sequences:
+    """Dense indices and per-user order: timestamp, then original file order (``frame.index``)."""
+    users, items = natural_order(frame["user"].to_numpy()), natural_order(frame["item"].to_numpy())
+    uid = pd.Index(users).get_indexer(frame["user"].astype(str))
+    iid = pd.Index(items).get_indexer(frame["item"].astype(str))
+    ts = frame["timestamp"].to_numpy(np.int64)
+    order = np.lexsort((frame.index.to_numpy(), ts, uid))  # last key sorts first
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(uid, minlength=len(users)), out=offsets[1:])
+    return Sequences(
+        users=users,
+        items=items,
+        item_counts=np.bincount(iid, minlength=len(items)),
+        offsets=offsets,
+        item_idx=iid[order],
+        ratings=frame["rating"].to_numpy(np.float64)[order],
+        timestamps=ts[order],
+    )
+
+
+def train_windows(n: int, max_history: int, prefix_records: bool = False) -> list[tuple[int, int]]:
+    """[start, end) windows over a training sequence of length n, oldest first.
+
+    Windows hold at most ``max_history + 1`` items and overlap by one item, so every position 1..n-1
+    is a target exactly once (the last item of one window is the first input of the next). With
+    ``prefix_records`` there is one window per target instead (RecBole style).
+    """
+    if prefix_records:
+        return [(max(0, t - max_history), t + 1) for t in range(1, n)]
+    windows = []
+    end = n
+    while end >= 2:
+        start = max(0, end - max_history - 1)
+        windows.append((start, end))
+        if start == 0:
+            break
+        end = start + 1
+    return windows[::-1]
+
+
+def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
+    items, ratings, times = seqs.user(u)
+    return {
+        "user": str(seqs.users[u]),
+        "uid": u,
+        "items": items[lo:hi].tolist(),
+        "ratings": ratings[lo:hi].tolist(),
+        "timestamps": times[lo:hi].tolist(),
+    }
+
+
+def train_records(
+    seqs: Sequences, max_history: int, prefix_records: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Training records in a fixed pseudo-random user order, so every shard mixes many users."""
+    for u in np.random.default_rng(0).permutation(len(seqs.users)):
+        n_train = int(seqs.offsets[u + 1] - seqs.offsets[u]) - 2
+        for lo, hi in train_windows(n_train, max_history, prefix_records):
+            yield _record(seqs, int(u), lo, hi)
+
+
+def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[dict[str, Any]]:
+    """One record per user: the last max_history items before the target, then the target; ``seen``
+    holds every earlier item (the whole history), so exclude_seen masks more than the window."""
+    back = {"valid": 2, "test": 1}[split]
+    for u in range(len(seqs.users)):
+        items = seqs.user(u)[0]
+        target = len(items) - back
+        rec = _record(seqs, u, max(0, target - max_history), target + 1)
+        rec["seen"] = np.unique(items[:target]).tolist()
+        yield rec

@@ -1,0 +1,504 @@
+"""data_shards: readers of every format, filters, leave-one-out, shard build, verify, and ShardLoader
+(equal batch counts, exactly-once coverage, exact resume, corruption) on small synthetic logs and one
+build of the bundled ml-latest-small sample."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_shards import reader as reader_mod
+from data_shards.build import build_shards
+from data_shards.errors import CorruptShardError, DataError
+from data_shards.ingest import Columns
+from data_shards.manifest import load_manifest, read_items, verify
+from data_shards.reader import ShardLoader
+from data_shards.split import Filters, train_windows
+from launcher.cli import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ml-latest-small.zip"
+
+
+# --------------------------------------------------------------------------- synthetic logs
+
+
+def synthetic_log(n_users: int = 12, n_items: int = 15, seed: int = 0) -> pd.DataFrame:
+    """Interactions in file order (users interleaved), 6..20 per user, some equal timestamps."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(6, 21))
+        times = np.sort(rng.integers(1_000_000, 1_000_040, size=n))  # narrow range: ties happen
+        for i, t in zip(rng.integers(1, n_items + 1, size=n), times):
+            rows.append((f"{u + 1}", f"{i}", float(rng.integers(1, 11)) / 2, int(t)))
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # file order != time order
+    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+
+
+def expected_targets(log: pd.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
+    """Leave-one-out targets by plain pandas: stable sort by time keeps file order among ties."""
+    ordered = log.sort_values("timestamp", kind="stable").groupby("user", sort=False)["item"]
+    return ordered.nth(-1).groupby(log["user"]).first().to_dict(), ordered.nth(-2).groupby(
+        log["user"]
+    ).first().to_dict()
+
+
+def targets_from_shards(out: Path, split: str) -> dict[str, str]:
+    items = read_items(out)
+    loader = ShardLoader(out, split, batch_size=1, num_workers=0)
+    return {r["user"]: items[r["items"][-1]]["item_id"] for batch in loader for r in batch}
+
+
+def title(i: str) -> str:
+    return f"Movie {i}, the sequel é"
+
+
+def write_format(fmt: str, log: pd.DataFrame, d: Path) -> tuple[Path, dict]:
+    """Write ``log`` in ``fmt`` under d; (input path, build kwargs)."""
+    d.mkdir(parents=True, exist_ok=True)
+    items = sorted(log["item"].unique(), key=int)
+    if fmt == "ml-100k":
+        log.to_csv(d / "u.data", sep="\t", header=False, index=False)
+        flags = "|".join(["0"] * 8 + ["1"] + ["0"] * 10)
+        (d / "u.item").write_bytes(
+            "".join(f"{i}|{title(i)}|01-Jan-1995||http://x|{flags}\n" for i in items).encode("latin-1")
+        )
+    elif fmt == "ml-1m":
+        (d / "ratings.dat").write_text(
+            "".join(f"{u}::{i}::{r:g}::{t}\n" for u, i, r, t in log.itertuples(index=False))
+        )
+        (d / "movies.dat").write_bytes("".join(f"{i}::{title(i)}::Drama\n" for i in items).encode("latin-1"))
+    elif fmt == "ml-latest":
+        log.set_axis(["userId", "movieId", "rating", "timestamp"], axis=1).to_csv(
+            d / "ratings.csv", index=False
+        )
+        pd.DataFrame({"movieId": items, "title": [title(i) for i in items], "genres": "Drama"}).to_csv(
+            d / "movies.csv", index=False
+        )
+    elif fmt == "amazon-2018":
+        with gzip.open(d / "Books_5.json.gz", "wt") as f:
+            for u, i, r, t in log.itertuples(index=False):
+                f.write(
+                    json.dumps(
+                        {
+                            "reviewerID": f"A{u}",
+                            "asin": f"B{i}",
+                            "overall": r,
+                            "unixReviewTime": t,
+                            "reviewText": "ok",
+                        }
+                    )
+                    + "\n"
+                )
+        (d / "meta_Books.json").write_text(
+            "".join(json.dumps({"asin": f"B{i}", "title": title(i)}) + "\n" for i in items)
+        )
+    elif fmt == "amazon-2023":
+        (d / "Books.jsonl").write_text(
+            "".join(
+                json.dumps({"user_id": f"A{u}", "parent_asin": f"B{i}", "rating": r, "timestamp": t * 1000})
+                + "\n"
+                for u, i, r, t in log.itertuples(index=False)
+            )
+        )
+        (d / "meta_Books.jsonl").write_text(
+            "".join(json.dumps({"parent_asin": f"B{i}", "title": title(i)}) + "\n" for i in items)
+        )
+    elif fmt in ("csv", "parquet"):
+        frame = log.set_axis(["who", "what", "stars", "when"], axis=1).assign(name=log["item"].map(title))
+        if fmt == "csv":
+            frame.to_csv(d / "events.csv", index=False)
+        else:
+            frame.to_parquet(d / "events.parquet")
+        return d, {"columns": Columns("who", "what", "stars", "when", "name")}
+    return d, {}
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """The bundled sample built once through the CLI, straight from the zip."""
+    out = tmp_path_factory.mktemp("sample") / "ml-latest-small"
+    assert main(["shards", "build", str(SAMPLE), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def multi_dir(tmp_path_factory) -> Path:
+    """A synthetic build with many small shards and members (reader tests)."""
+    d = tmp_path_factory.mktemp("multi")
+    log = synthetic_log(n_users=40, n_items=30, seed=1)
+    src, _ = write_format("ml-latest", log, d / "src")
+    out = d / "shards"
+    build_shards(src, out, max_history=2, records_per_member=2, max_shard_bytes=20480)
+    return out
+
+
+# --------------------------------------------------------------------------- bundled sample
+
+
+def test_sample_manifest_counts(sample_dir):
+    m = load_manifest(sample_dir)
+    assert (m["num_users"], m["num_items"], m["num_interactions"]) == (610, 9724, 100836)
+    assert m["filters"]["removed_interactions"] == 0 and m["source"]["metadata_items"] == 9742
+    assert m["rating_levels"] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    assert m["splits"]["valid"]["records"] == m["splits"]["test"]["records"] == 610
+    items = read_items(sample_dir)
+    assert items[0]["item_id"] == "1" and items[0]["title"] == "Toy Story (1995)"
+    assert sum(it["count"] for it in items) == 100836
+    assert verify(sample_dir)[1] == []
+
+
+def test_sample_leave_one_out_matches_pandas(sample_dir):
+    with zipfile.ZipFile(SAMPLE) as zf:
+        log = pd.read_csv(zf.open("ml-latest-small/ratings.csv"), dtype={"userId": str, "movieId": str})
+    log = log.rename(columns={"userId": "user", "movieId": "item"})
+    test, valid = expected_targets(log)
+    assert targets_from_shards(sample_dir, "test") == test
+    assert targets_from_shards(sample_dir, "valid") == valid
+
+
+def test_sample_train_windows_rebuild_history(sample_dir):
+    """Windows overlap by one item: stitched together they are exactly the history before valid/test."""
+    items = read_items(sample_dir)
+    history: dict[str, list] = {}
+    loader = ShardLoader(sample_dir, "train", batch_size=1, num_workers=0, shuffle=False)
+    assert len(loader) == load_manifest(sample_dir)["splits"]["train"]["records"]
+    for [r] in loader:
+        assert 2 <= len(r["items"]) <= 51 and len(r["ratings"]) == len(r["timestamps"]) == len(r["items"])
+        seq = history.setdefault(r["user"], [])
+        assert not seq or seq[-1] == r["items"][0]
+        seq.extend(r["items"][1:] if seq else r["items"])
+    with zipfile.ZipFile(SAMPLE) as zf:
+        log = pd.read_csv(zf.open("ml-latest-small/ratings.csv"), dtype={"userId": str, "movieId": str})
+    index = {it["item_id"]: it["index"] for it in items}
+    for user, group in log.sort_values("timestamp", kind="stable").groupby("userId"):
+        assert history[user] == [index[i] for i in group["movieId"]][:-2]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    "fmt", ["ml-100k", "ml-1m", "ml-latest", "amazon-2018", "amazon-2023", "csv", "parquet"]
+)
+def test_each_format(fmt, tmp_path):
+    log = synthetic_log()
+    src, kwargs = write_format(fmt, log, tmp_path / "src")
+    m = build_shards(src, tmp_path / "out", max_history=3, **kwargs)
+    assert m["source"]["format"] == fmt
+    assert (m["num_users"], m["num_items"], m["num_interactions"]) == (12, log["item"].nunique(), len(log))
+    items = read_items(tmp_path / "out")
+    assert all(it["title"] == title(it["item_id"].lstrip("B")) for it in items)
+    if fmt.startswith("amazon"):  # ids carry a prefix there
+        log = log.assign(user="A" + log["user"], item="B" + log["item"])
+    test, valid = expected_targets(log)
+    assert targets_from_shards(tmp_path / "out", "test") == test
+    assert targets_from_shards(tmp_path / "out", "valid") == valid
+
+
+def test_single_file_and_zip_inputs(tmp_path):
+    log = synthetic_log()
+    src, _ = write_format("ml-1m", log, tmp_path / "src")
+    m = build_shards(src / "ratings.dat", tmp_path / "single")
+    assert m["source"]["format"] == "ml-1m" and m["source"]["metadata_items"] == log["item"].nunique()
+    with zipfile.ZipFile(tmp_path / "logs.zip", "w") as zf:
+        for f in src.iterdir():
+            zf.write(f, f"ml-1m/{f.name}")
+    m2 = build_shards(tmp_path / "logs.zip", tmp_path / "zipped")
+    assert m2["fingerprint"] == m["fingerprint"]  # same data, byte-identical shards
+
+
+def test_tie_break_is_file_order(tmp_path):
+    rows = [("1", "10", 1), ("1", "11", 5), ("1", "12", 5), ("1", "13", 5), ("1", "14", 1)]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(tmp_path / "log.csv", index=False)
+    build_shards(tmp_path / "log.csv", tmp_path / "out", filters=Filters(3, 1))
+    assert targets_from_shards(tmp_path / "out", "test") == {"1": "13"}
+    assert targets_from_shards(tmp_path / "out", "valid") == {"1": "12"}
+    [[rec]] = list(ShardLoader(tmp_path / "out", "test", batch_size=1, num_workers=0))
+    items = [it["item_id"] for it in read_items(tmp_path / "out")]
+    assert [items[i] for i in rec["items"]] == ["10", "14", "11", "12", "13"] and rec["ratings"] == [1.0] * 5
+
+
+@pytest.mark.parametrize("n,prefix", [(1, False), (2, False), (5, False), (6, False), (17, False), (7, True)])
+def test_train_windows_supervise_every_position_once(n, prefix):
+    windows = train_windows(n, max_history=4, prefix_records=prefix)
+    targets = (
+        [t for lo, hi in windows for t in range(lo + 1, hi)] if not prefix else [hi - 1 for _, hi in windows]
+    )
+    assert sorted(targets) == list(range(1, n)) and all(hi - lo <= 5 for lo, hi in windows)
+
+
+def test_filters_k_core_and_threshold(tmp_path):
+    log = synthetic_log(n_users=20, seed=3)
+    src, _ = write_format("ml-latest", log, tmp_path / "src")
+    m = build_shards(src, tmp_path / "out", filters=Filters(8, 4, rating_threshold=2.0))
+    kept = log[log["rating"] >= 2.0]
+    while True:  # reference k-core
+        ok = kept.groupby("user")["item"].transform("size").ge(8) & kept.groupby("item")["user"].transform(
+            "size"
+        ).ge(4)
+        if ok.all():
+            break
+        kept = kept[ok]
+    assert (m["num_users"], m["num_items"], m["num_interactions"]) == (
+        kept["user"].nunique(),
+        kept["item"].nunique(),
+        len(kept),
+    )
+    assert m["filters"]["removed_interactions"] == len(log) - len(kept)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,3,4.0,11,99\n",
+            "ratings.csv: line 3: expected 4 fields",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,4.0,10\n1,3,good,11\n",
+            "ratings.csv: line 3: field 'rating'",
+        ),
+        (
+            "ratings.csv",
+            "userId,movieId,stars,timestamp\n1,2,4.0,10\n",
+            "ratings.csv: line 1: missing column 'rating'",
+        ),
+        ("ratings.dat", "1::2::4::10\n1::3::4\n", "ratings.dat: line 2: field 'timestamp'"),
+        (
+            "r.jsonl",
+            '{"user_id": "a", "parent_asin": "b", "rating": 1, "timestamp": 1}\n{"user_id": "a"\n',
+            "r.jsonl: line 2: not valid JSON",
+        ),
+        (
+            "r.jsonl",
+            '{"user_id": "a", "parent_asin": "b", "rating": 1, "timestamp": 1}\n{"user_id": "a", "rating": 1}\n',
+            "r.jsonl: line 2: missing field 'parent_asin'",
+        ),
+        ("notes.txt", "hello\n", "cannot find a known format"),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n1,2,4.0,10\n",
+            "no interactions left after filtering",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, name, content, expected):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_text(content)
+    assert main(["shards", "build", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == [
+        "in"
+    ]  # nothing left behind
+
+
+def test_skip_bad_lines_counts(tmp_path, capsys):
+    lines = (
+        ["userId,movieId,rating,timestamp"]
+        + [f"1,{i},4.0,{i}" for i in range(6)]
+        + ["1,7,4.0,7,extra", "1,8,x,8", ""]
+    )
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert (
+        main(["shards", "build", str(tmp_path / "ratings.csv"), "--out", str(out), "--skip-bad-lines"]) == 0
+    )
+    assert "skipped 2 malformed lines" in capsys.readouterr().err
+    assert load_manifest(out)["num_interactions"] == 6 and load_manifest(out)["source"]["skipped_lines"] == 2
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    src, _ = write_format("ml-latest", synthetic_log(), tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["shards", "build", str(src), "--out", str(out)]
+    assert main(args) == 0 and main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main([*args, "--force", "--max-history", "2"]) == 0
+    assert load_manifest(out)["max_history"] == 2 and "--max-history 2" in load_manifest(out)["command"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp/old directories left
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def _record_key(r: dict) -> str:
+    return json.dumps({k: v for k, v in r.items() if k != "pad"}, sort_keys=True)
+
+
+def _all_records(out: Path, split: str) -> Counter:
+    return Counter(
+        _record_key(r) for [r] in ShardLoader(out, split, batch_size=1, num_workers=0, shuffle=False)
+    )
+
+
+def test_multi_shard_fixture_is_multi_shard(multi_dir):
+    m = load_manifest(multi_dir)
+    assert len(m["splits"]["train"]["shards"]) >= 6 and m["records_per_member"] == 2
+    assert all(s["bytes"] <= 20480 for split in m["splits"].values() for s in split["shards"])
+
+
+def test_two_ranks_two_workers_train_equal_and_exactly_once(multi_dir):
+    every = _all_records(multi_dir, "train")
+    loaders = [
+        ShardLoader(multi_dir, "train", rank=r, world_size=2, batch_size=5, seed=7, num_workers=2)
+        for r in range(2)
+    ]
+    batches = [list(ld) for ld in loaders]
+    assert (
+        len(loaders[0]) == len(loaders[1]) == len(batches[0]) == len(batches[1]) == sum(every.values()) // 10
+    )
+    seen = Counter(_record_key(r) for b in batches for batch in b for r in batch)
+    assert max(seen.values()) == 1 and set(seen) <= set(every)
+    assert sum(every.values()) - len(seen) < 10  # only the documented remainder is dropped
+    assert all(len(batch) == 5 and not any(r.get("pad") for r in batch) for b in batches for batch in b)
+    assert [ld.epoch for ld in loaders] == [1, 1]
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_two_ranks_eval_padding_scores_every_user_once(multi_dir, split):
+    m = load_manifest(multi_dir)
+    loaders = [
+        ShardLoader(multi_dir, split, rank=r, world_size=2, batch_size=7, num_workers=2) for r in range(2)
+    ]
+    batches = [list(ld) for ld in loaders]
+    assert len(batches[0]) == len(batches[1]) == len(loaders[0]) == -(-m["num_users"] // 14)
+    real = [r["uid"] for b in batches for batch in b for r in batch if not r.get("pad")]
+    assert sorted(real) == list(range(m["num_users"]))
+    assert sum(len(batch) for b in batches for batch in b) == 14 * len(loaders[0])
+
+
+def test_order_depends_on_seed_and_epoch_only(multi_dir):
+    def order(seed, epoch, workers):
+        ld = ShardLoader(multi_dir, "train", batch_size=4, seed=seed, num_workers=workers, epoch=epoch)
+        return [_record_key(r) for batch in ld for r in batch]
+
+    base = order(1, 0, 0)
+    assert order(1, 0, 2) == base  # num_workers does not change the sequence
+    assert order(2, 0, 0) != base and order(1, 1, 0) != base
+    ld = ShardLoader(multi_dir, "train", batch_size=4, seed=1, num_workers=0)
+    list(ld)
+    assert [_record_key(r) for batch in ld for r in batch] == order(1, 1, 0)  # iterating again = next epoch
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9])
+def test_resume_equals_uninterrupted(multi_dir, k):
+    kw = dict(split="train", rank=1, world_size=2, batch_size=3, seed=5, num_workers=2, prefetch_factor=2)
+    full = [_record_key(r) for batch in ShardLoader(multi_dir, **kw) for r in batch]
+    first = ShardLoader(multi_dir, **kw)
+    it = iter(first)
+    for _ in range(k):
+        next(it)  # workers have prefetched further; only these k count
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    assert state["batch"] == k and state["epoch"] == 0
+    resumed = ShardLoader(multi_dir, **kw)
+    resumed.load_state_dict(state)
+    rest = [_record_key(r) for batch in resumed for r in batch]
+    assert rest == full[k * 3 :]
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch"] == 0
+
+
+def test_resume_reads_at_most_the_current_shard(multi_dir, monkeypatch):
+    reads = []
+    original = reader_mod.read_shard
+    monkeypatch.setattr(reader_mod, "read_shard", lambda url, *a: reads.append(url) or original(url, *a))
+    ld = ShardLoader(multi_dir, "train", batch_size=3, num_workers=0)
+    n = len(ld)
+    ld.load_state_dict({**ld.state_dict(), "batch": n - 1})
+    assert len(list(ld)) == 1 and len(reads) <= 2  # the last batch may straddle two shards
+    assert len(load_manifest(multi_dir)["splits"]["train"]["shards"]) > 4
+
+
+def test_foreign_state_refused(multi_dir, sample_dir):
+    ld = ShardLoader(multi_dir, "train", world_size=2, batch_size=3, num_workers=0)
+    state = ld.state_dict()
+    other = ShardLoader(sample_dir, "train", world_size=2, batch_size=3, num_workers=0)
+    with pytest.raises(DataError, match="fingerprint"):
+        other.load_state_dict(state)
+    for key, value in (("world_size", 4), ("batch_size", 5), ("seed", 9)):
+        with pytest.raises(DataError, match=key):
+            ld.load_state_dict({**state, key: value})
+
+
+def test_too_few_records_for_one_batch(multi_dir):
+    with pytest.raises(DataError, match="fewer than world_size x batch_size"):
+        ShardLoader(multi_dir, "train", world_size=2, batch_size=10_000)
+
+
+def test_pipe_url(multi_dir):
+    direct = [_record_key(r) for b in ShardLoader(multi_dir, "valid", batch_size=4, num_workers=0) for r in b]
+    piped = ShardLoader(f"pipe:cat {multi_dir}/{{}}", "valid", batch_size=4, num_workers=0)
+    assert [_record_key(r) for b in piped for r in b] == direct
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture
+def damaged(multi_dir, tmp_path) -> tuple[Path, str]:
+    """A copy of the multi-shard build with one train shard truncated and one with a flipped byte."""
+    out = tmp_path / "damaged"
+    shutil.copytree(multi_dir, out)
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    truncated, flipped = out / shards[1]["path"], out / shards[2]["path"]
+    truncated.write_bytes(truncated.read_bytes()[:700])
+    data = bytearray(flipped.read_bytes())
+    data[600] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    return out, shards[1]["path"], shards[2]["path"]
+
+
+def test_verify_names_each_bad_shard(damaged, capsys, sample_dir):
+    out, truncated, flipped = damaged
+    assert main(["shards", "verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert truncated in printed and flipped in printed and printed.count("BAD") == 2
+    assert main(["shards", "verify", str(sample_dir)]) == 0
+
+
+def test_reader_stops_at_corrupt_shard(damaged):
+    out, truncated, flipped = damaged
+    with pytest.raises(CorruptShardError) as err:
+        list(ShardLoader(out, "train", batch_size=2, num_workers=2, shuffle=False))
+    assert truncated in str(err.value) and "\n" not in str(err.value)
+
+
+def test_reader_tolerates_corrupt_shards_with_equal_batch_counts(damaged, multi_dir, caplog):
+    out, *_ = damaged
+    with caplog.at_level(logging.WARNING, logger="data_shards.reader"):
+        batches = [
+            list(
+                ShardLoader(
+                    out, "train", rank=r, world_size=2, batch_size=4, num_workers=0, corrupt_tolerance=2
+                )
+            )
+            for r in range(2)
+        ]
+    clean = [
+        list(ShardLoader(multi_dir, "train", rank=r, world_size=2, batch_size=4, num_workers=0))
+        for r in range(2)
+    ]
+    assert [len(b) for b in batches] == [len(b) for b in clean]
+    assert all(len(batch) == 4 for b in batches for batch in b)
+    lost = sum(s["records"] for s in load_manifest(out)["splits"]["train"]["shards"][1:3])
+    padded = sum(r.get("pad", False) for b in batches for batch in b for r in batch)
+    assert 0 < padded <= lost
+    assert "skipping corrupt shard" in caplog.text
+    with pytest.raises(CorruptShardError):  # tolerance 1 < 2 corrupt shards
+        list(ShardLoader(out, "train", batch_size=4, num_workers=0, corrupt_tolerance=1))
