@@ -126,6 +126,7 @@ def build_shards(
     filters: Filters = Filters(),
     max_history: int = 50,
     prefix_records: bool = False,
+    window_stride: int | None = None,
     records_per_member: int = 256,
     max_shard_bytes: int = 16 << 20,
     skip_bad_lines: bool = False,
@@ -135,6 +136,8 @@ def build_shards(
     """Build a shard directory at ``out`` (atomically) and return its manifest."""
     if max_history < 1:
         raise DataError(f"--max-history: got {max_history}, must be >= 1")
+    if window_stride is not None and not 1 <= window_stride <= max_history:
+        raise DataError(f"--window-stride: got {window_stride}, must be in 1..--max-history ({max_history})")
     if records_per_member < 1:
         raise DataError(f"--records-per-member: got {records_per_member}, must be >= 1")
     if max_shard_bytes < 2 * _TAR_RECORD:
@@ -167,7 +170,7 @@ def build_shards(
         )
         (tmp / ITEMS).write_bytes(items_bytes)
         sources = {
-            "train": train_records(seqs, max_history, prefix_records),
+            "train": train_records(seqs, max_history, prefix_records, window_stride),
             "valid": eval_records(seqs, "valid", max_history),
             "test": eval_records(seqs, "test", max_history),
         }
@@ -186,6 +189,7 @@ def build_shards(
             "filters": filter_stats,
             "max_history": max_history,
             "train_records": "prefix" if prefix_records else "windows",
+            "window_stride": None if prefix_records else (window_stride or max_history),
             "records_per_member": records_per_member,
             "num_users": len(seqs.users),
             "num_items": len(seqs.items),

@@ -31,6 +31,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "--min-item-interactions": args.min_item_interactions,
         "--rating-threshold": args.rating_threshold,
         "--max-history": args.max_history,
+        "--window-stride": args.window_stride,
         "--records-per-member": args.records_per_member,
         "--max-shard-mb": args.max_shard_mb,
     }
@@ -53,6 +54,7 @@ def build(args: argparse.Namespace) -> int:
         filters=Filters(args.min_user_interactions, args.min_item_interactions, args.rating_threshold),
         max_history=args.max_history,
         prefix_records=args.prefix_records,
+        window_stride=args.window_stride,
         records_per_member=args.records_per_member,
         max_shard_bytes=int(args.max_shard_mb * 2**20),
         skip_bad_lines=args.skip_bad_lines,

@@ -108,15 +108,21 @@ def sequences(frame: pd.DataFrame) -> Sequences:
     )
 
 
-def train_windows(n: int, max_history: int, prefix_records: bool = False) -> list[tuple[int, int]]:
+def train_windows(
+    n: int, max_history: int, prefix_records: bool = False, stride: int | None = None
+) -> list[tuple[int, int]]:
     """[start, end) windows over a training sequence of length n, oldest first.
 
-    Windows hold at most ``max_history + 1`` items and overlap by one item, so every position 1..n-1
-    is a target exactly once (the last item of one window is the first input of the next). With
-    ``prefix_records`` there is one window per target instead (RecBole style).
+    Windows hold at most ``max_history + 1`` items and end every ``stride`` items counting back from
+    the newest one. The default stride ``max_history`` overlaps windows by one item, so every position
+    1..n-1 is a target exactly once (the last item of one window is the first input of the next). A
+    smaller stride repeats targets with longer histories: evaluation always sees up to ``max_history``
+    items before a target, while a target late in a non-overlapping window sees only half that on
+    average. With ``prefix_records`` there is one window per target instead (RecBole style).
     """
     if prefix_records:
         return [(max(0, t - max_history), t + 1) for t in range(1, n)]
+    stride = max_history if stride is None else stride
     windows = []
     end = n
     while end >= 2:
@@ -124,7 +130,7 @@ def train_windows(n: int, max_history: int, prefix_records: bool = False) -> lis
         windows.append((start, end))
         if start == 0:
             break
-        end = start + 1
+        end -= stride
     return windows[::-1]
 
 
@@ -140,12 +146,12 @@ def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
 
 
 def train_records(
-    seqs: Sequences, max_history: int, prefix_records: bool = False
+    seqs: Sequences, max_history: int, prefix_records: bool = False, stride: int | None = None
 ) -> Iterator[dict[str, Any]]:
     """Training records in a fixed pseudo-random user order, so every shard mixes many users."""
     for u in np.random.default_rng(0).permutation(len(seqs.users)):
         n_train = int(seqs.offsets[u + 1] - seqs.offsets[u]) - 2
-        for lo, hi in train_windows(n_train, max_history, prefix_records):
+        for lo, hi in train_windows(n_train, max_history, prefix_records, stride):
             yield _record(seqs, int(u), lo, hi)
 
 

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-history", type=int, default=50, help="history items per record (windows are max_history+1)"
     )
     b.add_argument(
+        "--window-stride",
+        type=int,
+        default=None,
+        help="training windows end every N items (default --max-history: each target once; smaller overlaps)",
+    )
+    b.add_argument(
         "--prefix-records",
         action="store_true",
         help="one training record per target (RecBole style, ~50x compute)",

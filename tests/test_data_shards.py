@@ -502,3 +502,15 @@ def test_reader_tolerates_corrupt_shards_with_equal_batch_counts(damaged, multi_
     assert "skipping corrupt shard" in caplog.text
     with pytest.raises(CorruptShardError):  # tolerance 1 < 2 corrupt shards
         list(ShardLoader(out, "train", batch_size=4, num_workers=0, corrupt_tolerance=1))
+
+
+@pytest.mark.parametrize("n,stride", [(17, 1), (17, 2), (30, 3), (3, 2)])
+def test_overlapping_windows_cover_every_target_with_full_history(n, stride):
+    windows = train_windows(n, max_history=4, stride=stride)
+    targets = {t for lo, hi in windows for t in range(lo + 1, hi)}
+    assert targets == set(range(1, n)) and all(hi - lo <= 5 for lo, hi in windows)
+    assert windows[-1][1] == n and [hi for _, hi in windows] == sorted({hi for _, hi in windows})
+    # Some window ends fewer than `stride` items after each target, so the target is predicted at least
+    # once from max_history - (stride - 1) earlier items (the full history when stride is 1).
+    for t in range(5, n):
+        assert any(lo <= t - (4 - (stride - 1)) and t < hi for lo, hi in windows)
