@@ -1,0 +1,114 @@
+"""Adversarial perturbation of ``inputs_embeds`` (FGM, PGD, FreeLB) returning ONE loss to backward.
+
+The embedding *weights* are never edited (ZeRO-3 partitions them; DeepSpeed#5667): a perturbation
+``delta`` [B, T, H] is added to the embeddings of the batch. Norms are per example over its real
+tokens (padding masked to zero), so every example's perturbation lies in its own L2 ball of radius
+epsilon. Ascent directions come from ``torch.autograd.grad`` w.r.t. ``delta`` only (no parameter
+``.grad`` is touched), and the returned loss goes through a single ``engine.backward`` — correct under
+gradient accumulation, every ZeRO stage, LoRA, and non-reentrant activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from trainer.config import AdversarialConfig
+
+_TINY = 1e-12
+
+
+def _mask(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return attention_mask.unsqueeze(-1).to(like.dtype)
+
+
+def example_norms(delta: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm [B] over the real tokens."""
+    return (delta.float() * _mask(attention_mask, delta.float())).pow(2).sum(dim=(1, 2)).sqrt()
+
+
+def normalize(g: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """g / ||g|| per example, zero on padding (zero where the gradient vanishes)."""
+    g = g * _mask(attention_mask, g)
+    return g / (example_norms(g, attention_mask).clamp_min(_TINY).view(-1, 1, 1).to(g.dtype))
+
+
+def project(delta: torch.Tensor, attention_mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Scale each example's perturbation back into the L2 ball of radius epsilon; zero on padding."""
+    delta = delta * _mask(attention_mask, delta)
+    scale = (epsilon / example_norms(delta, attention_mask).clamp_min(_TINY)).clamp(max=1.0)
+    return delta * scale.view(-1, 1, 1).to(delta.dtype)
+
+
+def random_init(embeds: torch.Tensor, attention_mask: torch.Tensor, radius: float) -> torch.Tensor:
+    """FreeLB's start: uniform noise rescaled to per-example norm ``radius`` on the real tokens."""
+    noise = torch.empty_like(embeds).uniform_(-1, 1)
+    return normalize(noise, attention_mask) * radius
+
+
+def fgm_delta(
+    loss: torch.Tensor, delta0: torch.Tensor, attention_mask: torch.Tensor, epsilon: float, retain_graph: bool
+) -> torch.Tensor:
+    """epsilon * normalized gradient of ``loss`` w.r.t. the (zero) perturbation ``delta0``."""
+    return epsilon * normalize(_grad(loss, delta0, retain_graph), attention_mask)
+
+
+def perturbed_loss(
+    loss_at: Callable[[torch.Tensor], torch.Tensor],
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    acfg: AdversarialConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss under ``acfg.method`` and its logs.
+
+    ``loss_at(inputs_embeds) -> scalar`` runs the model and the task loss. fgm / pgd: clean loss +
+    adv_weight x loss at the (detached) adversarial perturbation. freelb: mean of the losses along the
+    ascent path from a random start (its ``clean_loss`` is the first of them, at the random start);
+    FreeLB keeps all ``steps`` graphs until the backward — memory grows with ``steps``.
+    """
+    eps, method = acfg.epsilon, acfg.method
+    if method == "freelb":
+        delta = random_init(embeds.detach(), attention_mask, acfg.init_magnitude * eps)
+        total = embeds.new_zeros(())
+        first = None
+        for k in range(acfg.steps):
+            d = delta.detach().requires_grad_()
+            loss_k = loss_at(embeds + d)
+            total = total + loss_k / acfg.steps
+            first = loss_k if first is None else first
+            if k < acfg.steps - 1:
+                (g,) = torch.autograd.grad(loss_k, d, retain_graph=True)
+                delta = project(delta + acfg.alpha * normalize(g, attention_mask), attention_mask, eps)
+        # The final perturbation is the one the last loss saw.
+        return total, _logs(total, first, total, delta, attention_mask)
+
+    delta0 = torch.zeros_like(embeds, requires_grad=True)
+    clean = loss_at(embeds + delta0)  # == loss at embeds; its graph is kept for the final backward
+    if method == "fgm":
+        delta = fgm_delta(clean, delta0, attention_mask, eps, retain_graph=True)
+    else:  # pgd: steps of size alpha along the normalized gradient, projected onto the eps ball
+        delta = project(
+            acfg.alpha * normalize(_grad(clean, delta0, True), attention_mask), attention_mask, eps
+        )
+        for _ in range(acfg.steps - 1):
+            d = delta.detach().requires_grad_()
+            g = _grad(loss_at(embeds.detach() + d), d, False)
+            delta = project(delta + acfg.alpha * normalize(g, attention_mask), attention_mask, eps)
+    adv = loss_at(embeds + delta.detach())
+    total = clean + acfg.adv_weight * adv
+    return total, _logs(total, clean, adv, delta, attention_mask)
+
+
+def _grad(loss: torch.Tensor, wrt: torch.Tensor, retain_graph: bool) -> torch.Tensor:
+    (g,) = torch.autograd.grad(loss, wrt, retain_graph=retain_graph)
+    return g.detach()
+
+
+def _logs(total, clean, adv, delta, attention_mask) -> dict[str, float]:
+    return {
+        "loss": float(total.detach()),
+        "clean_loss": float(clean.detach()),
+        "adv_loss": float(adv.detach()),
+        "perturbation_norm": float(example_norms(delta.detach(), attention_mask).mean()),
+    }

@@ -1,0 +1,210 @@
+"""Records -> tensors, run inside the reader's DataLoader workers (must pickle: plain lists only).
+
+A prompt is BOS [+ "User rated:"] followed by one *entry* per history item: the item part (``<item_i>``
+for ``prompt=ids``, `` Title`` for ``prompt=text``) then its rating part (``prompt=text``: `` 4.5/5;``;
+``prompt=ids`` only for the rating task: `` 4.5``). Labels sit on the last token of a part:
+
+* ``next_item``: after entry t (item + rating) the label is item t+1 — every entry for train
+  ``objective=all``, the last one only for ``objective=last`` and for eval records (label = target).
+* ``rating``: after the item part of entry t (before its rating) the label is its rating level;
+  train supervises every item, eval only the target (the last item, whose rating part is left out).
+
+Batches are right-padded; ``labels`` holds an item index (next_item) or a rating-level index (rating)
+per position, -100 elsewhere; ``ratings`` the float rating at supervised positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+TEXT_PREFIX = "User rated:"
+RATING_LEVELS_KEY = "recgpt_rating_levels"  # tokenizer.init_kwargs key (saved in tokenizer_config.json)
+
+
+def rating_text(rating: float, max_rating: float, prompt: str) -> str:
+    """How a rating is written after an item in the prompt (also fed to the tokenizer trainer)."""
+    return f" {rating:g}/{max_rating:g};" if prompt == "text" else f" {rating:g}"
+
+
+def item_title(item: dict) -> str:
+    return (item.get("title") or "").strip() or f"item {item['item_id']}"
+
+
+class RecordCollator:
+    """Picklable collate function; every token id it needs is computed once in ``make_collate``."""
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        prompt: str,
+        objective: str,
+        split: str,
+        max_history: int,
+        max_len: int,
+        prefix_ids: list[int],
+        pad_id: int,
+        item_part_ids: list[list[int]],
+        rating_levels: list[float],
+        rating_part_ids: list[list[int]],
+    ) -> None:
+        self.task, self.prompt, self.objective, self.split = task, prompt, objective, split
+        self.max_history, self.max_len = max_history, max_len
+        self.prefix_ids, self.pad_id = prefix_ids, pad_id
+        self.item_part_ids = item_part_ids
+        self.rating_levels, self.rating_part_ids = rating_levels, rating_part_ids
+        self.rate_history = task == "rating" or prompt == "text"
+
+    # ------------------------------------------------------------------ one record
+    def _level(self, rating: float, record: dict) -> int:
+        best = min(range(len(self.rating_levels)), key=lambda i: abs(self.rating_levels[i] - rating))
+        if abs(self.rating_levels[best] - rating) > 1e-6:
+            raise ValueError(
+                f"record of user {record.get('user')!r}: rating {rating} is not one of the manifest's "
+                f"rating_levels {self.rating_levels}"
+            )
+        return best
+
+    def _entries(self, record: dict) -> list[tuple[list[int], list[int]]]:
+        """(item part, rating part) token ids per entry, before labels are attached."""
+        items, ratings = record["items"], record["ratings"]
+        n = len(items)
+        out = []
+        for t in range(n):
+            last = t == n - 1
+            item_part = self.item_part_ids[items[t]]
+            rated = self.rate_history and not (last and self.task == "rating")
+            rating_part = self.rating_part_ids[self._level(ratings[t], record)] if rated else []
+            if self.task == "next_item" and last:
+                break  # the last item is only a label (train) or the target (eval)
+            out.append((item_part, rating_part))
+        return out
+
+    def _labels(self, record: dict) -> list[tuple[int, int, float]]:
+        """(entry index, label, rating) per supervised entry; the label goes after the item part
+        (rating task) or after the whole entry (next_item)."""
+        items, ratings = record["items"], record["ratings"]
+        n = len(items)
+        eval_or_last = self.split != "train" or self.objective == "last"
+        if self.task == "next_item":
+            ts = [n - 2] if eval_or_last else range(n - 1)
+            return [(t, items[t + 1], float(ratings[t + 1])) for t in ts]
+        ts = [n - 1] if self.split != "train" else range(n)
+        return [(t, self._level(ratings[t], record), float(ratings[t])) for t in ts]
+
+    def encode(self, record: dict) -> tuple[list[int], list[int], list[float]]:
+        items = record.get("items") or []
+        if len(items) < 2 and not (self.task == "rating" and len(items) == 1):
+            raise ValueError(
+                f"record of user {record.get('user')!r}: needs at least 2 items, got {len(items)}"
+            )
+        keep = self.max_history + 1  # history + the target (eval) / the last label (train window)
+        if len(items) > keep:
+            record = {**record, "items": items[-keep:], "ratings": record["ratings"][-keep:]}
+        entries = self._entries(record)
+        labels_at = {t: (label, rating) for t, label, rating in self._labels(record)}
+        # Drop the oldest entries until the prompt fits the model's context.
+        sizes = [len(a) + len(b) for a, b in entries]
+        budget = self.max_len - len(self.prefix_ids)
+        first = 0
+        while first < len(entries) and sum(sizes[first:]) > budget:
+            first += 1
+        ids = list(self.prefix_ids)
+        labels = [-100] * len(ids)
+        values = [0.0] * len(ids)
+        for t in range(first, len(entries)):
+            item_part, rating_part = entries[t]
+            ids += item_part
+            labels += [-100] * len(item_part)
+            values += [0.0] * len(item_part)
+            if self.task == "rating" and t in labels_at:
+                labels[-1], values[-1] = labels_at[t]
+            ids += rating_part
+            labels += [-100] * len(rating_part)
+            values += [0.0] * len(rating_part)
+            if self.task == "next_item" and t in labels_at:
+                labels[-1], values[-1] = labels_at[t]
+        if all(x == -100 for x in labels):
+            raise ValueError(
+                f"record of user {record.get('user')!r}: nothing to predict within max_len={self.max_len}"
+            )
+        return ids, labels, values
+
+    # ------------------------------------------------------------------ batch
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(r) for r in records]
+        width = max(len(ids) for ids, _, _ in encoded)
+        B = len(records)
+        input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, width), dtype=torch.long)
+        labels = torch.full((B, width), -100, dtype=torch.long)
+        ratings = torch.zeros((B, width), dtype=torch.float32)
+        for b, (ids, lab, val) in enumerate(encoded):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            attention_mask[b, :n] = 1
+            labels[b, :n] = torch.tensor(lab)
+            ratings[b, :n] = torch.tensor(val)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "ratings": ratings,
+        }
+        if self.split != "train":
+            seen = [r.get("seen") or [] for r in records]
+            seen_t = torch.full((B, max(1, max(len(s) for s in seen))), -1, dtype=torch.long)
+            for b, s in enumerate(seen):
+                if s:
+                    seen_t[b, : len(s)] = torch.tensor(s)
+            batch["seen"] = seen_t
+            batch["target"] = torch.tensor([r["items"][-1] for r in records], dtype=torch.long)
+            batch["valid"] = torch.tensor([not r.get("pad", False) for r in records], dtype=torch.bool)
+        return batch
+
+
+def make_collate(cfg, tokenizer, items: list[dict], split: str, rating_levels: Sequence[float] | None = None):
+    """The collate function for ``split`` (train, valid or test); see the module docstring.
+
+    ``items`` is the shard vocabulary (``items.jsonl`` rows, index order); ``rating_levels`` the
+    manifest's sorted rating levels (default: those stored on the tokenizer by the factory).
+    """
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split: got {split!r}, allowed: train, valid, test")
+    prompt = cfg.model.prompt
+    if rating_levels is None:  # stored on (and saved with) the tokenizer by modeling.factory
+        rating_levels = tokenizer.init_kwargs.get(RATING_LEVELS_KEY) or []
+    levels = [float(x) for x in rating_levels]
+    if not levels and (cfg.task == "rating" or prompt == "text"):
+        raise ValueError(
+            f"task={cfg.task} prompt={prompt} needs the manifest's rating_levels (none on the tokenizer)"
+        )
+    first_item = tokenizer.convert_tokens_to_ids("<item_0>")
+    if prompt == "ids":
+        item_part_ids = [[first_item + i] for i in range(len(items))]
+    else:  # titles tokenised once here, not per record in the workers
+        item_part_ids = tokenizer([" " + item_title(it) for it in items], add_special_tokens=False)[
+            "input_ids"
+        ]
+    rating_strings = [rating_text(r, max(levels), prompt) for r in levels]
+    rating_part_ids = tokenizer(rating_strings, add_special_tokens=False)["input_ids"] if levels else []
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix_ids = [bos] + (
+        tokenizer(TEXT_PREFIX, add_special_tokens=False)["input_ids"] if prompt == "text" else []
+    )
+    return RecordCollator(
+        task=cfg.task,
+        prompt=prompt,
+        objective=cfg.train.objective,
+        split=split,
+        max_history=cfg.data.max_history,
+        max_len=int(min(tokenizer.model_max_length, 10**6)),
+        prefix_ids=prefix_ids,
+        pad_id=tokenizer.pad_token_id,
+        item_part_ids=[list(x) for x in item_part_ids],
+        rating_levels=levels,
+        rating_part_ids=[list(x) for x in rating_part_ids],
+    )

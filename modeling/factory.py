@@ -1,0 +1,277 @@
+"""Build the recommender (RecModel) and its tokenizer from the config and the shard vocabulary.
+
+* ``model.preset`` (tiny/small/base): a GPT-2 architecture with random weights and a byte-level BPE
+  tokenizer trained here on the item titles — nothing is downloaded.
+* ``model.name_or_path``: any HF causal LM (local directory, a recgpt export included, or hub name)
+  through the Auto classes.
+
+Then one added token ``<item_i>`` per item (contiguous ids), embeddings resized, the new rows
+initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA.
+The tokenizer carries ``recgpt_rating_levels`` / ``recgpt_num_items`` / ``recgpt_items_sha256`` in its
+``init_kwargs`` so that a saved tokenizer directory describes the vocabulary it was built for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
+from modeling.lora import apply_lora, trainable_parameters
+from modeling.model import RecModel
+from trainer.config import ConfigError, RecGPTConfig
+
+log = logging.getLogger("recgpt.modeling")
+
+EOS = "<|endoftext|>"
+NUM_ITEMS_KEY = "recgpt_num_items"
+ITEMS_SHA_KEY = "recgpt_items_sha256"
+# Fixed shapes of the larger presets (tiny takes n_layer/n_embd/n_head from the config).
+PRESETS: dict[str, dict[str, int]] = {
+    "small": dict(n_layer=4, n_embd=256, n_head=4),
+    "base": dict(n_layer=12, n_embd=768, n_head=12),
+}
+PRESET_CONTEXT = 1024
+
+
+def item_token(index: int) -> str:
+    return f"<item_{index}>"
+
+
+# --------------------------------------------------------------------------- shard vocabulary
+
+
+def read_vocabulary(shards_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict]]:
+    """(manifest, items) of a shard directory, via data_shards' reader of the two files."""
+    from data_shards.manifest import load_manifest, read_items
+
+    manifest = load_manifest(shards_dir)
+    return manifest, read_items(shards_dir, manifest)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(
+    items: list[dict], rating_levels: list[float], vocab_size: int
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the item titles and the prompt words (GPT-2 style, one special token
+    that is BOS, EOS and PAD at once so config, generation config and tokenizer cannot disagree)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    top = max(rating_levels, default=5.0)
+    corpus = [" " + item_title(it) for it in items] + [TEXT_PREFIX]
+    corpus += [rating_text(r, top, p) for r in rating_levels for p in ("text", "ids")]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+
+
+def _items_sha(items: list[dict]) -> str:
+    return hashlib.sha256("\n".join(str(it["item_id"]) for it in items).encode()).hexdigest()
+
+
+def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], source: str) -> bool:
+    """Give every item its ``<item_i>`` token (contiguous ids); returns True if tokens were added.
+
+    A tokenizer that already has them (a recgpt checkpoint or export) must have been built for the
+    same item vocabulary."""
+    n = len(items)
+    sha = _items_sha(items)
+    had = tokenizer.convert_tokens_to_ids(item_token(0)) not in (None, tokenizer.unk_token_id)
+    if had:
+        saved_n, saved_sha = (
+            tokenizer.init_kwargs.get(NUM_ITEMS_KEY),
+            tokenizer.init_kwargs.get(ITEMS_SHA_KEY),
+        )
+        if (saved_n is not None and saved_n != n) or (saved_sha is not None and saved_sha != sha):
+            raise ConfigError(
+                f"model.name_or_path: the tokenizer in {source} was built for another item vocabulary "
+                f"({saved_n} items) than the shards ({n} items)"
+            )
+    else:
+        tokenizer.add_tokens([item_token(i) for i in range(n)], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([item_token(i) for i in range(n)])
+    if ids != list(range(ids[0], ids[0] + n)):
+        raise ConfigError(f"model.name_or_path: item tokens of {source} do not have contiguous ids")
+    tokenizer.init_kwargs[NUM_ITEMS_KEY] = n
+    tokenizer.init_kwargs[ITEMS_SHA_KEY] = sha
+    tokenizer.init_kwargs[RATING_LEVELS_KEY] = [float(r) for r in rating_levels]
+    return not had
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _preset_model(cfg: RecGPTConfig, tokenizer) -> GPT2LMHeadModel:
+    shape = dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, n_head=cfg.model.n_head)
+    shape = PRESETS.get(cfg.model.preset, shape)
+    p = cfg.model.dropout
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=PRESET_CONTEXT,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **shape,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _is_tied(lm: PreTrainedModel) -> bool:
+    out = lm.get_output_embeddings()
+    return out is not None and out.weight is lm.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def init_item_rows(lm: PreTrainedModel, tokenizer, items: list[dict], first_item: int, how: str) -> None:
+    """Initialise the (resized) item rows of the input embeddings and of an untied output head.
+
+    ``mean``: mean of the pre-existing rows (plus noise of 0.1 x their std); ``title``: mean of the rows of the item title's tokens
+    (falls back to the mean for an empty title); ``random``: normal with the existing rows' std."""
+    n = len(items)
+    mats = [lm.get_input_embeddings().weight]
+    if not _is_tied(lm):
+        mats.append(lm.get_output_embeddings().weight)
+    titles = (
+        tokenizer([" " + item_title(it) for it in items], add_special_tokens=False)["input_ids"]
+        if how == "title"
+        else None
+    )
+    for w in mats:
+        old = w[:first_item].float()
+        mean = old.mean(0)
+        if how == "random":
+            rows = torch.randn(n, w.shape[1]) * old.std()
+        elif how == "title":
+            rows = torch.stack([old[torch.tensor(t)].mean(0) if t else mean for t in titles])
+        else:
+            # Identical rows would make every item score the same at first: a little noise breaks ties.
+            rows = mean + 0.1 * old.std() * torch.randn(n, w.shape[1])
+        w[first_item : first_item + n] = rows.to(w.dtype)
+
+
+def _sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
+    """One set of BOS/EOS/PAD ids in tokenizer, config and generation config (else serving never stops)."""
+    for c in (lm.config, getattr(lm, "generation_config", None)):
+        if c is not None:
+            c.bos_token_id, c.eos_token_id, c.pad_token_id = (
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            )
+
+
+def build_model_and_tokenizer(
+    cfg: RecGPTConfig, shards_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+) -> tuple[RecModel, Any]:
+    """RecModel + tokenizer for ``cfg`` and the item vocabulary of ``shards_dir``.
+
+    ``tokenizer_dir``: rebuild around a saved tokenizer (checkpoint/export ``tokenizer/``) instead of
+    training one / extending the pretrained one; weights are then expected to be loaded by the caller.
+    """
+    manifest, items = read_vocabulary(shards_dir)
+    levels = [float(r) for r in manifest.get("rating_levels") or []]
+    if cfg.task == "rating" and not levels:
+        raise ConfigError(f"task: rating needs rating_levels in {shards_dir}/manifest.json")
+    m = cfg.model
+    source = str(tokenizer_dir or m.name_or_path or f"preset {m.preset}")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    elif m.preset is not None:
+        tokenizer = train_tokenizer(items, levels, m.tokenizer_vocab_size)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                f"model.name_or_path: the tokenizer of {source} has neither a pad nor an eos token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    added = add_item_tokens(tokenizer, items, levels, source)
+    first_item = tokenizer.convert_tokens_to_ids(item_token(0))
+
+    if m.preset is not None:
+        lm = _preset_model(cfg, tokenizer)
+        tokenizer.model_max_length = PRESET_CONTEXT
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, dtype=torch.float32, trust_remote_code=m.trust_remote_code
+        )
+        ctx = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+        if ctx:
+            tokenizer.model_max_length = min(tokenizer.model_max_length, ctx)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):  # some models already have spare rows past the tokenizer's size
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if added and tokenizer_dir is None:
+        init_item_rows(lm, tokenizer, items, first_item, m.item_init)
+    _sync_special_ids(lm, tokenizer)
+    lm.config.use_cache = False
+    if m.gradient_checkpointing:
+        # Non-reentrant: the adversarial step calls torch.autograd.grad, which reentrant checkpointing breaks.
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    tied = _is_tied(lm)
+    item_ids = torch.arange(first_item, first_item + len(items))
+    if cfg.lora.enabled:
+        lm = apply_lora(lm, cfg, item_ids.tolist(), tied=tied)
+    model = RecModel(
+        lm,
+        item_ids,
+        tied=tied,
+        rating_levels=levels if cfg.task == "rating" else None,
+        rating_head=m.rating_head,
+    )
+    trainable, total = trainable_parameters(model)
+    log.info(
+        "model %s: %d items, %d / %d parameters trainable (%.2f%%)",
+        source,
+        len(items),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return model.train(), tokenizer  # from_pretrained returns eval mode: dropout would stay off
+
+
+def load_model_for_eval(
+    cfg: RecGPTConfig, tokenizer_dir: str | os.PathLike, shards_dir: str | os.PathLike
+) -> tuple[RecModel, Any]:
+    """Skeleton of a trained model (same shapes and parameter names, LoRA wrapping included) around its
+    saved tokenizer, in eval mode; the caller loads the weights (DeepSpeed checkpoint or state dict)."""
+    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{tokenizer_dir}: no saved tokenizer (tokenizer_config.json) there")
+    model, tokenizer = build_model_and_tokenizer(cfg, shards_dir, tokenizer_dir=tokenizer_dir)
+    return model.eval(), tokenizer

@@ -1,0 +1,171 @@
+"""Full-ranking and rating metrics: per-example outputs per rank, reduced exactly after gathering.
+
+``eval_outputs`` ranks the target among ALL items (no sampled negatives; the history masked out when
+``eval.exclude_seen``) and, with ``attack_epsilon > 0``, also under an FGM attack of that radius on
+``inputs_embeds`` (keys prefixed ``adv_``). ``compute_metrics`` reduces concatenated outputs with
+order-independent sums (integer counts per rank, sorted float sums), so outputs gathered from 2 ranks
+give exactly the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.adversarial import fgm_delta
+from modeling.loss import unwrap
+from trainer.config import RecGPTConfig
+
+LIKE_THRESHOLD = 4.0  # "like" = rating >= 4 for the AUC
+
+
+def target_ranks(scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """1-based rank of ``target`` in each row of ``scores`` [B, N]; ties count against the target
+    (pessimistic). ``seen`` [B, S] (-1 padded): items masked out, the target itself never."""
+    scores = scores.float()
+    target_score = scores.gather(1, target[:, None])
+    if seen is not None:
+        # A spare column absorbs the -1 padding of ``seen``.
+        padded = F.pad(scores, (0, 1))
+        padded.scatter_(1, torch.where(seen >= 0, seen, scores.shape[1]), float("-inf"))
+        scores = padded[:, :-1].scatter(1, target[:, None], target_score)
+    return (scores >= target_score).sum(1)
+
+
+def _rows_at_labels(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each row's single supervised position [B, H]."""
+    where = labels != -100
+    if not bool((where.sum(1) == 1).all()):
+        raise ValueError("eval batches need exactly one labelled position per row (built by an eval collate)")
+    return hidden[where]
+
+
+def _score(rec, model, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
+    hidden = model(attention_mask=batch["attention_mask"], inputs_embeds=embeds)
+    h = _rows_at_labels(hidden, batch["labels"])
+    return rec.rating_output(h).float() if cfg.task == "rating" else rec.item_logits(h).float()
+
+
+def _loss_of_scores(scores: torch.Tensor, batch, rec, cfg: RecGPTConfig) -> torch.Tensor:
+    y = batch["labels"][batch["labels"] != -100]
+    if cfg.task == "rating" and rec.regression:
+        return F.mse_loss(scores, batch["ratings"][batch["labels"] != -100].float(), reduction="sum")
+    target = y if cfg.task == "rating" else batch["target"]
+    return F.cross_entropy(scores, target, reduction="sum")
+
+
+def _per_example(scores: torch.Tensor, batch, rec, cfg: RecGPTConfig, prefix: str) -> dict[str, torch.Tensor]:
+    if cfg.task == "next_item":
+        seen = batch["seen"] if cfg.eval.exclude_seen else None
+        return {prefix + "rank": target_ranks(scores, batch["target"], seen)}
+    levels = rec.rating_values.float()
+    if rec.regression:
+        pred = scores
+        cls = (pred[:, None] - levels[None]).abs().argmin(1)
+        like = pred
+    else:
+        probs = scores.softmax(-1)
+        pred = probs @ levels
+        cls = probs.argmax(-1)
+        like = probs[:, levels >= LIKE_THRESHOLD].sum(-1)
+    return {prefix + "pred_class": cls, prefix + "pred_rating": pred, prefix + "like_score": like}
+
+
+def eval_outputs(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: RecGPTConfig, attack_epsilon: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Per-example CPU tensors for one eval batch, rows with ``valid=False`` dropped.
+
+    next_item: ``rank`` [B] (1-based, full ranking). rating: ``pred_class``, ``pred_rating``,
+    ``like_score``, and the truth ``label`` (level index) and ``rating``. With ``attack_epsilon > 0``
+    the same per-example keys again under an FGM attack, prefixed ``adv_``.
+    """
+    rec = unwrap(model)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        embeds = rec.embed(batch["input_ids"])
+        scores = _score(rec, model, batch, embeds, cfg)
+    out = _per_example(scores, batch, rec, cfg, "")
+    if attack_epsilon > 0:
+        with torch.enable_grad():
+            delta0 = torch.zeros_like(embeds, requires_grad=True)
+            loss = _loss_of_scores(_score(rec, model, batch, embeds + delta0, cfg), batch, rec, cfg)
+            delta = fgm_delta(loss, delta0, mask, attack_epsilon, retain_graph=False)
+        with torch.no_grad():
+            out.update(_per_example(_score(rec, model, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
+    if cfg.task == "rating":
+        where = batch["labels"] != -100
+        out["label"] = batch["labels"][where]
+        out["rating"] = batch["ratings"][where]
+    valid = batch["valid"]
+    return {k: v[valid].detach().cpu() for k, v in out.items()}
+
+
+def concat_outputs(outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-batch (or per-rank) outputs key by key."""
+    if not outputs:
+        return {}
+    return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def _sorted_mean(values: torch.Tensor) -> float:
+    """Mean that does not depend on the order of the values (sorted float64 sum)."""
+    return float(values.double().sort().values.sum() / max(values.numel(), 1))
+
+
+def _ranking_metrics(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
+    n = ranks.numel()
+    top = max(ks)
+    counts = torch.bincount(ranks.clamp(max=top + 1).long(), minlength=top + 2).double()  # exact integers
+    r = torch.arange(top + 2, dtype=torch.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = counts[1 : k + 1]
+        out[f"{prefix}hr@{k}"] = float(hits.sum() / n)
+        out[f"{prefix}ndcg@{k}"] = float((hits / torch.log2(r[1 : k + 1] + 1)).sum() / n)
+        out[f"{prefix}mrr@{k}"] = float((hits / r[1 : k + 1]).sum() / n)
+    return out
+
+
+def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC AUC (Mann-Whitney U, ties at average rank); NaN when one class is absent."""
+    pos = int(positive.sum())
+    neg = positive.numel() - pos
+    if pos == 0 or neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg_rank = ends - (counts.double() - 1) / 2  # 1-based average rank of each distinct value
+    rank_sum = avg_rank[inverse][positive.bool()].sort().values.sum()
+    return float((rank_sum - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def _rating_metrics(out: dict[str, torch.Tensor], prefix: str, name: str) -> dict[str, float]:
+    rating, label = out["rating"].double(), out["label"]
+    rmse = math.sqrt(_sorted_mean((out[prefix + "pred_rating"].double() - rating) ** 2))
+    return {
+        f"{name}accuracy": float((out[prefix + "pred_class"] == label).sum().item() / label.numel()),
+        f"{name}rmse": rmse,
+        f"{name}neg_rmse": -rmse,
+        f"{name}auc": auc(out[prefix + "like_score"], rating >= LIKE_THRESHOLD),
+    }
+
+
+def compute_metrics(outputs: dict[str, torch.Tensor], cfg: RecGPTConfig) -> dict[str, float]:
+    """Metrics of concatenated ``eval_outputs``: hr@K / ndcg@K (1/log2(rank+1)) / mrr@K for K in
+    ``eval.ks`` (next_item), or accuracy / rmse / neg_rmse / auc (rating); ``robust_``-prefixed
+    versions when the outputs carry an FGM attack. ``num_examples`` counts the examples."""
+    key = "rank" if cfg.task == "next_item" else "label"
+    metrics: dict[str, float] = {"num_examples": float(outputs[key].numel()) if key in outputs else 0.0}
+    if not metrics["num_examples"]:
+        return metrics
+    for prefix, name in (("", ""), ("adv_", "robust_")):
+        if cfg.task == "next_item" and prefix + "rank" in outputs:
+            metrics.update(_ranking_metrics(outputs[prefix + "rank"], cfg.eval.ks, name))
+        if cfg.task == "rating" and prefix + "pred_class" in outputs:
+            metrics.update(_rating_metrics(outputs, prefix, name))
+    return metrics

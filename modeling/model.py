@@ -1,0 +1,94 @@
+"""RecModel: a Hugging Face causal LM (optionally PEFT-wrapped) scored over item tokens only.
+
+Every weight access happens inside some module's forward (the input-embedding module, the output
+head, the rating head), because under ZeRO-3 parameters are partitioned and only gathered by the
+hooks DeepSpeed puts on each module's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+class RecModel(nn.Module):
+    """``forward`` returns the final hidden states; ``item_logits`` / ``rating_output`` score them.
+
+    ``lm`` is the causal LM (a ``PeftModel`` under LoRA). ``item_token_ids[i]`` is the token id of
+    ``<item_i>``. ``tied``: the output head shares the input-embedding matrix, so the item rows of the
+    head are the input embeddings of the item tokens (fetched by calling the embedding module, which
+    also returns the trained rows under PEFT ``trainable_token_indices``).
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        item_token_ids: torch.Tensor,
+        tied: bool,
+        rating_levels: list[float] | None = None,
+        rating_head: str = "classes",
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tied = tied
+        self.register_buffer("item_token_ids", item_token_ids.long(), persistent=False)
+        self.rating_head: nn.Linear | None = None
+        if rating_levels is not None:
+            hidden = self.causal_lm.get_input_embeddings().embedding_dim
+            out = len(rating_levels) if rating_head == "classes" else 1
+            self.rating_head = nn.Linear(hidden, out)
+            self.register_buffer(
+                "rating_values", torch.tensor(rating_levels, dtype=torch.float32), persistent=False
+            )
+        self.regression = rating_head == "regression"
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The HF causal LM (inside the PEFT wrapper, adapters injected in place)."""
+        lm = self.lm
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def num_items(self) -> int:
+        return self.item_token_ids.numel()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, through the embedding module (the adversarial step perturbs these)."""
+        return self.causal_lm.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, T, H]; the LM head is skipped (item_logits scores what is needed)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        body = self.causal_lm.base_model  # GPT2Model / LlamaModel / ...: the transformer without its head
+        out = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [..., num_items] (or [..., len(items)] for a subset of item indices) from the item rows
+        of the output head only — never a softmax over the whole vocabulary."""
+        token_ids = self.item_token_ids if items is None else self.item_token_ids[items]
+        if self.tied:
+            emb_module = self.causal_lm.get_input_embeddings()
+            rows = emb_module(token_ids)
+            # Scaled embeddings (Gemma) multiply inside the module; the tied head uses the raw matrix.
+            scale = getattr(getattr(emb_module, "base_layer", emb_module), "embed_scale", None)
+            if scale is not None:
+                rows = rows / scale.to(rows.dtype)
+            return hidden @ rows.to(hidden.dtype).t()
+        # Untied head: call it (so ZeRO-3 gathers it and PEFT merges trained rows), keep item columns.
+        # This costs a vocabulary-sized matmul at the scored positions, but the softmax stays over items.
+        return self.causal_lm.get_output_embeddings()(hidden)[..., token_ids]
+
+    def rating_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rating logits [..., levels] (classes) or predicted ratings [...] (regression)."""
+        if self.rating_head is None:
+            raise RuntimeError("this RecModel was built for task=next_item and has no rating head")
+        out = self.rating_head(hidden)
+        return out.squeeze(-1) if self.regression else out
