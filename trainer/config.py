@@ -260,6 +260,13 @@ class TrainConfig:
         _check(
             self.eval_interval >= 0 and self.checkpoint_interval >= 0, "train.eval_interval", "must be >= 0"
         )
+        _check(
+            not (self.eval_interval and self.checkpoint_interval)
+            or self.checkpoint_interval % self.eval_interval == 0,
+            "train.checkpoint_interval",
+            f"{self.checkpoint_interval} must be a multiple of train.eval_interval ({self.eval_interval}) "
+            "so every checkpoint has validation metrics (best-checkpoint tracking)",
+        )
 
 
 @dataclass

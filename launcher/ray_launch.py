@@ -1,0 +1,282 @@
+"""Run ``trainer.loop.train`` inside a Ray Train ``TorchTrainer`` (``ray.num_workers > 0``).
+
+Ray does placement, failure recovery and checkpoint bookkeeping; recgpt's own checkpoint manager stays
+the single owner of checkpoint files:
+
+* The run directory is ``<ray.storage_path>/<ray.name>`` and is also ``train.output_dir``, so Ray's
+  experiment directory and recgpt's run directory are the same place (a shared filesystem on a cluster).
+* After every complete checkpoint the trainer calls ``report(metrics, checkpoint_dir)`` on every rank;
+  we forward it with ``checkpoint_upload_mode=NO_UPLOAD`` (no second copy) and ``num_to_keep=None``
+  (Ray never prunes: ``train.keep_last`` and the best checkpoint are recgpt's business).
+* A worker that dies makes Ray restart the whole group (``FailureConfig(max_failures)``); the new
+  workers run the same function and ``train.resume=auto`` picks the latest complete checkpoint.
+  Re-running the same name after a driver crash does the same.
+
+This is the only module that imports Ray (lazily, so ``recgpt --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, RecGPTConfig, config_from_dict, to_dict
+
+TrainFn = Callable[..., Any]  # train(cfg, report=None) -> dict, see docs/DESIGN.md
+
+# Ray Train's checkpoint-manager snapshot in the run directory (ray.train.v2 constants); see
+# _drop_stale_ray_snapshot for why the launcher looks at it.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# train() writes its final metrics here (rank 0, last); Ray's Result only has the last checkpoint's.
+FINAL_METRICS = "metrics.json"
+
+
+def _log(msg: str) -> None:
+    print(f"recgpt ray: {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def run_location(cfg: RecGPTConfig) -> tuple[str, str]:
+    """``(storage_path, name)`` of the run: the defaults are train.output_dir's parent and basename."""
+    out = Path(cfg.train.output_dir)
+    storage = cfg.ray.storage_path or str(out.parent)
+    if _is_url(storage):
+        # recgpt's checkpoint manager writes with plain file I/O (atomic renames), which object stores lack.
+        raise ConfigError(
+            f"ray.storage_path: got {storage!r}, must be a filesystem path mounted on every node"
+        )
+    return os.path.abspath(storage), cfg.ray.name or out.name
+
+
+def prepare_config(cfg: RecGPTConfig) -> RecGPTConfig:
+    """The config the workers get: output_dir forced to the Ray run directory, local paths absolute.
+
+    Workers do not share the driver's working directory (another node, or a Ray-chosen cwd), so a
+    relative path would point somewhere else there.
+    """
+    storage, name = run_location(cfg)
+    d = to_dict(cfg)
+    d["train"]["output_dir"] = os.path.join(storage, name)
+    d["ray"]["storage_path"], d["ray"]["name"] = storage, name
+    if not _is_url(d["data"]["shards"]):
+        d["data"]["shards"] = os.path.abspath(d["data"]["shards"])
+    nop = d["model"]["name_or_path"]
+    if nop is not None and os.path.exists(nop):  # a local directory, not a hub name
+        d["model"]["name_or_path"] = os.path.abspath(nop)
+    if d["train"]["resume"] not in ("auto", "never"):
+        d["train"]["resume"] = os.path.abspath(d["train"]["resume"])
+    return config_from_dict(d)
+
+
+def _drop_stale_ray_snapshot(run_dir: str) -> None:
+    """Move Ray's checkpoint-manager snapshot aside when it names checkpoints recgpt has pruned.
+
+    Ray records every reported checkpoint and, when a run with the same name starts again, refuses to
+    start if one of them no longer exists (CheckpointManagerInitializationError). recgpt deletes old
+    checkpoints itself (train.keep_last), so a re-run after a driver crash would always hit that. The
+    snapshot is only bookkeeping: resuming reads recgpt's own ``checkpoints/latest``.
+    """
+    snap = Path(run_dir) / RAY_SNAPSHOT
+    if not snap.is_file():
+        return
+    try:
+        names = _snapshot_checkpoint_names(json.loads(snap.read_text()))
+    except (OSError, ValueError):
+        names = {"<unreadable snapshot>"}
+    missing = sorted(n for n in names if not (Path(run_dir) / n).exists())
+    if missing:
+        os.replace(snap, snap.with_name(f"{RAY_SNAPSHOT}.stale-{int(time.time())}"))
+        _log(f"moved Ray's checkpoint snapshot aside: it names pruned checkpoints ({', '.join(missing[:3])})")
+
+
+def _snapshot_checkpoint_names(obj: Any) -> set[str]:
+    if isinstance(obj, dict):
+        found = {obj["checkpoint_dir_name"]} if isinstance(obj.get("checkpoint_dir_name"), str) else set()
+        return found.union(*(_snapshot_checkpoint_names(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(*(_snapshot_checkpoint_names(v) for v in obj))
+    return set()
+
+
+def _connect() -> None:
+    """Connect to RAY_ADDRESS (set inside ``ray job submit``), else start a local Ray instance."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    _log(
+        f"connecting to Ray at {address}" if address else "RAY_ADDRESS not set: starting a local Ray instance"
+    )
+    # "local", not None: None would silently join whatever `ray start` cluster this machine last ran.
+    # log_to_driver: the workers' progress lines end up in this process's output (and the job's logs).
+    ray.init(address=address or "local", log_to_driver=True)
+
+
+def build_trainer(cfg: RecGPTConfig, train_fn: TrainFn | None = None):
+    """The ``TorchTrainer`` for a config already passed through :func:`prepare_config`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
+    if r.use_gpu:
+        resources.setdefault("GPU", 1)
+    scaling = ScalingConfig(
+        num_workers=r.num_workers,
+        use_gpu=r.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=r.placement_strategy,
+    )
+    run = RunConfig(
+        name=r.name,
+        storage_path=r.storage_path,
+        failure_config=FailureConfig(max_failures=r.max_failures),
+        # recgpt prunes (keep_last + best); Ray keeping every reported checkpoint means it deletes none.
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
+    )
+    return TorchTrainer(
+        _worker_main,
+        train_loop_config={"config": to_dict(cfg), "train_fn": train_fn},
+        scaling_config=scaling,
+        run_config=run,
+    )
+
+
+def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
+    """Launch ``train_fn`` (default ``trainer.loop.train``) on ``ray.num_workers`` Ray Train workers.
+
+    Returns the process exit code: 0 with the final metrics printed, 1 with the reason when the run
+    failed (workers exhausted ``ray.max_failures``, or the controller failed).
+    """
+    # Workers stay in the job's working directory instead of a per-run scratch dir; paths are absolute
+    # anyway (prepare_config), this only keeps relative paths inside user code meaningful.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    cfg = prepare_config(cfg)
+    run_dir = cfg.train.output_dir
+    _drop_stale_ray_snapshot(run_dir)
+    final_file = Path(run_dir) / FINAL_METRICS
+    previous = final_file.stat().st_mtime_ns if final_file.is_file() else None
+    t0 = time.time()
+    _connect()
+    import ray
+    from ray.train import TrainingFailedError
+
+    r = cfg.ray
+    _log(
+        f"run {run_dir}: {r.num_workers} workers ({'GPU' if r.use_gpu else 'CPU'}, {r.placement_strategy}), "
+        f"max_failures={r.max_failures}, resume={cfg.train.resume}"
+    )
+    try:
+        result = build_trainer(cfg, train_fn).fit()
+    except TrainingFailedError as e:
+        print(f"recgpt train: Ray Train run failed: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        ray.shutdown()
+    if not final_file.is_file() or final_file.stat().st_mtime_ns == previous:
+        # train() returned on every worker, so only storage that is not shared can get here.
+        print(
+            f"recgpt train: the run did not write {final_file}: is ray.storage_path shared?", file=sys.stderr
+        )
+        return 1
+    _log(f"finished in {time.time() - t0:.1f}s; run dir {run_dir}")
+    if result.checkpoint is not None:
+        _log(f"last reported checkpoint {result.checkpoint.path}")
+    print(json.dumps({"final_metrics": json.loads(final_file.read_text())}, sort_keys=True), flush=True)
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:2000] or type(err).__name__
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _setup_worker_env() -> str:
+    """Make this Ray worker look like a torchrun rank to DeepSpeed; returns the device it uses.
+
+    TorchTrainer already set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* and initialised the process group
+    (gloo or nccl); DeepSpeed's init_distributed then adopts that group instead of creating one. The
+    trap (ray#37212): Ray sets CUDA_VISIBLE_DEVICES to the node's GPUs of this run, so Ray's local rank
+    need not be the index of *this* worker's GPU among the visible ones, while DeepSpeed uses
+    ``cuda:$LOCAL_RANK``. LOCAL_RANK is therefore set to the device index Ray assigned.
+    """
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    env = {
+        "RANK": ctx.get_world_rank(),
+        "WORLD_SIZE": ctx.get_world_size(),
+        "LOCAL_RANK": ctx.get_local_rank(),
+        "LOCAL_WORLD_SIZE": ctx.get_local_world_size(),
+        "NODE_RANK": ctx.get_node_rank(),
+    }
+    device = "cpu"
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        from ray.train.torch import get_device
+
+        dev = get_device()
+        torch.cuda.set_device(dev)
+        env["LOCAL_RANK"] = dev.index
+        device = str(dev)
+    os.environ.update({k: str(v) for k, v in env.items()})
+    return device
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Ray refuses tensors in metrics; keep numbers and strings."""
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+def ray_report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    """The ``report`` callback handed to ``train``: register a complete checkpoint with Ray, no copy.
+
+    Called on every rank with the same directory (Ray requires all ranks to report, and the same path).
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(
+        _plain(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
+    )
+
+
+def _worker_main(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker (a fresh process after each group restart)."""
+    import ray.train
+
+    device = _setup_worker_env()
+    cfg = config_from_dict(loop_config["config"])
+    train_fn = loop_config.get("train_fn")
+    if train_fn is None:
+        from trainer.loop import train as train_fn
+    ctx = ray.train.get_context()
+    _log(
+        f"worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} pid {os.getpid()} "
+        f"local_rank {os.environ['LOCAL_RANK']} device {device} "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
+    )
+    train_fn(cfg, report=ray_report)
+
+
+__all__ = ["build_trainer", "prepare_config", "ray_report", "run_location", "train_with_ray"]

@@ -1,0 +1,148 @@
+"""Shared session fixtures: the bundled sample's shards (built once) and tiny 2-process training runs.
+
+Every 2-process launch pays 15-25 s of imports on a small machine, so runs are shared: a test that
+needs "a ZeRO-3 LoRA run" asks for the fixture instead of training again. Launch helpers run the real
+CLI (``torchrun --standalone --no-python --nproc_per_node N recgpt train …``) in a subprocess with
+``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "ml-latest-small.zip"
+BIN = Path(sys.executable).parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+# The shared tiny runs: 30 steps of 2 x 32 sequences, evaluated and checkpointed every 10 steps, every
+# step logged (exact-resume comparisons read train_log.jsonl).
+RUN_STEPS = [
+    "train.max_steps=30",
+    "train.eval_interval=10",
+    "train.checkpoint_interval=10",
+    "train.log_interval=1",
+]
+
+
+def subprocess_env(fault: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RECGPT_FAULT", None)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env.update(TOKENIZERS_PARALLELISM="false")
+    if fault:
+        env["RECGPT_FAULT"] = fault
+    env.update(extra)
+    return env
+
+
+def recgpt_train(
+    shards: Path,
+    out_dir: Path,
+    overrides: list[str] = (),
+    nproc: int = 2,
+    fault: str | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """``recgpt train --config configs/tiny.yaml`` on ``shards`` into ``out_dir``; never raises on failure.
+
+    ``nproc`` > 1 launches under torchrun (``--standalone`` picks a free rendezvous port); 1 runs the
+    plain ``recgpt`` process (the trainer creates its own 1-process group)."""
+    args = [
+        "train",
+        "--config",
+        str(TINY),
+        f"data.shards={shards}",
+        f"train.output_dir={out_dir}",
+        *overrides,
+    ]
+    if nproc > 1:
+        cmd = [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--no-python",
+            f"--nproc_per_node={nproc}",
+            "recgpt",
+            *args,
+        ]
+    else:
+        cmd = [str(BIN / "recgpt"), *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(fault), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_log(run_dir: Path) -> list[dict]:
+    """Records of ``train_log.jsonl`` (rank 0), in order."""
+    path = run_dir / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(records: list[dict]) -> dict[int, float]:
+    """Step -> training loss; a step logged twice (a killed run, then its resume) keeps the last value."""
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@dataclass
+class Run:
+    dir: Path
+    proc: subprocess.CompletedProcess
+    log: list[dict]
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.dir / "metrics.json").read_text())
+
+
+def _checked_run(shards: Path, out_dir: Path, overrides: list[str], fault: str | None = None) -> Run:
+    proc = recgpt_train(shards, out_dir, overrides, fault=fault)
+    assert proc.returncode == 0, (
+        f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return Run(out_dir, proc, train_log(out_dir))
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    """The bundled MovieLens sample as shards (610 users, 9,724 items), built once per session."""
+    from launcher.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "ml-latest-small"
+    assert main(["shards", "build", str(SAMPLE), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero0_run(sample_shards, tmp_path_factory) -> Run:
+    """Full tuning, ZeRO-0, fp32, 2 processes, 30 steps: the uninterrupted reference run."""
+    return _checked_run(sample_shards, tmp_path_factory.mktemp("zero0") / "run", [*RUN_STEPS, "zero.stage=0"])
+
+
+@pytest.fixture(scope="session")
+def zero2_run(sample_shards, tmp_path_factory) -> Run:
+    """Full tuning, ZeRO-2, 2 processes, 30 steps, keep_last=1."""
+    overrides = [*RUN_STEPS, "zero.stage=2", "train.keep_last=1"]
+    return _checked_run(sample_shards, tmp_path_factory.mktemp("zero2") / "run", overrides)
+
+
+@pytest.fixture(scope="session")
+def zero3_lora_pgd_run(sample_shards, tmp_path_factory) -> Run:
+    """LoRA + PGD (after 5 clean steps), ZeRO-3, 2 processes, 30 steps; rank 1's loss is NaN once at
+    step 8 (the step must be skipped on both ranks and training go on)."""
+    overrides = [
+        *RUN_STEPS,
+        "zero.stage=3",
+        "lora.enabled=true",
+        "optim.lr=0.01",
+        "adversarial.method=pgd",
+        "adversarial.steps=2",
+        "adversarial.warmup_steps=5",
+    ]
+    return _checked_run(sample_shards, tmp_path_factory.mktemp("zero3") / "run", overrides, fault="nan:8:1")

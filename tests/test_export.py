@@ -1,0 +1,305 @@
+"""recgpt export: ZeRO-2/3 checkpoints of LoRA and full runs (2 processes) -> plain HF directories.
+
+One small shard set (60 MovieLens users, 300 items) and four 3-step training runs are shared by every
+test here and by tests/test_recommend.py (session fixtures).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from launcher.cli import main
+from modeling.export import (
+    MANIFEST,
+    WRAPPER_KEY_PARTS,
+    ExportError,
+    export_checkpoint,
+    load_export,
+    score_batch,
+    verify_export,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUNS = {
+    "lora-z2": ["lora.enabled=true", "zero.stage=2"],
+    "lora-z3": ["lora.enabled=true", "zero.stage=3"],
+    "full-z2": ["zero.stage=2"],
+    "full-z3": ["zero.stage=3"],
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"{cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """60 users' ratings of the 300 most rated movies, as a generic CSV -> shards (a few seconds)."""
+    root = tmp_path_factory.mktemp("export-data")
+    with zipfile.ZipFile(REPO / "data" / "ml-latest-small.zip") as z:
+        names = {Path(n).name: n for n in z.namelist()}
+        ratings = list(csv.DictReader(io.TextIOWrapper(z.open(names["ratings.csv"]), encoding="utf-8")))
+        titles = {
+            r["movieId"]: r["title"]
+            for r in csv.DictReader(io.TextIOWrapper(z.open(names["movies.csv"]), encoding="utf-8"))
+        }
+    counts: dict[str, int] = {}
+    for r in ratings:
+        counts[r["movieId"]] = counts.get(r["movieId"], 0) + 1
+    top = set(sorted(counts, key=lambda m: (-counts[m], int(m)))[:300])
+    users = sorted({r["userId"] for r in ratings}, key=int)[:60]
+    path = root / "log.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "rating", "timestamp", "title"])
+        for r in ratings:
+            if r["userId"] in users and r["movieId"] in top:
+                w.writerow([r["userId"], r["movieId"], r["rating"], r["timestamp"], titles[r["movieId"]]])
+    out = root / "shards"
+    _run([sys.executable, "-m", "launcher", "shards", "build", str(path), "--format", "csv", "--out", str(out),
+          "--rating-col", "rating", "--title-col", "title", "--max-history", "20"])  # fmt: skip
+    return out
+
+
+def _train(shards: Path, out: Path, overrides: list[str]) -> Path:
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "launcher", "train",
+          "--config", "configs/tiny.yaml", f"data.shards={shards}", f"train.output_dir={out}",
+          "train.max_steps=3", "train.eval_interval=0", "train.checkpoint_interval=0", "data.num_workers=0",
+          "data.max_history=20", "train.micro_batch_size=8", "eval.batch_size=16", "optim.lr=0.05",
+          "schedule.warmup_steps=0", "model.tokenizer_vocab_size=300", "logging.tensorboard=false",
+          "logging.progress=none", *overrides], timeout=600)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_of(small_shards, tmp_path_factory):
+    """``export_of(name) -> (run dir, export dir)``: the 2-process run ``name`` of RUNS (large learning
+    rate so adapters move) and its export (small shards force several safetensors files + index), each
+    made once per session on first use."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in cache:
+            run = _train(small_shards, tmp_path_factory.mktemp(f"run-{name}") / "run", RUNS[name])
+            out = tmp_path_factory.mktemp(f"export-{name}") / "model"
+            export_checkpoint(run, out, adapter=name.startswith("lora"), max_shard_size="200KB")
+            cache[name] = (run, out)
+        return cache[name]
+
+    return get
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_directory(export_of, name):
+    run, out = export_of(name)
+    manifest = json.loads((out / MANIFEST).read_text())
+    verify_export(out)  # sha256 of every file
+    assert manifest["step"] == 3 and manifest["source_checkpoint"].endswith("step_00000003")
+    assert manifest["zero_stage"] == int(name[-1]) and manifest["world_size"] == 2
+    assert manifest["parity"]["examples"] > 0 and manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert manifest["config"]["lora"]["enabled"] == name.startswith("lora")
+    assert manifest["metrics"] and "ndcg@10" in manifest["metrics"]
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "items.jsonl", "config.yaml"} <= files
+    assert (
+        "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    )
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    keys = []
+    for f in out.glob("model*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            keys += list(st.keys())
+    assert keys and not [k for k in keys if any(part in k for part in WRAPPER_KEY_PARTS)]
+    cfg_ids = json.loads((out / "config.json").read_text())
+    gen_ids = json.loads((out / "generation_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        assert cfg_ids[key] == gen_ids[key] == getattr(tok, key) is not None
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert items[5]["token"] == "<item_5>" and tok.convert_tokens_to_ids("<item_5>") == items[5]["token_id"]
+    if name.startswith("lora"):  # the adapter alone, non-empty (the ZeRO-3 pitfall)
+        with safe_open(str(out / "adapter" / "adapter_model.safetensors"), framework="pt") as st:
+            shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+        assert shapes and all(all(d > 0 for d in s) for s in shapes.values())
+        assert any("lora_B" in k for k in shapes)
+
+
+@pytest.mark.parametrize("name", ["lora-z2", "full-z3"])
+def test_item_rows_trained_and_merged(export_of, name):
+    """The merge folded something in: the item rows differ from the initial (identical, mean) rows."""
+    _, out = export_of(name)
+    model, *_ = load_export(out)
+    rows = model.causal_lm.get_input_embeddings().weight[model.item_token_ids]
+    assert float((rows - rows[0]).abs().max()) > 1e-3, name
+
+
+# --------------------------------------------------------------------------- serving without recgpt
+
+
+@pytest.mark.parametrize("name", ["lora-z3", "full-z2"])
+def test_loads_with_plain_transformers_without_recgpt(export_of, name, tmp_path):
+    _, out = export_of(name)
+    model, tok, items, cfg = load_export(out)
+    ids = [tok.bos_token_id, *model.item_token_ids[[3, 1, 4]].tolist()]
+    with torch.no_grad():
+        want = model.item_logits(model(input_ids=torch.tensor([ids]))[:, -1])[0]
+    # Only the venv's site-packages on sys.path: no .pth files (-S), so no editable-install finder; cwd
+    # outside the repository.
+    script = f"""
+import json, sys
+sys.path[:] = [p for p in sys.path if p] + [{sysconfig.get_paths()["purelib"]!r}]
+try:
+    import launcher  # noqa
+    sys.exit("recgpt is importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(out)!r})
+lm = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
+ids = {ids!r}
+item_ids = [tok.convert_tokens_to_ids(f"<item_{{i}}>") for i in range({len(items)})]
+with torch.no_grad():
+    logits = lm(torch.tensor([ids])).logits[0, -1, item_ids]
+print(json.dumps({{"logits": logits.tolist(), "eos": tok.eos_token_id, "eos_cfg": lm.config.eos_token_id,
+                  "gen_eos": lm.generation_config.eos_token_id, "modules": sorted(m for m in sys.modules if m.split('.')[0] in ("launcher", "modeling", "trainer", "data_shards"))}}))
+"""
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["modules"] == []
+    assert got["eos"] == got["eos_cfg"] == got["gen_eos"]
+    assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- evaluate(export) == evaluate(checkpoint)
+
+
+@pytest.mark.distributed
+def test_evaluate_export_equals_checkpoint(export_of):
+    run, out = export_of("lora-z2")
+
+    def metrics(*source: str) -> dict:
+        res = _run([sys.executable, "-m", "launcher", "evaluate", *source, "--split", "valid"])
+        line = json.loads(res.stdout.strip().splitlines()[-1])
+        return {k: v for k, v in line.items() if k[:2] in ("hr", "nd", "mr", "nu")}
+
+    from_export, from_ckpt = metrics("--model", str(out)), metrics("--checkpoint", str(run))
+    assert from_export == from_ckpt and from_export["num_examples"] == 60
+
+
+# --------------------------------------------------------------------------- dtype, parity, atomicity
+
+
+def test_bf16_export_and_parity_failure(export_of, tmp_path, monkeypatch):
+    run, _ = export_of("lora-z2")
+    manifest = export_checkpoint(run, tmp_path / "bf16", dtype="bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as st:
+        assert all(st.get_tensor(k).dtype == torch.bfloat16 for k in st.keys())
+    assert manifest["parity"]["max_abs_diff"] <= manifest["parity"]["tolerance"]
+
+    # A merge that loses the adapters must fail the parity check and leave nothing behind.
+    import modeling.export as ex
+
+    real = ex._merged_lm
+
+    def broken(model):
+        lm = real(model)
+        with torch.no_grad():
+            lm.get_input_embeddings().weight[model.item_token_ids] += 0.5
+        return lm
+
+    monkeypatch.setattr(ex, "_merged_lm", broken)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_checkpoint(run, tmp_path / "broken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]
+
+
+def test_bad_checkpoints_are_one_line_errors(export_of, tmp_path, capsys):
+    run, out = export_of("full-z3")
+    ckpt = run / "checkpoints" / "step_00000003"
+
+    def err(*args: str) -> str:
+        assert main(["export", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in lines[0], lines
+        return lines[0]
+
+    assert "no such checkpoint" in err("--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert "exists" in err("--checkpoint", str(run), "--out", str(out))
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(ckpt, incomplete)
+    (incomplete / "COMPLETE").unlink()
+    assert "COMPLETE" in err("--checkpoint", str(incomplete), "--out", str(tmp_path / "o"))
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    optim = sorted(corrupt.glob("ds/*/*optim_states.pt"))[-1]
+    optim.write_bytes(optim.read_bytes()[:1000])
+    assert "cannot consolidate" in err("--checkpoint", str(corrupt), "--out", str(tmp_path / "o"))
+
+    missing_rank = tmp_path / "missing_rank"
+    shutil.copytree(ckpt, missing_rank)
+    optim = sorted(missing_rank.glob("ds/*/*optim_states.pt"))[-1]
+    optim.unlink()
+    assert "2 ranks" in err("--checkpoint", str(missing_rank), "--out", str(tmp_path / "o"))
+
+    other = tmp_path / "other_model"
+    shutil.copytree(ckpt, other)
+    cfg = (other / "config.yaml").read_text()
+    (other / "config.yaml").write_text(cfg.replace("n_layer: 2", "n_layer: 3"))
+    assert "do not fit" in err("--checkpoint", str(other), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_force_replaces_and_scores_match(export_of, small_shards, tmp_path, capsys):
+    run, out = export_of("full-z2")
+    target = tmp_path / "model"
+    shutil.copytree(out, target)
+    (target / "stale.txt").write_text("old")
+    assert main(["export", "--checkpoint", str(run), "--best", "--out", str(target), "--force"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["parity"]["max_abs_diff"] <= 1e-4 and not (target / "stale.txt").exists()
+    verify_export(target)
+    # The same valid batch scores the same through load_export of either export.
+    from data_shards.reader import ShardLoader
+    from modeling.collate import make_collate
+
+    m1, tok, items, cfg = load_export(out)
+    m2, *_ = load_export(target)
+    batch = next(iter(ShardLoader(str(small_shards), split="valid", batch_size=8, num_workers=0,
+                                  collate_fn=make_collate(cfg, tok, items, "valid"))))  # fmt: skip
+    assert torch.equal(score_batch(m1, batch, cfg.task), score_batch(m2, batch, cfg.task))

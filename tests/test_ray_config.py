@@ -1,0 +1,94 @@
+"""The Ray launcher's driver-side pieces that need no running Ray: paths, trainer wiring, snapshot care."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from launcher.ray_launch import (
+    RAY_SNAPSHOT,
+    _drop_stale_ray_snapshot,
+    build_trainer,
+    prepare_config,
+    run_location,
+)
+from trainer.config import ConfigError, load_config
+
+
+def test_run_dir_is_output_dir_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["train.output_dir=runs/exp1", "data.shards=shards/x", "ray.num_workers=2"])
+    assert run_location(cfg) == (str(tmp_path / "runs"), "exp1")
+    p = prepare_config(cfg)
+    assert p.train.output_dir == str(tmp_path / "runs" / "exp1")
+    assert (p.ray.storage_path, p.ray.name) == (str(tmp_path / "runs"), "exp1")
+    assert p.data.shards == str(tmp_path / "shards" / "x")  # workers do not share the driver's cwd
+    assert p.model.name_or_path is None
+
+
+def test_storage_path_and_name_override_output_dir(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"ray.storage_path={tmp_path}/shared",
+            "ray.name=job7",
+            "data.shards=pipe:cat {}",
+            "ray.num_workers=1",
+        ],
+    )
+    p = prepare_config(cfg)
+    assert p.train.output_dir == os.path.join(tmp_path, "shared", "job7")
+    assert p.data.shards == "pipe:cat {}"  # URLs and pipe: templates are left alone
+
+
+def test_object_store_storage_path_is_refused():
+    cfg = load_config(None, ["ray.storage_path=s3://bucket/runs", "ray.num_workers=2"])
+    with pytest.raises(ConfigError, match="ray.storage_path"):
+        prepare_config(cfg)
+
+
+def test_trainer_gets_scaling_failure_and_no_pruning(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"ray.storage_path={tmp_path}",
+            "ray.name=r",
+            "ray.num_workers=3",
+            "ray.cpus_per_worker=2",
+            "ray.resources_per_worker={accel: 0.5}",
+            "ray.placement_strategy=SPREAD",
+            "ray.max_failures=5",
+        ],
+    )
+    trainer = build_trainer(prepare_config(cfg))
+    sc, rc = trainer.scaling_config, trainer.run_config
+    assert sc.num_workers == 3 and not sc.use_gpu and sc.placement_strategy == "SPREAD"
+    assert sc.resources_per_worker == {"CPU": 2.0, "accel": 0.5}
+    assert (rc.storage_path, rc.name) == (str(tmp_path), "r")
+    assert rc.failure_config.max_failures == 5
+    assert rc.checkpoint_config.num_to_keep is None  # recgpt alone prunes checkpoints
+
+
+def _snapshot(run_dir, names):
+    entries = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    state = {
+        "checkpoint_results": entries,
+        "latest_checkpoint_result": entries[-1],
+        "pending_training_results": [],
+    }
+    (run_dir / RAY_SNAPSHOT).write_text(json.dumps(state))
+
+
+def test_stale_ray_snapshot_is_moved_aside_and_a_valid_one_kept(tmp_path):
+    (tmp_path / "checkpoints" / "step_00000008").mkdir(parents=True)
+    _snapshot(tmp_path, ["checkpoints/step_00000008"])
+    _drop_stale_ray_snapshot(str(tmp_path))
+    assert (tmp_path / RAY_SNAPSHOT).is_file()
+    # recgpt pruned step 4 (keep_last) but Ray still lists it: Ray would refuse to start the re-run.
+    _snapshot(tmp_path, ["checkpoints/step_00000004", "checkpoints/step_00000008"])
+    _drop_stale_ray_snapshot(str(tmp_path))
+    assert not (tmp_path / RAY_SNAPSHOT).exists()
+    assert list(tmp_path.glob(f"{RAY_SNAPSHOT}.stale-*"))
+    _drop_stale_ray_snapshot(str(tmp_path / "missing"))  # a new run: nothing to do

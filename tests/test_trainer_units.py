@@ -1,0 +1,130 @@
+"""Trainer pieces without a training run: schedule, AdamW groups, faults, checkpoint bookkeeping, RNG."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    CheckpointManager,
+    find_resume_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from trainer.engine import LRSchedule, param_groups
+from trainer.faults import Faults
+
+
+def test_schedule_warmup_then_cosine_and_linear():
+    cos = LRSchedule(warmup_steps=4, total_steps=14, decay="cosine", min_ratio=0.1)
+    assert [round(cos(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # the first step already learns
+    assert cos(4) == pytest.approx(1.0)
+    assert cos(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cos(14) == pytest.approx(0.1) and cos(100) == pytest.approx(0.1)
+    lin = LRSchedule(warmup_steps=0, total_steps=10, decay="linear", min_ratio=0.0)
+    assert [lin(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert LRSchedule(2, 10, "constant", 0.1)(7) == 1.0
+
+
+def test_no_weight_decay_on_biases_norms_or_frozen():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[0].weight.requires_grad_(False)
+    decay, no_decay = param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3  # linear bias, norm weight and bias
+
+
+def test_faults_parse_and_fire_once(monkeypatch):
+    monkeypatch.setenv("RECGPT_FAULT", "nan:3:1,kill_before_publish:20:0")
+    f1 = Faults.from_env(rank=1)
+    assert not f1.nan_loss(2) and f1.nan_loss(3) and not f1.nan_loss(3)  # once: the retry is clean
+    assert not Faults.from_env(rank=0).nan_loss(3)
+    monkeypatch.setenv("RECGPT_FAULT", "nan:*:*")
+    always = Faults.from_env(rank=0)
+    assert all(always.nan_loss(s) for s in (1, 1, 2))
+    monkeypatch.setenv("RECGPT_FAULT", "explode:1:1")
+    with pytest.raises(ValueError, match="RECGPT_FAULT"):
+        Faults.from_env(rank=0)
+    monkeypatch.delenv("RECGPT_FAULT")
+    assert Faults.from_env(rank=0).entries == []
+
+
+def _fake_checkpoint(root, step, complete=True):
+    d = root / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "ds").mkdir()
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
+    if complete:
+        (d / COMPLETE).write_text("x")
+    return d
+
+
+def test_resume_follows_latest_and_ignores_partial(tmp_path):
+    assert find_resume_checkpoint("auto", tmp_path) is None  # a fresh run directory
+    good = _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 30, complete=False)  # higher step, but never completed
+    (tmp_path / "checkpoints" / ".tmp-step_00000040").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
+    assert find_resume_checkpoint("auto", tmp_path) == good
+    assert find_resume_checkpoint("never", tmp_path) is None
+    assert resolve_checkpoint(tmp_path) == good
+    assert find_resume_checkpoint(str(good), tmp_path / "elsewhere") == good
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_checkpoint(tmp_path / "checkpoints" / "step_00000030")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path, best=True)
+    with pytest.raises(CheckpointError, match="no such"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+def test_prune_keeps_last_best_and_latest_only(tmp_path):
+    for s in (10, 20, 30, 40):
+        _fake_checkpoint(tmp_path, s)
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000050").mkdir()
+    (root / "latest").write_text("step_00000040")
+    (root / "best").write_text("step_00000010")
+    CheckpointManager(tmp_path, rank=0, world_size=2, keep_last=2, faults=Faults(0)).prune()
+    assert sorted(p.name for p in root.iterdir()) == [
+        "best",
+        "latest",
+        "step_00000010",
+        "step_00000030",
+        "step_00000040",
+    ]
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_zero3_external_params_for_parameter_dict_readers(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from trainer.engine import register_zero3_external_params
+
+    class TokenRows(torch.nn.Module):  # reads parameters of children it never calls (like PEFT)
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Embedding(5, 3)
+            self.delta = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.zeros(2, 3))})
+
+    model = torch.nn.Sequential(TokenRows(), torch.nn.Linear(3, 3))
+    assert register_zero3_external_params(model) == ["0"]
+    assert {id(p) for _, p in model[0].ds_external_parameters()} == {id(p) for p in model[0].parameters()}

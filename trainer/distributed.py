@@ -1,0 +1,116 @@
+"""Process-group setup shared by training and evaluation.
+
+One function, :func:`setup_distributed`, makes every launch look the same to the rest of the code:
+a plain ``python``/``recgpt`` process (world size 1: we create a 1-process gloo group ourselves),
+``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* in the environment) or a Ray Train worker (Ray has
+already initialised the default process group and set LOCAL_RANK). CPU runs use DeepSpeed's CPU
+accelerator with gloo; CUDA runs use nccl with the device picked explicitly from LOCAL_RANK (never
+derived from the host: Ray narrows CUDA_VISIBLE_DEVICES, ray#37212).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_group: bool
+    """True when we created the process group (and so must destroy it); False under Ray."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin_ninja() -> None:
+    """Use the ninja installed next to this Python for DeepSpeed's JIT-built ops.
+
+    torch finds ``ninja`` on PATH; a venv's ninja and a system ninja record build commands under
+    different hashes, so processes launched with different PATHs (``torchrun --no-python recgpt`` vs
+    ``python -m launcher``) would rebuild the shared op cache for each other (minutes each time).
+    """
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bindir) / "ninja").exists() and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise (or adopt) the default process group and pick this rank's device."""
+    _pin_ninja()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        # Must be set before deepspeed is imported anywhere in the process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    owns_group = not dist.is_initialized()
+    if owns_group and "RANK" not in os.environ:
+        # Plain single process: give torch.distributed a 1-process rendezvous of its own.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        # Ray may expose one GPU per worker (index 0) while LOCAL_RANK says 3: clamp to what is visible.
+        index = local_rank if local_rank < torch.cuda.device_count() else 0
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    import deepspeed  # after DS_ACCELERATOR is settled
+
+    # Adopts an existing default group (Ray Train) instead of creating a second one.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        owns_group=owns_group,
+    )
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if we created it (Ray owns and destroys its own)."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of a small tensor (no-op on one process); returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_tensor(t, "max").item() > 0)

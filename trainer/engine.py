@@ -1,0 +1,148 @@
+"""DeepSpeed engine construction: AdamW param groups, the LR schedule, ``deepspeed.initialize``.
+
+recgpt builds the optimizer and the schedule itself and hands both to DeepSpeed, so the DeepSpeed
+JSON (``trainer.config.deepspeed_config``) carries only parallelism/precision settings and the
+schedule is the same one for every ZeRO stage. DeepSpeed steps the scheduler once per optimizer step
+(skipped fp16 overflow steps included in its bookkeeping) and saves/loads its state in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trainer.config import RecGPTConfig, deepspeed_config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed matrices and undecayed biases/norm weights.
+
+    The rule is the nanoGPT one: tensors with >= 2 dims (matmul weights, embeddings) decay; 1-D tensors
+    (biases, LayerNorm/RMSNorm gains) do not. Frozen parameters (LoRA base weights) are left out.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        # Under ZeRO-3 zero.Init a parameter may already be partitioned: ds_shape is its real shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: RecGPTConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam when optimizer states are offloaded, torch's otherwise."""
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (check lora.* / model.*)")
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-built C++ op: only when asked for
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    # torch's fused CUDA AdamW needs no DeepSpeed op build; on CPU the foreach path is the fast one.
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+
+
+@dataclass
+class LRSchedule:
+    """Multiplier of optim.lr at optimizer step ``s`` (what LambdaLR calls; a picklable object).
+
+    Linear warm-up reaching 1.0 after ``warmup_steps`` (the first step already gets a small non-zero
+    rate), then cosine or linear decay to ``min_ratio`` at ``total_steps`` (or constant).
+    """
+
+    warmup_steps: int
+    total_steps: int
+    decay: str
+    min_ratio: float
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup_steps:
+            return (s + 1) / (self.warmup_steps + 1)
+        if self.decay == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (s - self.warmup_steps) / span)
+        if self.decay == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            shape = 1.0 - progress
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def build_scheduler(cfg: RecGPTConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    s = cfg.schedule
+    fn = LRSchedule(s.warmup_steps, total_steps, s.decay, s.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def register_zero3_external_params(model: torch.nn.Module) -> list[str]:
+    """Make ZeRO-3 gather parameters that a forward reads from child modules it never calls.
+
+    ZeRO-3 gathers a module's own parameters when that module's forward runs. A module that keeps
+    parameters in a child ``ParameterDict``/``ParameterList`` (whose forward never runs) and reads its
+    children's weights directly — PEFT's trainable item-token rows, LoRA on embeddings — would see
+    empty partitions ("Number of indices (N) should be equal to source.size(dim) (0)"). Registering
+    its whole subtree as external parameters of that module makes DeepSpeed gather them for its
+    forward and backward while their gradients keep the normal reduce hooks (DeepSpeed "leaf"
+    modules instead reduce in a module backward hook, which never fires when the module's input is
+    integer token ids). Returns the names of the modules so treated.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    names = []
+    for name, m in model.named_modules():
+        if any(isinstance(c, (torch.nn.ParameterDict, torch.nn.ParameterList)) for c in m.children()):
+            for p in m.parameters():
+                register_external_parameter(m, p)
+            names.append(name)
+    return names
+
+
+def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, total_steps: int):
+    """``deepspeed.initialize`` with recgpt's optimizer and schedule; returns the engine."""
+    import deepspeed
+
+    if cfg.zero.stage == 3:
+        register_zero3_external_params(model)
+
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    ds_config = deepspeed_config(cfg, world_size)
+    if cfg.zero.offload_optimizer:
+        # Our DeepSpeedCPUAdam is what DeepSpeed wants for offload; nothing to override.
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", True)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def global_grad_norm(engine) -> float | None:
+    """Gradient norm of the last optimizer step, where DeepSpeed tracks it (ZeRO >= 1, bf16, fp16).
+
+    Plain fp32 ZeRO-0 clips inside torch without keeping the norm: :func:`param_grad_norm` measures it
+    before the step instead.
+    """
+    n = engine.get_global_grad_norm()
+    if n is None:
+        return None
+    return float(n.item() if torch.is_tensor(n) else n)
+
+
+def param_grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the (already all-reduced) .grad of every parameter (ZeRO-0 fp32 only)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def tracks_grad_norm(cfg: RecGPTConfig) -> bool:
+    """Whether DeepSpeed records the global gradient norm for this configuration."""
+    return cfg.zero.stage > 0 or cfg.zero.bf16 or cfg.zero.fp16
