@@ -47,11 +47,21 @@ def random_init(embeds: torch.Tensor, attention_mask: torch.Tensor, radius: floa
     return normalize(noise, attention_mask) * radius
 
 
-def fgm_delta(
-    loss: torch.Tensor, delta0: torch.Tensor, attention_mask: torch.Tensor, epsilon: float, retain_graph: bool
+def ascent_direction(
+    loss_at: Callable[[torch.Tensor], torch.Tensor],
+    embeds: torch.Tensor,
+    delta: torch.Tensor,
+    attention_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """epsilon * normalized gradient of ``loss`` w.r.t. the (zero) perturbation ``delta0``."""
-    return epsilon * normalize(_grad(loss, delta0, retain_graph), attention_mask)
+    """Normalized gradient of the loss at ``embeds + delta`` w.r.t. ``delta`` only.
+
+    A forward of its own, on detached embeddings, whose graph is freed by ``autograd.grad``: ZeRO-3
+    gathers a module's partitioned weights for backward once per forward call, so a graph that is
+    backpropagated twice (``retain_graph`` here, then ``engine.backward``) sees empty weights.
+    """
+    d = delta.detach().requires_grad_()
+    (g,) = torch.autograd.grad(loss_at(embeds.detach() + d), d)
+    return normalize(g.detach(), attention_mask)
 
 
 def perturbed_loss(
@@ -65,36 +75,31 @@ def perturbed_loss(
     ``loss_at(inputs_embeds) -> scalar`` runs the model and the task loss. fgm / pgd: clean loss +
     adv_weight x loss at the (detached) adversarial perturbation. freelb: mean of the losses along the
     ascent path from a random start (its ``clean_loss`` is the first of them, at the random start);
-    FreeLB keeps all ``steps`` graphs until the backward — memory grows with ``steps``.
+    FreeLB keeps all ``steps`` graphs until the backward — memory grows with ``steps``. Every graph that
+    reaches the parameters is backpropagated exactly once, by the caller's single backward.
     """
     eps, method = acfg.epsilon, acfg.method
     if method == "freelb":
         delta = random_init(embeds.detach(), attention_mask, acfg.init_magnitude * eps)
-        total = embeds.new_zeros(())
-        first = None
+        losses = []
         for k in range(acfg.steps):
-            d = delta.detach().requires_grad_()
-            loss_k = loss_at(embeds + d)
-            total = total + loss_k / acfg.steps
-            first = loss_k if first is None else first
+            losses.append(loss_at(embeds + delta.detach()))
             if k < acfg.steps - 1:
-                (g,) = torch.autograd.grad(loss_k, d, retain_graph=True)
-                delta = project(delta + acfg.alpha * normalize(g, attention_mask), attention_mask, eps)
+                step = acfg.alpha * ascent_direction(loss_at, embeds, delta, attention_mask)
+                delta = project(delta + step, attention_mask, eps)
+        total = torch.stack(losses).mean()
         # The final perturbation is the one the last loss saw.
-        return total, _logs(total, first, total, delta, attention_mask)
+        return total, _logs(total, losses[0], total, delta, attention_mask)
 
-    delta0 = torch.zeros_like(embeds, requires_grad=True)
-    clean = loss_at(embeds + delta0)  # == loss at embeds; its graph is kept for the final backward
+    # fgm: one step of length epsilon; pgd: steps of size alpha, each projected onto the eps ball.
+    delta = torch.zeros_like(embeds)
     if method == "fgm":
-        delta = fgm_delta(clean, delta0, attention_mask, eps, retain_graph=True)
-    else:  # pgd: steps of size alpha along the normalized gradient, projected onto the eps ball
-        delta = project(
-            acfg.alpha * normalize(_grad(clean, delta0, True), attention_mask), attention_mask, eps
-        )
-        for _ in range(acfg.steps - 1):
-            d = delta.detach().requires_grad_()
-            g = _grad(loss_at(embeds.detach() + d), d, False)
-            delta = project(delta + acfg.alpha * normalize(g, attention_mask), attention_mask, eps)
+        delta = eps * ascent_direction(loss_at, embeds, delta, attention_mask)
+    else:
+        for _ in range(acfg.steps):
+            step = acfg.alpha * ascent_direction(loss_at, embeds, delta, attention_mask)
+            delta = project(delta + step, attention_mask, eps)
+    clean = loss_at(embeds)
     adv = loss_at(embeds + delta.detach())
     total = clean + acfg.adv_weight * adv
     return total, _logs(total, clean, adv, delta, attention_mask)

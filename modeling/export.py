@@ -379,6 +379,12 @@ def _read_json(path: Path) -> Any:
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the finished directory to ``out``; an existing one (--force) is moved aside first and only
     deleted once the new one is in place, so ``out`` is never half-written."""
+    umask = os.umask(0)
+    os.umask(umask)
+    # safetensors writes 0600 files; serving accounts on shared storage must be able to read them.
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
@@ -479,11 +485,19 @@ def load_export(
 # --------------------------------------------------------------------------- CLI
 
 
+def quiet_transformers() -> None:
+    """CLI output is ours: no per-file progress bars from transformers' loading and saving."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def export_main(args: argparse.Namespace) -> int:
     """``recgpt export``: prints one JSON line (output directory, step, parity) on success."""
     from data_shards.errors import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_transformers()
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, best=args.best, dtype=args.dtype,
                                      adapter=args.adapter_only, force=args.force)  # fmt: skip

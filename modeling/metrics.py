@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.adversarial import fgm_delta
+from modeling.adversarial import ascent_direction
 from modeling.loss import unwrap
 from trainer.config import RecGPTConfig
 
@@ -92,9 +92,11 @@ def eval_outputs(
     out = _per_example(scores, batch, rec, cfg, "")
     if attack_epsilon > 0:
         with torch.enable_grad():
-            delta0 = torch.zeros_like(embeds, requires_grad=True)
-            loss = _loss_of_scores(_score(rec, model, batch, embeds + delta0, cfg), batch, rec, cfg)
-            delta = fgm_delta(loss, delta0, mask, attack_epsilon, retain_graph=False)
+
+            def loss_at(inputs_embeds: torch.Tensor) -> torch.Tensor:
+                return _loss_of_scores(_score(rec, model, batch, inputs_embeds, cfg), batch, rec, cfg)
+
+            delta = attack_epsilon * ascent_direction(loss_at, embeds, torch.zeros_like(embeds), mask)
         with torch.no_grad():
             out.update(_per_example(_score(rec, model, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
     if cfg.task == "rating":

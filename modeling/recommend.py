@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from modeling.collate import RATING_LEVELS_KEY, make_collate
-from modeling.export import ExportError, load_export, score_batch
+from modeling.export import ExportError, load_export, quiet_transformers, score_batch
 
 
 def _catalogue(items: list[dict]) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -122,6 +122,7 @@ def recommend_main(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ExportError(f"-k: got {args.k}, must be >= 1")
     entries, source = _read_history(args)
+    quiet_transformers()
     model, tokenizer, items, cfg = load_export(args.model)
     history = resolve_history(entries, items, source)
     rows = recommend(model, tokenizer, items, cfg, history, args.k, args.exclude_seen)

@@ -208,7 +208,7 @@ print(json.dumps({{"logits": logits.tolist(), "eos": tok.eos_token_id, "eos_cfg"
 
 
 @pytest.mark.distributed
-def test_evaluate_export_equals_checkpoint(export_of):
+def test_evaluate_export_equals_checkpoint(export_of, small_shards):
     run, out = export_of("lora-z2")
 
     def metrics(*source: str) -> dict:
@@ -217,7 +217,8 @@ def test_evaluate_export_equals_checkpoint(export_of):
         return {k: v for k, v in line.items() if k[:2] in ("hr", "nd", "mr", "nu")}
 
     from_export, from_ckpt = metrics("--model", str(out)), metrics("--checkpoint", str(run))
-    assert from_export == from_ckpt and from_export["num_examples"] == 60
+    valid = json.loads((small_shards / "manifest.json").read_text())["splits"]["valid"]["records"]
+    assert from_export == from_ckpt and from_export["num_examples"] == valid
 
 
 # --------------------------------------------------------------------------- dtype, parity, atomicity
@@ -238,7 +239,8 @@ def test_bf16_export_and_parity_failure(export_of, tmp_path, monkeypatch):
     def broken(model):
         lm = real(model)
         with torch.no_grad():
-            lm.get_input_embeddings().weight[model.item_token_ids] += 0.5
+            w = lm.get_input_embeddings().weight
+            w[model.item_token_ids] += 0.1 * torch.randn_like(w[model.item_token_ids])
         return lm
 
     monkeypatch.setattr(ex, "_merged_lm", broken)
@@ -303,3 +305,58 @@ def test_force_replaces_and_scores_match(export_of, small_shards, tmp_path, caps
     batch = next(iter(ShardLoader(str(small_shards), split="valid", batch_size=8, num_workers=0,
                                   collate_fn=make_collate(cfg, tok, items, "valid"))))  # fmt: skip
     assert torch.equal(score_batch(m1, batch, cfg.task), score_batch(m2, batch, cfg.task))
+
+
+# --------------------------------------------------------------------------- recommend from an export
+# (here rather than in test_recommend.py: they share this module's session runs)
+
+
+def test_recommend_cli(export_of, small_shards, tmp_path, capsys):
+    _, out = export_of("lora-z2")
+    model, tok, items, cfg = load_export(out)
+    ids = [it["item_id"] for it in items]
+
+    assert main(["recommend", "--model", str(out), "--history", ",".join(ids[:3]), "-k", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recs = got["recommendations"]
+    assert [r["rank"] for r in recs] == [1, 2, 3, 4] and got["history"] == ids[:3]
+    assert all(r["score"] >= s["score"] for r, s in zip(recs, recs[1:]))
+    assert {"item_id", "title", "score", "prob"} <= set(recs[0])
+
+    # --exclude-seen never returns a history item; k counts what is left.
+    history = [r["item_id"] for r in recs[:2]]
+    assert main(["recommend", "--model", str(out), "--history", ",".join(history), "-k", "3", "--json",
+                 "--exclude-seen"]) == 0  # fmt: skip
+    recs2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recommendations"]
+    assert len(recs2) == 3 and not {r["item_id"] for r in recs2} & set(history)
+
+    # Titles from a JSON file, table output.
+    hist = tmp_path / "h.json"
+    hist.write_text(json.dumps([items[0]["title"], int(ids[1])]))
+    assert main(["recommend", "--model", str(out), "--history-file", str(hist), "-k", "2"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].split()[:3] == ["rank", "item_id", "score"] and len(table) == 3
+
+    # Unknown items: one line, exit 2.
+    assert main(["recommend", "--model", str(out), "--history", f"{ids[0]},no-such-id"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-id" in err[0]
+
+
+def test_recommend_scores_equal_evaluation_prompt(export_of, small_shards):
+    """recommend builds the prompt exactly as evaluation does: same logits for a valid record's history."""
+    from data_shards.reader import ShardLoader
+    from modeling.collate import make_collate
+    from modeling.recommend import recommend
+
+    _, out = export_of("lora-z2")
+    model, tok, items, cfg = load_export(out)
+    loader = ShardLoader(str(small_shards), split="valid", batch_size=1, num_workers=0)
+    record = next(iter(loader))[0]
+    batch = make_collate(cfg, tok, items, "valid")([record])
+    want = score_batch(model, batch, cfg.task)[0]
+    history = record["items"][:-1]
+    top = recommend(model, tok, items, cfg, history, k=5, exclude_seen=False)
+    best = want.topk(5)
+    assert [r["item_id"] for r in top] == [items[i]["item_id"] for i in best.indices.tolist()]
+    assert torch.allclose(torch.tensor([r["score"] for r in top]), best.values, atol=1e-5)
