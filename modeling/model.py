@@ -35,7 +35,8 @@ class RecModel(nn.Module):
         self.register_buffer("item_token_ids", item_token_ids.long(), persistent=False)
         self.rating_head: nn.Linear | None = None
         if rating_levels is not None:
-            hidden = self.causal_lm.get_input_embeddings().embedding_dim
+            # The config, not the embedding module: under PEFT the module is a TrainableTokensWrapper.
+            hidden = self.causal_lm.config.hidden_size
             out = len(rating_levels) if rating_head == "classes" else 1
             self.rating_head = nn.Linear(hidden, out)
             self.register_buffer(

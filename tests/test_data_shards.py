@@ -124,11 +124,9 @@ def write_format(fmt: str, log: pd.DataFrame, d: Path) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="session")
-def sample_dir(tmp_path_factory) -> Path:
-    """The bundled sample built once through the CLI, straight from the zip."""
-    out = tmp_path_factory.mktemp("sample") / "ml-latest-small"
-    assert main(["shards", "build", str(SAMPLE), "--out", str(out)]) == 0
-    return out
+def sample_dir(sample_shards) -> Path:
+    """The bundled sample built once through the CLI, straight from the zip (tests/conftest.py)."""
+    return sample_shards
 
 
 @pytest.fixture(scope="session")
