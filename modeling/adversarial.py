@@ -66,13 +66,15 @@ def ascent_direction(
 
 def perturbed_loss(
     loss_at: Callable[[torch.Tensor], torch.Tensor],
+    probe_loss_at: Callable[[torch.Tensor], torch.Tensor],
     embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     acfg: AdversarialConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss under ``acfg.method`` and its logs.
 
-    ``loss_at(inputs_embeds) -> scalar`` runs the model and the task loss. fgm / pgd: clean loss +
+    ``loss_at(inputs_embeds) -> scalar`` runs the model and the task loss; ``probe_loss_at`` is the
+    same loss for the ascent steps, whose gradient reaches only the perturbation. fgm / pgd: clean loss +
     adv_weight x loss at the (detached) adversarial perturbation. freelb: mean of the losses along the
     ascent path from a random start (its ``clean_loss`` is the first of them, at the random start);
     FreeLB keeps all ``steps`` graphs until the backward — memory grows with ``steps``. Every graph that
@@ -85,7 +87,7 @@ def perturbed_loss(
         for k in range(acfg.steps):
             losses.append(loss_at(embeds + delta.detach()))
             if k < acfg.steps - 1:
-                step = acfg.alpha * ascent_direction(loss_at, embeds, delta, attention_mask)
+                step = acfg.alpha * ascent_direction(probe_loss_at, embeds, delta, attention_mask)
                 delta = project(delta + step, attention_mask, eps)
         total = torch.stack(losses).mean()
         # The final perturbation is the one the last loss saw.
@@ -94,10 +96,10 @@ def perturbed_loss(
     # fgm: one step of length epsilon; pgd: steps of size alpha, each projected onto the eps ball.
     delta = torch.zeros_like(embeds)
     if method == "fgm":
-        delta = eps * ascent_direction(loss_at, embeds, delta, attention_mask)
+        delta = eps * ascent_direction(probe_loss_at, embeds, delta, attention_mask)
     else:
         for _ in range(acfg.steps):
-            step = acfg.alpha * ascent_direction(loss_at, embeds, delta, attention_mask)
+            step = acfg.alpha * ascent_direction(probe_loss_at, embeds, delta, attention_mask)
             delta = project(delta + step, attention_mask, eps)
     clean = loss_at(embeds)
     adv = loss_at(embeds + delta.detach())

@@ -64,9 +64,14 @@ class LossComputer:
         if cfg.task == "next_item" and cfg.train.loss == "sampled":
             negatives = sample_negatives(rec.num_items, cfg.train.num_negatives, mask.device)
 
-        def loss_at(inputs_embeds: torch.Tensor) -> torch.Tensor:
-            hidden = model(attention_mask=mask, inputs_embeds=inputs_embeds)
+        def loss_at(inputs_embeds: torch.Tensor, runner: nn.Module = model) -> torch.Tensor:
+            hidden = runner(attention_mask=mask, inputs_embeds=inputs_embeds)
             return task_loss(rec, hidden, batch, cfg, negatives)
+
+        def probe_loss_at(inputs_embeds: torch.Tensor) -> torch.Tensor:
+            # Ascent steps run the bare module: a DeepSpeed engine's forward hooks its outputs to
+            # start a training backward (ZeRO gradient reduction), which autograd.grad would trigger.
+            return loss_at(inputs_embeds, rec)
 
         embeds = rec.embed(batch["input_ids"])
         acfg = cfg.adversarial
@@ -74,4 +79,4 @@ class LossComputer:
             loss = loss_at(embeds)
             value = float(loss.detach())
             return loss, {"loss": value, "clean_loss": value, "adv_loss": 0.0, "perturbation_norm": 0.0}
-        return perturbed_loss(loss_at, embeds, mask, acfg)
+        return perturbed_loss(loss_at, probe_loss_at, embeds, mask, acfg)

@@ -44,8 +44,11 @@ def _rows_at_labels(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return hidden[where]
 
 
-def _score(rec, model, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
-    hidden = model(attention_mask=batch["attention_mask"], inputs_embeds=embeds)
+def _score(rec, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
+    # The bare module, not a DeepSpeed engine: the engine's forward hooks its outputs to start a
+    # training backward, which the attack's autograd.grad would trigger (ZeRO's weight-gathering
+    # hooks sit on the submodules, so ZeRO-3 still works).
+    hidden = rec(attention_mask=batch["attention_mask"], inputs_embeds=embeds)
     h = _rows_at_labels(hidden, batch["labels"])
     return rec.rating_output(h).float() if cfg.task == "rating" else rec.item_logits(h).float()
 
@@ -88,17 +91,17 @@ def eval_outputs(
     mask = batch["attention_mask"]
     with torch.no_grad():
         embeds = rec.embed(batch["input_ids"])
-        scores = _score(rec, model, batch, embeds, cfg)
+        scores = _score(rec, batch, embeds, cfg)
     out = _per_example(scores, batch, rec, cfg, "")
     if attack_epsilon > 0:
         with torch.enable_grad():
 
             def loss_at(inputs_embeds: torch.Tensor) -> torch.Tensor:
-                return _loss_of_scores(_score(rec, model, batch, inputs_embeds, cfg), batch, rec, cfg)
+                return _loss_of_scores(_score(rec, batch, inputs_embeds, cfg), batch, rec, cfg)
 
             delta = attack_epsilon * ascent_direction(loss_at, embeds, torch.zeros_like(embeds), mask)
         with torch.no_grad():
-            out.update(_per_example(_score(rec, model, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
+            out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
     if cfg.task == "rating":
         where = batch["labels"] != -100
         out["label"] = batch["labels"][where]

@@ -127,8 +127,16 @@ def zero0_run(sample_shards, tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="session")
 def zero2_run(sample_shards, tmp_path_factory) -> Run:
-    """Full tuning, ZeRO-2, 2 processes, 30 steps, keep_last=1."""
-    overrides = [*RUN_STEPS, "zero.stage=2", "train.keep_last=1"]
+    """Full tuning + FGM (after 5 clean steps, robust metrics at eval), ZeRO-2, 2 processes, 30 steps,
+    keep_last=1. The ascent's autograd.grad must not start ZeRO-2's gradient reduction."""
+    overrides = [
+        *RUN_STEPS,
+        "zero.stage=2",
+        "train.keep_last=1",
+        "adversarial.method=fgm",
+        "adversarial.warmup_steps=5",
+        "adversarial.eval_epsilon=0.5",
+    ]
     return _checked_run(sample_shards, tmp_path_factory.mktemp("zero2") / "run", overrides)
 
 

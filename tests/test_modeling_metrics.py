@@ -103,7 +103,7 @@ def test_perturbation_stays_in_ball_and_is_zero_on_padding(method):
         return ((x @ weight).tanh() ** 2).sum() / B
 
     acfg = AdversarialConfig(method=method, epsilon=0.5, alpha=0.4, steps=4, init_magnitude=0.5)
-    loss, logs = perturbed_loss(loss_at, embeds, mask, acfg)
+    loss, logs = perturbed_loss(loss_at, loss_at, embeds, mask, acfg)
     loss.backward()
     assert set(logs) == {"loss", "clean_loss", "adv_loss", "perturbation_norm"}
     # Forwards: each ascent step has its own (ZeRO-3 backpropagates a graph only once), plus the

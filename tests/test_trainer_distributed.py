@@ -81,8 +81,11 @@ def test_tensorboard_has_the_scalars(zero0_run):
     assert "step 30/30 | loss" in zero0_run.proc.stdout
 
 
-def test_zero2_full_trains_and_prunes(zero2_run):
+def test_zero2_full_fgm_trains_and_prunes(zero2_run):
     _loss_falls(zero2_run)
+    train = {r["step"]: r for r in zero2_run.log if r["kind"] == "train"}
+    assert train[5]["adv_loss"] == 0.0 and train[6]["adv_loss"] > 0 and train[30]["perturbation_norm"] > 0
+    assert 0 < zero2_run.metrics["robust_ndcg@10"] <= 1  # FGM-attacked evaluation ran under ZeRO-2
     root = zero2_run.dir / "checkpoints"
     best = (root / "best").read_text()
     # keep_last=1: the latest and the best survive, nothing else; no temp directory is left.
