@@ -128,3 +128,21 @@ def test_zero3_external_params_for_parameter_dict_readers(monkeypatch):
     model = torch.nn.Sequential(TokenRows(), torch.nn.Linear(3, 3))
     assert register_zero3_external_params(model) == ["0"]
     assert {id(p) for _, p in model[0].ds_external_parameters()} == {id(p) for p in model[0].parameters()}
+
+
+def test_stale_op_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from trainer.distributed import STALE_BUILD_LOCK_S, _clear_stale_op_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    _clear_stale_op_build_lock()
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    _clear_stale_op_build_lock()
+    assert not lock.exists()  # left by a killed process: every later run would wait on it forever

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def _pin_ninja() -> None:
         os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
 
 
+STALE_BUILD_LOCK_S = 900
+
+
+def _clear_stale_op_build_lock() -> None:
+    """Remove a JIT-build lock that a killed process left behind in torch's extension cache.
+
+    DeepSpeed's CPU backend loads a small JIT-built op at start-up; torch guards the build with a lock
+    file and waits for it forever. A process killed while holding it (Ctrl-C during the first
+    build) would make every later run hang silently. A real build takes a minute or two, so a lock
+    older than STALE_BUILD_LOCK_S is an orphan.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, RuntimeError):
+        return
+    if age > STALE_BUILD_LOCK_S:
+        print(f"recgpt: removing a stale build lock left by a killed process: {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+
+
 def setup_distributed() -> DistInfo:
     """Initialise (or adopt) the default process group and pick this rank's device."""
     _pin_ninja()
@@ -78,6 +102,7 @@ def setup_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        _clear_stale_op_build_lock()
     import deepspeed  # after DS_ACCELERATOR is settled
 
     # Adopts an existing default group (Ray Train) instead of creating a second one.
