@@ -117,29 +117,32 @@ def ensure_shards(out: Path) -> Path:
     return shards
 
 
+def _user_records(shards: Path, split: str):
+    """Every real (not padding) eval record of ``split``, in file order."""
+    from data_shards.reader import ShardLoader
+
+    loader = ShardLoader(str(shards), split=split, rank=0, world_size=1, batch_size=64, seed=0, num_workers=0)
+    for batch in loader:
+        yield from (rec for rec in batch if not rec.get("pad"))
+
+
 def popularity_rows(shards: Path) -> dict:
     """Most-popular baseline: items ranked by training-interaction counts (ties: first appearance)."""
     import torch
 
     from data_shards.manifest import load_manifest
-    from data_shards.reader import ShardLoader
 
     n_items = load_manifest(str(shards))["num_items"]
     counts = torch.zeros(n_items)
     first_seen = torch.full((n_items,), float("inf"))
     order = 0
     # Every valid record's `seen` list is exactly that user's training interactions, in time order.
-    for batch in ShardLoader(
-        str(shards), split="valid", rank=0, world_size=1, batch_size=64, seed=0, num_workers=0
-    ):
-        for rec in batch:
-            if rec.get("pad"):
-                continue
-            for i in rec["seen"]:
-                counts[i] += 1
-                if first_seen[i] == float("inf"):
-                    first_seen[i] = order
-                order += 1
+    for rec in _user_records(shards, "valid"):
+        for i in rec["seen"]:
+            counts[i] += 1
+            if first_seen[i] == float("inf"):
+                first_seen[i] = order
+            order += 1
     # Higher count first; equal counts by first appearance.
     key = counts * (order + 1) - torch.where(
         first_seen.isinf(), torch.full_like(first_seen, order), first_seen
@@ -148,24 +151,19 @@ def popularity_rows(shards: Path) -> dict:
     for masked in (False, True):
         hits = ndcg = mrr = 0.0
         users = 0
-        for batch in ShardLoader(
-            str(shards), split="test", rank=0, world_size=1, batch_size=64, seed=0, num_workers=0
-        ):
-            for rec in batch:
-                if rec.get("pad"):
-                    continue
-                scores = key.clone()
-                target = rec["items"][-1]
-                if masked:
-                    seen = torch.tensor([i for i in rec["seen"] if i != target], dtype=torch.long)
-                    if len(seen):
-                        scores[seen] = -float("inf")
-                rank = int((scores > scores[target]).sum()) + 1
-                users += 1
-                if rank <= 10:
-                    hits += 1
-                    ndcg += 1 / math.log2(rank + 1)
-                    mrr += 1 / rank
+        for rec in _user_records(shards, "test"):
+            scores = key.clone()
+            target = rec["items"][-1]
+            if masked:
+                seen = torch.tensor([i for i in rec["seen"] if i != target], dtype=torch.long)
+                if len(seen):
+                    scores[seen] = -float("inf")
+            rank = int((scores > scores[target]).sum()) + 1  # ties ranked pessimistically
+            users += 1
+            if rank <= 10:
+                hits += 1
+                ndcg += 1 / math.log2(rank + 1)
+                mrr += 1 / rank
         result["masked" if masked else "unmasked"] = {
             "hr@10": hits / users,
             "ndcg@10": ndcg / users,
