@@ -18,12 +18,13 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,17 +42,30 @@ class Row:
     config: str = "configs/quality_ids.yaml"
     after: str | None = None  # row whose export this row starts from (LoRA adaptation)
     group: str = "main"
-    extra_eval: list[str] = field(default_factory=list)
+    export: bool = False  # export the best checkpoint (a later row starts from it)
+    curve: bool = False  # test NDCG@10 (history not masked) at every checkpoint: time to SASRec's figure
+
+
+ATTACK = "adversarial.eval_epsilon=1.0"  # FGM attack radius at evaluation (robustness table)
 
 
 def rows() -> dict[str, Row]:
     r: list[Row] = []
     for seed in (1, 2, 3):
-        r.append(Row(f"ids_s{seed}", "recgpt ids, full tuning from scratch", [f"seed={seed}"], group="ids"))
+        r.append(
+            Row(
+                f"ids_s{seed}",
+                "recgpt ids, full tuning from scratch",
+                [f"seed={seed}"],
+                group="ids",
+                export=seed == 1,
+                curve=True,
+            )
+        )
     r.append(
         Row(
             "lora",
-            "recgpt ids, LoRA adaptation of the ids export",
+            "recgpt ids, LoRA + PGD adaptation of the ids export",
             [],
             config="configs/quality_lora.yaml",
             after="ids_s1",
@@ -60,25 +74,15 @@ def rows() -> dict[str, Row]:
     for m in ("fgm", "pgd", "freelb"):
         r.append(
             Row(
-                f"adv_{m}",
-                f"recgpt ids, full tuning + {m.upper()}",
-                [f"adversarial.method={m}", "seed=1"],
-                group="adv",
+                f"adv_{m}", f"recgpt ids, full tuning + {m.upper()}", [f"adversarial.method={m}"], group="adv"
             )
         )
-    r.append(
-        Row(
-            "text",
-            "recgpt text format, full tuning",
-            ["model.prompt=text", "seed=1"],
-            config="configs/quality_text.yaml",
-        )
-    )
+    r.append(Row("text", "recgpt text format, full tuning", [], config="configs/quality_text.yaml"))
     r.append(
         Row(
             "rating",
             "recgpt rating task (10 half-star classes)",
-            ["seed=1"],
+            [],
             config="configs/quality_rating.yaml",
             group="rating",
         )
@@ -172,6 +176,70 @@ def popularity_rows(shards: Path) -> dict:
     return result
 
 
+def rating_baselines(shards: Path) -> dict:
+    """Global-mean and user-mean rating predictors on the test targets (the rating row's baselines)."""
+    from data_shards.manifest import load_manifest
+    from modeling.metrics import LIKE_THRESHOLD, auc
+
+    levels = torch_tensor(load_manifest(str(shards))["rating_levels"])
+    # A test record holds the user's last max_history ratings before the target: its training
+    # ratings are those of the valid record's window plus the valid target.
+    history: dict[str, list[float]] = {}
+    for rec in _user_records(shards, "valid"):
+        history[rec["user"]] = list(rec["ratings"])
+    everything = [r for h in history.values() for r in h]
+    global_mean = sum(everything) / len(everything)
+    truth, g_pred, u_pred = [], [], []
+    for rec in _user_records(shards, "test"):
+        truth.append(rec["ratings"][-1])
+        g_pred.append(global_mean)
+        h = history[rec["user"]]
+        u_pred.append(sum(h) / len(h))
+    y = torch_tensor(truth)
+    out = {}
+    for name, pred in (("global_mean", torch_tensor(g_pred)), ("user_mean", torch_tensor(u_pred))):
+        cls = (pred[:, None] - levels[None]).abs().argmin(1)
+        label = (y[:, None] - levels[None]).abs().argmin(1)
+        out[name] = {
+            "accuracy": float((cls == label).double().mean()),
+            "rmse": float(((pred - y) ** 2).mean().sqrt()),
+            "auc": auc(pred, y >= LIKE_THRESHOLD),
+        }
+    return out
+
+
+def torch_tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _max_steps(run_dir: Path) -> int:
+    from trainer.config import load_config
+
+    return load_config(run_dir / "config.yaml").train.max_steps
+
+
+def test_curve(run_dir: Path, started: float, log: Path) -> list[dict]:
+    """Test NDCG@10 (history not masked) of every checkpoint, with the wall time since launch at
+    which training reached it (the train log's timestamp of that step)."""
+    times = {r["step"]: r["time"] for r in _train_log(run_dir) if r["kind"] == "eval"}
+    curve = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+        if not (ckpt / "COMPLETE").exists():
+            continue
+        step = int(ckpt.name.split("_")[1])
+        m = _json_line(
+            _cli("evaluate", "--checkpoint", str(ckpt), "--split", "test", "eval.exclude_seen=false", log=log)
+        )
+        curve.append({"step": step, "minutes": (times[step] - started) / 60, "test_ndcg@10": m["ndcg@10"]})
+    return curve
+
+
 def run_row(row: Row, out: Path, shards: Path) -> dict:
     done = out / "rows" / f"{row.name}.json"
     if done.exists():
@@ -182,36 +250,38 @@ def run_row(row: Row, out: Path, shards: Path) -> dict:
     overrides = [
         f"data.shards={shards}",
         f"train.output_dir={run_dir}",
-        "data.num_workers=0",
         "logging.progress=plain",
     ]
     if row.after:
         overrides.append(f"model.name_or_path={out / 'exports' / row.after}")
-    t0 = time.time()
-    _cli("train", "--config", row.config, *overrides, *row.overrides, log=log)
-    wall = time.time() - t0
+    if run_dir.exists() and not (run_dir / "metrics.json").exists():
+        shutil.rmtree(run_dir)  # an interrupted row starts again: its wall time must be one run's
+    started = time.time()
+    if not (run_dir / "metrics.json").exists():
+        _cli("train", "--config", row.config, *overrides, *row.overrides, log=log)
+    wall = time.time() - started
     state = json.loads((run_dir / "metrics.json").read_text())
+    train_rates = [r["samples_per_s"] for r in _train_log(run_dir) if r["kind"] == "train"]
     result: dict = {
         "row": row.name,
         "title": row.title,
         "config": row.config,
         "overrides": row.overrides,
+        "max_steps": _max_steps(run_dir),
         "wall_s": wall,
-        "train": state,
+        "samples_per_s": statistics.mean(train_rates),
+        "trainable_parameters": state["trainable_parameters"],
+        "best_checkpoint": state["best_checkpoint"],
     }
-    for exclude in (True, False):
-        text = _cli(
-            "evaluate",
-            "--checkpoint",
-            str(run_dir),
-            "--best",
-            "--split",
-            "test",
-            f"eval.exclude_seen={str(exclude).lower()}",
-            log=log,
-        )
-        result["test_masked" if exclude else "test_unmasked"] = _json_line(text)
-    if row.group == "ids" or row.name == "ids_s1":
+    evaluate = ["evaluate", "--checkpoint", str(run_dir), "--best", "--split", "test"]
+    if row.group == "rating":
+        result["test"] = _json_line(_cli(*evaluate, log=log))
+    else:
+        result["test_masked"] = _json_line(_cli(*evaluate, "eval.exclude_seen=true", ATTACK, log=log))
+        result["test_unmasked"] = _json_line(_cli(*evaluate, "eval.exclude_seen=false", ATTACK, log=log))
+    if row.curve:
+        result["curve"] = test_curve(run_dir, started, log)
+    if row.export:
         _cli(
             "export",
             "--checkpoint",
@@ -236,62 +306,156 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def minutes_to(curve: list[dict], target: float) -> float | None:
+    return next((p["minutes"] for p in curve if p["test_ndcg@10"] >= target), None)
+
+
 def report(out: Path) -> str:
+    """The markdown tables of docs/RESULTS.md from the finished rows."""
     finished = {p.stem: json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))}
     lines = [
-        "| row | seeds | HR@10 | NDCG@10 | MRR@10 | NDCG@10 (history not masked) | trainable params | max_steps | wall time | samples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "### Next-item ranking (test split, full ranking over 9,724 items)",
+        "",
+        "| row | seeds | HR@10 | NDCG@10 | MRR@10 | NDCG@10 history not masked | × SASRec | trainable params | train.max_steps | wall time | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pop = finished.get("popularity")
     if pop:
         m, u = pop["masked"], pop["unmasked"]
         lines.append(
-            f"| most popular (train counts) | – | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {u['ndcg@10']:.4f} | 0 | – | < 1 s | – |"
+            f"| most popular (train counts) | – | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | "
+            f"{u['ndcg@10']:.4f} | {u['ndcg@10'] / SASREC_NDCG10:.2f} | 0 | – | < 1 s | – |"
         )
     groups: dict[str, list[dict]] = {}
-    for name, res in finished.items():
-        if name == "popularity" or name == "rating":
-            continue
-        groups.setdefault(res["title"], []).append(res)
+    for res in finished.values():
+        if "test_masked" in res:
+            groups.setdefault(res["title"], []).append(res)
     for title, res in groups.items():
         tm = [r["test_masked"] for r in res]
-        tu = [r["test_unmasked"] for r in res]
-        tr = res[0]["train"]
+        tu = [r["test_unmasked"]["ndcg@10"] for r in res]
         lines.append(
             f"| {title} | {len(res)} | {_fmt([x['hr@10'] for x in tm])} | {_fmt([x['ndcg@10'] for x in tm])} | "
-            f"{_fmt([x['mrr@10'] for x in tm])} | {_fmt([x['ndcg@10'] for x in tu])} | "
-            f"{tr.get('trainable_params', '?'):,} | {tr.get('max_steps', '?')} | "
-            f"{statistics.mean(r['wall_s'] for r in res) / 60:.1f} min | {tr.get('samples_per_s', float('nan')):.0f} |"
+            f"{_fmt([x['mrr@10'] for x in tm])} | **{_fmt(tu)}** | {statistics.mean(tu) / SASREC_NDCG10:.2f} | "
+            f"{res[0]['trainable_parameters']:,} | {res[0]['max_steps']} | "
+            f"{statistics.mean(r['wall_s'] for r in res) / 60:.1f} min | {statistics.mean(r['samples_per_s'] for r in res):.0f} |"
         )
     lines.append(
-        f"| SASRec-CE (RecBole 1.2.1, BASELINES.md) | 1 | – | – | – | {SASREC_NDCG10:.4f} | – | – | ~{SASREC_MINUTES_TO_BEST:.0f} min | – |"
+        f"| SASRec-CE (RecBole 1.2.1, BASELINES.md) | 1 | – | – | – | {SASREC_NDCG10:.4f} | 1.00 | – | 12 epochs | "
+        f"~{SASREC_MINUTES_TO_BEST:.0f} min | – |"
     )
+    curves = [(n, r["curve"]) for n, r in finished.items() if r.get("curve")]
+    if curves:
+        lines += ["", "### Time to SASRec's test NDCG@10 (0.0702, history not masked)", ""]
+        lines += [
+            "| run | minutes from launch (1 thread) | best test NDCG@10 on the curve |",
+            "|---|---|---|",
+        ]
+        for name, curve in curves:
+            t = minutes_to(curve, SASREC_NDCG10)
+            best = max(p["test_ndcg@10"] for p in curve)
+            lines.append(f"| {name} | {'not reached' if t is None else f'{t:.1f}'} | {best:.4f} |")
+    robust = [r for r in finished.values() if "robust_ndcg@10" in r.get("test_unmasked", {})]
+    if robust:
+        lines += [
+            "",
+            "### Robustness (test, history masked; FGM attack of radius 1.0 on the input embeddings at evaluation)",
+            "",
+        ]
+        lines += ["| row | clean NDCG@10 | attacked NDCG@10 | kept |", "|---|---|---|---|"]
+        for r in robust:
+            c, a = r["test_masked"]["ndcg@10"], r["test_masked"]["robust_ndcg@10"]
+            lines.append(f"| {r['row']} ({r['title']}) | {c:.4f} | {a:.4f} | {a / c:.0%} |")
+    rating = finished.get("rating")
+    base = finished.get("rating_baselines")
+    if rating:
+        lines += ["", "### Rating prediction (test targets: each user's last rating)", ""]
+        lines += ["| model | accuracy (10 levels) | RMSE | AUC (rating ≥ 4) |", "|---|---|---|---|"]
+        for name, m in (base or {}).items():
+            lines.append(
+                f"| {name.replace('_', ' ')} | {m['accuracy']:.4f} | {m['rmse']:.4f} | {m['auc']:.4f} |"
+            )
+        t = rating["test"]
+        lines.append(
+            f"| {rating['title']} (train.max_steps {rating['max_steps']}, {rating['wall_s'] / 60:.1f} min) | "
+            f"{t['accuracy']:.4f} | {t['rmse']:.4f} | {t['auc']:.4f} |"
+        )
     return "\n".join(lines)
+
+
+def plot(out: Path, png: Path) -> None:
+    """Learning curves from the TensorBoard scalars (valid NDCG@10, train loss) and the test curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for run in sorted((out / "runs").iterdir()):
+        tb = run / "tensorboard"
+        if not tb.is_dir():
+            continue
+        acc = EventAccumulator(str(tb))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        for ax, tag in ((axes[0], "train/loss"), (axes[1], "eval/ndcg@10")):
+            if tag in tags:
+                ev = acc.Scalars(tag)
+                ax.plot([e.step for e in ev], [e.value for e in ev], label=run.name)
+    for name, res in ((p.stem, json.loads(p.read_text())) for p in sorted((out / "rows").glob("*.json"))):
+        if isinstance(res, dict) and res.get("curve"):
+            axes[2].plot(
+                [p["minutes"] for p in res["curve"]],
+                [p["test_ndcg@10"] for p in res["curve"]],
+                marker=".",
+                label=name,
+            )
+    axes[2].axhline(SASREC_NDCG10, color="k", ls="--", lw=1, label="SASRec (RecBole)")
+    axes[2].axvline(SASREC_MINUTES_TO_BEST / 10, color="grey", ls=":", lw=1, label="1/10 of RecBole's time")
+    titles = (
+        "train loss (TensorBoard train/loss)",
+        "valid NDCG@10 (TensorBoard eval/ndcg@10)",
+        "test NDCG@10, history not masked",
+    )
+    for ax, title, xlabel in zip(
+        axes, titles, ("step", "step", "minutes since launch (1 thread)"), strict=True
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
-    p.add_argument("--rows", nargs="*", help="row names (default: all); 'popularity' is the baseline")
+    p.add_argument("--rows", nargs="*", help="row names (default: all)")
     p.add_argument("--parallel", type=int, default=2, help="rows run side by side (one thread each)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--png", default=str(REPO / "docs" / "quality_curves.png"))
     args = p.parse_args()
     out = Path(args.out).resolve()
     (out / "rows").mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         shards = ensure_shards(out)
-        pop_file = out / "rows" / "popularity.json"
-        if not pop_file.exists():
-            pop_file.write_text(json.dumps(popularity_rows(shards), indent=2))
-        todo = [rows()[n] for n in (args.rows or rows()) if n != "popularity"]
-        first = [r for r in todo if not r.after]
+        for name, fn in (("popularity", popularity_rows), ("rating_baselines", rating_baselines)):
+            f = out / "rows" / f"{name}.json"
+            if not f.exists():
+                f.write_text(json.dumps(fn(shards), indent=2))
+        todo = [rows()[n] for n in (args.rows or rows())]
+        later = [r for r in todo if r.after]
         with ThreadPoolExecutor(args.parallel) as pool:
-            for res in pool.map(lambda r: run_row(r, out, shards), first):
-                print(f"{res['row']}: test NDCG@10 {res['test_masked']['ndcg@10']:.4f}", flush=True)
-        for r in todo:
-            if r.after:
-                res = run_row(r, out, shards)
-                print(f"{res['row']}: test NDCG@10 {res['test_masked']['ndcg@10']:.4f}", flush=True)
+            futures = {r.name: pool.submit(run_row, r, out, shards) for r in todo if not r.after}
+            for r in later:  # starts once the row it adapts has finished (its export exists)
+                futures[r.after].result()
+                futures[r.name] = pool.submit(run_row, r, out, shards)
+            for name, fut in futures.items():
+                res = fut.result()
+                print(f"{name}: done ({res['wall_s'] / 60:.1f} min)", flush=True)
+        plot(out, Path(args.png))
     print(report(out))
     return 0
 

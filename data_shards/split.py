@@ -148,11 +148,20 @@ def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
 def train_records(
     seqs: Sequences, max_history: int, prefix_records: bool = False, stride: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Training records in a fixed pseudo-random user order, so every shard mixes many users."""
+    """Training records in a fixed pseudo-random user order, so every shard mixes many users.
+
+    ``first_new_target``: index (within ``items``) of the first target that no earlier window of the
+    user holds; ``train.objective=new`` supervises only from there, so each target is trained once,
+    with the longest history the windows give it.
+    """
     for u in np.random.default_rng(0).permutation(len(seqs.users)):
         n_train = int(seqs.offsets[u + 1] - seqs.offsets[u]) - 2
+        covered = 1  # targets 1..covered-1 of the user are in earlier windows
         for lo, hi in train_windows(n_train, max_history, prefix_records, stride):
-            yield _record(seqs, int(u), lo, hi)
+            record = _record(seqs, int(u), lo, hi)
+            record["first_new_target"] = max(1, covered - lo)
+            covered = max(covered, hi)
+            yield record
 
 
 def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[dict[str, Any]]:

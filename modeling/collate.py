@@ -5,7 +5,9 @@ for ``prompt=ids``, `` Title`` for ``prompt=text``) then its rating part (``prom
 ``prompt=ids`` only for the rating task: `` 4.5``). Labels sit on the last token of a part:
 
 * ``next_item``: after entry t (item + rating) the label is item t+1 — every entry for train
-  ``objective=all``, the last one only for ``objective=last`` and for eval records (label = target).
+  ``objective=all``; for ``objective=new`` only the targets from the record's ``first_new_target`` on
+  (each target once, with its longest window history); the last one only for ``objective=last`` and
+  for eval records (label = target).
 * ``rating``: after the item part of entry t (before its rating) the label is its rating level;
   train supervises every item, eval only the target (the last item, whose rating part is left out).
 
@@ -90,7 +92,8 @@ class RecordCollator:
         n = len(items)
         eval_or_last = self.split != "train" or self.objective == "last"
         if self.task == "next_item":
-            ts = [n - 2] if eval_or_last else range(n - 1)
+            first = int(record.get("first_new_target", 1)) if self.objective == "new" else 1
+            ts = [n - 2] if eval_or_last else range(max(0, first - 1), n - 1)
             return [(t, items[t + 1], float(ratings[t + 1])) for t in ts]
         ts = [n - 1] if self.split != "train" else range(n)
         return [(t, self._level(ratings[t], record), float(ratings[t])) for t in ts]
@@ -103,7 +106,13 @@ class RecordCollator:
             )
         keep = self.max_history + 1  # history + the target (eval) / the last label (train window)
         if len(items) > keep:
-            record = {**record, "items": items[-keep:], "ratings": record["ratings"][-keep:]}
+            dropped = len(items) - keep
+            record = {
+                **record,
+                "items": items[-keep:],
+                "ratings": record["ratings"][-keep:],
+                "first_new_target": int(record.get("first_new_target", 1)) - dropped,
+            }
         entries = self._entries(record)
         labels_at = {t: (label, rating) for t, label, rating in self._labels(record)}
         # Drop the oldest entries until the prompt fits the model's context.

@@ -13,6 +13,7 @@ The tokenizer carries ``recgpt_rating_levels`` / ``recgpt_num_items`` / ``recgpt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,6 +24,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BartConfig,
+    BartForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
@@ -124,10 +127,41 @@ def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], so
 # --------------------------------------------------------------------------- model
 
 
-def _preset_model(cfg: RecGPTConfig, tokenizer) -> GPT2LMHeadModel:
+def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
     shape = dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, n_head=cfg.model.n_head)
     shape = PRESETS.get(cfg.model.preset, shape)
     p = cfg.model.dropout
+    if cfg.model.architecture == "bart":
+        # BART's decoder alone is a causal LM: embeddings + positions -> LayerNorm -> post-LN blocks,
+        # the layout of SASRec. It carries (unused, untrained) cross-attention weights.
+        config = BartConfig(
+            vocab_size=len(tokenizer),
+            d_model=shape["n_embd"],
+            decoder_layers=shape["n_layer"],
+            decoder_attention_heads=shape["n_head"],
+            decoder_ffn_dim=4 * shape["n_embd"],
+            encoder_layers=1,
+            max_position_embeddings=PRESET_CONTEXT,
+            dropout=p,
+            attention_dropout=p,
+            activation_dropout=0.0,
+            activation_function="gelu",
+            scale_embedding=False,
+            init_std=0.02,
+            is_decoder=True,
+            is_encoder_decoder=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.bos_token_id,
+            forced_eos_token_id=None,
+            tie_word_embeddings=True,
+        )
+        lm = BartForCausalLM._from_config(config)
+        for name, param in lm.named_parameters():
+            if ".encoder_attn" in name:  # never runs without encoder states: keep it out of training
+                param.requires_grad_(False)
+        return lm
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=PRESET_CONTEXT,
@@ -140,7 +174,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> GPT2LMHeadModel:
         tie_word_embeddings=True,
         **shape,
     )
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel._from_config(config)  # the constructor path that honours ZeRO-3
 
 
 def _is_tied(lm: PreTrainedModel) -> bool:
@@ -148,12 +182,85 @@ def _is_tied(lm: PreTrainedModel) -> bool:
     return out is not None and out.weight is lm.get_input_embeddings().weight
 
 
+def _zero3_context(ds_config: dict[str, Any] | None):
+    """Under ZeRO-3, keep an ``HfDeepSpeedConfig`` alive while the model is built: transformers then
+    creates the weights already partitioned (``deepspeed.zero.Init`` in ``_from_config`` and
+    ``from_pretrained``, initialised gathered on rank 0) and resizes embeddings gathered, so no rank
+    ever holds the whole model; PEFT gathers the item rows it copies the same way."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    stack = contextlib.ExitStack()
+    stack.callback(lambda keep=HfDeepSpeedConfig(ds_config): None)  # transformers holds only a weakref
+    return stack
+
+
+def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = 0):
+    """Full tensors of ZeRO-3-partitioned parameters (a no-op for ordinary ones): for a modification
+    made identically on every rank (``modifier_rank=0``: rank 0's result is kept) or reading (None)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _rows(weight: torch.nn.Parameter) -> int:
+    return (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]
+
+
+def cooccurrence_embeddings(
+    shards_dir: str | os.PathLike, num_items: int, dim: int, span: int = 5
+) -> torch.Tensor:
+    """Item vectors [num_items, dim] from the training split: a rank-``dim`` factorisation of the
+    positive PMI of items rated within ``span`` positions of each other (item2vec's implicit matrix).
+    Starting from them, the model does not spend its first epochs discovering which items go together."""
+    from data_shards.reader import ShardLoader
+
+    pairs: dict[tuple[int, int], float] = {}
+    loader = ShardLoader(
+        str(shards_dir), split="train", rank=0, world_size=1, batch_size=256, seed=0, num_workers=0
+    )
+    for batch in loader:
+        for rec in batch:
+            seq = rec["items"]
+            # Count each pair once across overlapping windows: only pairs ending at a new target.
+            for b in range(max(1, int(rec.get("first_new_target", 1))), len(seq)):
+                for a in range(max(0, b - span), b):
+                    key = (seq[a], seq[b]) if seq[a] < seq[b] else (seq[b], seq[a])
+                    pairs[key] = pairs.get(key, 0.0) + 1.0
+    idx = torch.tensor(list(pairs.keys()), dtype=torch.long).t()
+    val = torch.tensor(list(pairs.values()), dtype=torch.float64)
+    rows = torch.cat([idx[0], idx[1]])
+    cols = torch.cat([idx[1], idx[0]])
+    val = torch.cat([val, val])
+    count = torch.zeros(num_items, dtype=torch.float64).index_add_(0, rows, val)
+    pmi = torch.log(val * val.sum() / (count[rows] * count[cols]))
+    keep = pmi > 0
+    m = torch.sparse_coo_tensor(
+        torch.stack([rows[keep], cols[keep]]), pmi[keep].float(), (num_items, num_items)
+    )
+    with torch.random.fork_rng(devices=[]):  # the same factors on every rank, the global stream untouched
+        torch.manual_seed(0)
+        u, s, _ = torch.svd_lowrank(m.coalesce(), q=dim, niter=4)
+    return u * s.sqrt()
+
+
 @torch.no_grad()
-def init_item_rows(lm: PreTrainedModel, tokenizer, items: list[dict], first_item: int, how: str) -> None:
+def init_item_rows(
+    lm: PreTrainedModel,
+    tokenizer,
+    items: list[dict],
+    first_item: int,
+    how: str,
+    shards_dir: str | os.PathLike | None = None,
+) -> None:
     """Initialise the (resized) item rows of the input embeddings and of an untied output head.
 
     ``mean``: mean of the pre-existing rows (plus noise of 0.1 x their std); ``title``: mean of the rows of the item title's tokens
-    (falls back to the mean for an empty title); ``random``: normal with the existing rows' std."""
+    (falls back to the mean for an empty title); ``random``: normal with the existing rows' std;
+    ``cooccurrence``: :func:`cooccurrence_embeddings` of the training split, scaled to the existing rows' std."""
     n = len(items)
     mats = [lm.get_input_embeddings().weight]
     if not _is_tied(lm):
@@ -164,16 +271,21 @@ def init_item_rows(lm: PreTrainedModel, tokenizer, items: list[dict], first_item
         else None
     )
     for w in mats:
-        old = w[:first_item].float()
-        mean = old.mean(0)
-        if how == "random":
-            rows = torch.randn(n, w.shape[1]) * old.std()
-        elif how == "title":
-            rows = torch.stack([old[torch.tensor(t)].mean(0) if t else mean for t in titles])
-        else:
-            # Identical rows would make every item score the same at first: a little noise breaks ties.
-            rows = mean + 0.1 * old.std() * torch.randn(n, w.shape[1])
-        w[first_item : first_item + n] = rows.to(w.dtype)
+        with _gathered([w]):
+            old = w[:first_item].float()
+            mean = old.mean(0)
+            if how == "random":
+                rows = torch.randn(n, w.shape[1]) * old.std()
+            elif how == "cooccurrence":
+                vectors = cooccurrence_embeddings(shards_dir, n, w.shape[1])
+                # Noise keeps items that never co-occur (zero vectors) from tying.
+                rows = (vectors / vectors.std() + 0.1 * torch.randn(n, w.shape[1])) * old.std()
+            elif how == "title":
+                rows = torch.stack([old[torch.tensor(t)].mean(0) if t else mean for t in titles])
+            else:
+                # Identical rows would make every item score the same at first: a little noise breaks ties.
+                rows = mean + 0.1 * old.std() * torch.randn(n, w.shape[1])
+            w[first_item : first_item + n] = rows.to(w.dtype)
 
 
 def _sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
@@ -188,17 +300,61 @@ def _sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
 
 
 def build_model_and_tokenizer(
-    cfg: RecGPTConfig, shards_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
+    cfg: RecGPTConfig,
+    shards_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    ds_config: dict[str, Any] | None = None,
 ) -> tuple[RecModel, Any]:
     """RecModel + tokenizer for ``cfg`` and the item vocabulary of ``shards_dir``.
 
     ``tokenizer_dir``: rebuild around a saved tokenizer (checkpoint/export ``tokenizer/``) instead of
     training one / extending the pretrained one; weights are then expected to be loaded by the caller.
+    ``ds_config``: the training run's DeepSpeed config; with ZeRO-3 the weights are built partitioned.
     """
     manifest, items = read_vocabulary(shards_dir)
-    levels = [float(r) for r in manifest.get("rating_levels") or []]
-    if cfg.task == "rating" and not levels:
+    if cfg.task == "rating" and not manifest.get("rating_levels"):
         raise ConfigError(f"task: rating needs rating_levels in {shards_dir}/manifest.json")
+    with _zero3_context(ds_config):
+        lm, tokenizer, source = _build_lm(cfg, shards_dir, items, manifest, tokenizer_dir)
+    levels = [float(r) for r in manifest.get("rating_levels") or []]
+    first_item = tokenizer.convert_tokens_to_ids(item_token(0))
+    tied = _is_tied(lm)
+    item_ids = torch.arange(first_item, first_item + len(items))
+    # ZeRO-3 initialises the LM on rank 0 only: re-seed so adapters and heads start equal everywhere.
+    torch.manual_seed(cfg.seed + 1)
+    if cfg.lora.enabled:
+        # PEFT copies the item rows into its trainable-token wrapper: give it the full matrices.
+        heads = [lm.get_input_embeddings().weight] + ([] if tied else [lm.get_output_embeddings().weight])
+        with _gathered(heads, modifier_rank=None):
+            lm = apply_lora(lm, cfg, item_ids.tolist(), tied=tied)
+    model = RecModel(
+        lm,
+        item_ids,
+        tied=tied,
+        rating_levels=levels if cfg.task == "rating" else None,
+        rating_head=cfg.model.rating_head,
+    )
+    trainable, total = trainable_parameters(model)
+    log.info(
+        "model %s: %d items, %d / %d parameters trainable (%.2f%%)",
+        source,
+        len(items),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return model.train(), tokenizer  # from_pretrained returns eval mode: dropout would stay off
+
+
+def _build_lm(
+    cfg: RecGPTConfig,
+    shards_dir: str | os.PathLike,
+    items: list[dict],
+    manifest: dict[str, Any],
+    tokenizer_dir: str | os.PathLike | None,
+) -> tuple[PreTrainedModel, Any, str]:
+    """The causal LM with its item tokens added and initialised, its tokenizer, and a description."""
+    levels = [float(r) for r in manifest.get("rating_levels") or []]
     m = cfg.model
     source = str(tokenizer_dir or m.name_or_path or f"preset {m.preset}")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -229,11 +385,11 @@ def build_model_and_tokenizer(
         ctx = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
         if ctx:
             tokenizer.model_max_length = min(tokenizer.model_max_length, ctx)
-    rows = lm.get_input_embeddings().weight.shape[0]
-    if rows < len(tokenizer):  # some models already have spare rows past the tokenizer's size
+    # Some models already have spare rows past the tokenizer's size.
+    if _rows(lm.get_input_embeddings().weight) < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if added and tokenizer_dir is None:
-        init_item_rows(lm, tokenizer, items, first_item, m.item_init)
+        init_item_rows(lm, tokenizer, items, first_item, m.item_init, shards_dir)
     _sync_special_ids(lm, tokenizer)
     lm.config.use_cache = False
     if m.gradient_checkpointing:
@@ -243,27 +399,7 @@ def build_model_and_tokenizer(
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    tied = _is_tied(lm)
-    item_ids = torch.arange(first_item, first_item + len(items))
-    if cfg.lora.enabled:
-        lm = apply_lora(lm, cfg, item_ids.tolist(), tied=tied)
-    model = RecModel(
-        lm,
-        item_ids,
-        tied=tied,
-        rating_levels=levels if cfg.task == "rating" else None,
-        rating_head=m.rating_head,
-    )
-    trainable, total = trainable_parameters(model)
-    log.info(
-        "model %s: %d items, %d / %d parameters trainable (%.2f%%)",
-        source,
-        len(items),
-        trainable,
-        total,
-        100 * trainable / total,
-    )
-    return model.train(), tokenizer  # from_pretrained returns eval mode: dropout would stay off
+    return lm, tokenizer, source
 
 
 def load_model_for_eval(

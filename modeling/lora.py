@@ -14,12 +14,13 @@ from trainer.config import ConfigError, RecGPTConfig
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BART_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def default_target_modules(lm: nn.Module) -> list[str]:
-    """LoRA targets by architecture, recognised from module names (GPT-2 or Llama-style)."""
+    """LoRA targets by architecture, recognised from module names (GPT-2, Llama-style or BART)."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
-    for family in (GPT2_TARGETS, LLAMA_TARGETS):
+    for family in (GPT2_TARGETS, LLAMA_TARGETS if "o_proj" in leaves else BART_TARGETS):
         present = [t for t in family if t in leaves]
         if "c_attn" in present or "q_proj" in present:
             return present
@@ -49,6 +50,8 @@ def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int]
         }
     common = dict(
         target_modules=targets,
+        # A decoder-only BART never runs its cross-attention (no encoder states): no adapters there.
+        exclude_modules=r".*\.encoder_attn\..*",
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         fan_in_fan_out=conv1d,  # GPT-2 stores Conv1D weights transposed

@@ -80,8 +80,8 @@ class RecModel(nn.Module):
             rows = emb_module(token_ids)
             # Scaled embeddings (Gemma) multiply inside the module; the tied head uses the raw matrix.
             scale = getattr(getattr(emb_module, "base_layer", emb_module), "embed_scale", None)
-            if scale is not None:
-                rows = rows / scale.to(rows.dtype)
+            if scale is not None and float(scale) != 1.0:
+                rows = rows / torch.as_tensor(scale, dtype=rows.dtype, device=rows.device)
             return hidden @ rows.to(hidden.dtype).t()
         # Untied head: call it (so ZeRO-3 gathers it and PEFT merges trained rows), keep item columns.
         # This costs a vocabulary-sized matmul at the scored positions, but the softmax stays over items.

@@ -512,3 +512,27 @@ def test_overlapping_windows_cover_every_target_with_full_history(n, stride):
     # once from max_history - (stride - 1) earlier items (the full history when stride is 1).
     for t in range(5, n):
         assert any(lo <= t - (4 - (stride - 1)) and t < hi for lo, hi in windows)
+
+
+def test_objective_new_supervises_each_target_once(sample_dir, tmp_path):
+    """Over the overlapping windows of a stride-10 build, ``first_new_target`` marks every training
+    target exactly once, in the newest window that holds it (the longest history)."""
+    out = tmp_path / "s10"
+    assert main(["shards", "build", str(SAMPLE), "--out", str(out), "--window-stride", "10"]) == 0
+    seen: dict[tuple[str, int], int] = {}
+    windows = 0
+    for batch in ShardLoader(out, "train", batch_size=64, num_workers=0, shuffle=False, drop_last=False):
+        for rec in batch:
+            if rec.get("pad"):
+                continue
+            windows += 1
+            first = rec["first_new_target"]
+            assert 1 <= first < len(rec["items"])
+            for j in range(first, len(rec["items"])):
+                key = (rec["user"], rec["items"][j])  # a user rates an item once
+                seen[key] = seen.get(key, 0) + 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert windows == manifest["splits"]["train"]["records"]
+    # Every training target once: all interactions but each user's first, valid and test ones.
+    assert len(seen) == manifest["num_interactions"] - 3 * manifest["num_users"]
+    assert set(seen.values()) == {1}

@@ -367,3 +367,41 @@ def test_rebuild_from_saved_tokenizer_reproduces_the_model(shards, tmp_path):
         exported.eval()(batch["input_ids"], batch["attention_mask"]),
         model(batch["input_ids"], batch["attention_mask"]),
     )
+
+
+def test_objective_new_labels_only_the_new_targets(shards):
+    cfg = _cfg("train.objective=new", "data.max_history=5")
+    _, tok = build_model_and_tokenizer(cfg, shards)
+    rec = {**_records(1, 8)[0], "first_new_target": 4}
+    labels = make_collate(cfg, tok, _items(), "train")([rec])["labels"][0]
+    # max_history=5 keeps the newest 6 items (2 dropped): new targets are items 4.. of the record.
+    assert labels[labels != -100].tolist() == rec["items"][4:]
+    every = make_collate(_cfg("data.max_history=5"), tok, _items(), "train")([rec])["labels"][0]
+    assert every[every != -100].tolist() == rec["items"][3:]
+
+
+def test_bart_preset_is_a_post_ln_decoder_without_trainable_cross_attention(shards):
+    cfg = _cfg("model.architecture=bart")
+    model, tok = build_model_and_tokenizer(cfg, shards)
+    assert type(model.causal_lm).__name__ == "BartForCausalLM" and model.tied
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".encoder_attn" in n for n in frozen)
+    batch = make_collate(cfg, tok, _items(), "train")(_records(3))
+    losses = _train(model, cfg, batch, steps=30, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+    lora, _ = build_model_and_tokenizer(_cfg("model.architecture=bart", "lora.enabled=true"), shards)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    assert not any(".encoder_attn" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_cooccurrence_init_puts_co_rated_items_together(sample_shards):
+    from modeling.factory import cooccurrence_embeddings
+
+    vectors = cooccurrence_embeddings(sample_shards, 9724, 32)
+    assert vectors.shape == (9724, 32) and torch.isfinite(vectors).all()
+    # Toy Story (index 0 in the sample's item order) and Toy Story 2 (2353) are rated close together
+    # by many users: the sequel is among the original's nearest neighbours out of 9,724 items.
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    sims = unit @ unit[0]
+    assert int((sims > sims[2353]).sum()) <= 100

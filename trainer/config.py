@@ -56,6 +56,8 @@ class ModelConfig:
     """Named random-init architecture (tiny, small, base) built locally; null to load name_or_path."""
     name_or_path: str | None = None
     """Hugging Face causal LM: a local directory (a recgpt export included) or a hub name."""
+    architecture: str = "gpt2"
+    """Preset family: gpt2 (pre-LN) or bart (post-LN decoder, LayerNorm on the embeddings: SASRec's layout)."""
     prompt: str = "ids"
     """Prompt format: ids (item tokens only, SASRec-like) or text (titles and ratings in words)."""
     n_layer: int = 2
@@ -69,7 +71,7 @@ class ModelConfig:
     tokenizer_vocab_size: int = 2000
     """Size of the word-piece vocabulary trained locally on item titles for preset models."""
     item_init: str = "mean"
-    """Initial item-token embeddings: mean (of the existing rows), title (mean of title tokens), random."""
+    """Initial item-token embeddings: mean (of existing rows), title (of title tokens), random, cooccurrence (PMI SVD)."""
     rating_head: str = "classes"
     """Rating task output: classes (one per rating level) or regression."""
     gradient_checkpointing: bool = False
@@ -85,8 +87,9 @@ class ModelConfig:
         )
         if self.preset is not None:
             _choice(self.preset, "model.preset", ("tiny", "small", "base"))
+        _choice(self.architecture, "model.architecture", ("gpt2", "bart"))
         _choice(self.prompt, "model.prompt", ("ids", "text"))
-        _choice(self.item_init, "model.item_init", ("mean", "title", "random"))
+        _choice(self.item_init, "model.item_init", ("mean", "title", "random", "cooccurrence"))
         _choice(self.rating_head, "model.rating_head", ("classes", "regression"))
         _check(self.n_layer >= 1, "model.n_layer", "must be >= 1")
         _check(self.n_embd % self.n_head == 0, "model.n_embd", "must be divisible by model.n_head")
@@ -220,7 +223,7 @@ class TrainConfig:
     epochs: int = 0
     """Epochs to run when train.max_steps is 0."""
     objective: str = "all"
-    """next_item loss positions: all (every position of a window) or last."""
+    """next_item loss positions: all (every window position), new (each target once, newest window) or last."""
     loss: str = "full"
     """Softmax over items: full, or sampled (train.num_negatives shared negatives; huge catalogues)."""
     num_negatives: int = 1024
@@ -251,7 +254,7 @@ class TrainConfig:
             "train.max_steps",
             "set train.max_steps or train.epochs > 0",
         )
-        _choice(self.objective, "train.objective", ("all", "last"))
+        _choice(self.objective, "train.objective", ("all", "new", "last"))
         _choice(self.loss, "train.loss", ("full", "sampled"))
         _check(self.num_negatives >= 1, "train.num_negatives", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")

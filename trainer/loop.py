@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from trainer.checkpoint import CheckpointManager, find_resume_checkpoint, set_rng_state
-from trainer.config import RecGPTConfig, save_resolved
+from trainer.config import RecGPTConfig, deepspeed_config, save_resolved
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, global_grad_norm, param_grad_norm, tracks_grad_norm
 from trainer.evaluate import eval_loader, evaluate, to_device
 from trainer.faults import Faults
-from trainer.monitor import Monitor, flops_per_token, peak_flops, peak_memory_bytes
+from trainer.monitor import Monitor, flops_per_token, memory_bytes, peak_flops, peak_memory_bytes
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
@@ -91,7 +91,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from data_shards.reader import ShardLoader
     from modeling.collate import make_collate
     from modeling.factory import build_model_and_tokenizer
-    from modeling.lora import adalora_update
+    from modeling.lora import adalora_update, trainable_parameters
     from modeling.loss import LossComputer
 
     info = setup_distributed()
@@ -104,7 +104,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     try:
         # ---------------------------------------------------------------- model, data, engine
         items = read_items(cfg.data.shards)
-        model, tokenizer = build_model_and_tokenizer(cfg, cfg.data.shards)
+        model, tokenizer = build_model_and_tokenizer(
+            cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size)
+        )
         train_loader = ShardLoader(
             cfg.data.shards,
             split="train",
@@ -121,6 +123,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         valid_loader = eval_loader(
             cfg, cfg.data.shards, "valid", tokenizer, items, info.rank, info.world_size
         )
+        n_trainable, n_params = trainable_parameters(model)
         total_steps = tc.max_steps or tc.epochs * max(1, len(train_loader) // tc.grad_accum)
         engine = build_engine(cfg, model, info.world_size, total_steps)
         engine.train()
@@ -215,7 +218,12 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     torch.tensor(window, dtype=torch.float64, device=info.device)
                 ).tolist()
                 mem = all_reduce_tensor(
-                    torch.tensor([peak_memory_bytes(info.device)], device=info.device), "max"
+                    torch.tensor(
+                        [peak_memory_bytes(info.device), memory_bytes(info.device)],
+                        dtype=torch.float64,
+                        device=info.device,
+                    ),
+                    "max",
                 )
                 n_micro = n_steps * tc.grad_accum * info.world_size
                 train_scalars = {k: total[i] / n_micro for i, k in enumerate(log_keys)}
@@ -232,6 +240,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     "data_wait_s": window[-2] / n_steps,
                     "peak_memory_gb": float(mem[0]) / 2**30,
                     "peak_memory_gb_rank0": peak_memory_bytes(info.device) / 2**30,
+                    "memory_gb": float(mem[1]) / 2**30,  # held now (after the step), max over ranks
                 }
                 if peak is None:
                     peak = peak_flops(info.device) or 0.0
@@ -290,6 +299,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             "consumed_tokens": st.consumed_tokens,
             "best_checkpoint": st.best_checkpoint,
             f"best_{cfg.eval.metric}": st.best_checkpoint_metric,
+            "trainable_parameters": n_trainable,
+            "parameters": n_params,
         }
         if info.is_main:
             tmp = out_dir / ".metrics.json.tmp"

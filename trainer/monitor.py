@@ -34,6 +34,14 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def memory_bytes(device: torch.device) -> int:
+    """Memory this process holds now: CUDA allocated bytes on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def peak_flops(device: torch.device) -> float | None:
     import os
 
