@@ -131,12 +131,12 @@ def worker_minimal(steps: int, overrides: list[str]) -> list[float]:
 
     from modeling.loss import LossComputer
     from trainer.config import deepspeed_config
+    from trainer.engine import model_hidden_size, size_buckets
 
     cfg, info, model, _, loader = _worker_setup(overrides)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(cfg, info.world_size)
-    )
+    ds = size_buckets(deepspeed_config(cfg, info.world_size), model_hidden_size(model))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     loss_fn = LossComputer(cfg)
     ends: list[float] = []
     step = 0
@@ -159,6 +159,7 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from trainer.config import deepspeed_config
+    from trainer.engine import model_hidden_size, size_buckets
 
     cfg, info, model, _, loader = _worker_setup(overrides)
     lm = model.causal_lm
@@ -192,7 +193,7 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
             _sync(info.device)
             ends.append(time.perf_counter())
 
-    ds = deepspeed_config(cfg, info.world_size)
+    ds = size_buckets(deepspeed_config(cfg, info.world_size), model_hidden_size(model))
     ds.update(train_micro_batch_size_per_gpu="auto", train_batch_size="auto", gradient_accumulation_steps="auto",
               gradient_clipping="auto")  # fmt: skip
     targs = TrainingArguments(

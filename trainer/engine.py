@@ -104,6 +104,21 @@ def register_zero3_external_params(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def size_buckets(ds_config: dict, hidden: int) -> dict:
+    """Communication buckets sized to the model, as the Hugging Face integration's ``auto`` values do.
+
+    DeepSpeed's defaults (5e8 elements, 2 GB in fp32) are meant for billion-parameter models on GPUs;
+    on a small model they keep buffers larger than the partitioned states ZeRO is there to save.
+    Keys set through ``zero.extra`` win."""
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] >= 1:
+        zero.setdefault("reduce_bucket_size", hidden * hidden)
+    if zero["stage"] == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+    return ds_config
+
+
 def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, total_steps: int):
     """``deepspeed.initialize`` with recgpt's optimizer and schedule; returns the engine."""
     import deepspeed
@@ -113,7 +128,7 @@ def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, tot
 
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    ds_config = deepspeed_config(cfg, world_size)
+    ds_config = size_buckets(deepspeed_config(cfg, world_size), model_hidden_size(model))
     if cfg.zero.offload_optimizer:
         # Our DeepSpeedCPUAdam is what DeepSpeed wants for offload; nothing to override.
         ds_config.setdefault("zero_force_ds_cpu_optimizer", True)
@@ -121,6 +136,11 @@ def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, tot
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     return engine
+
+
+def model_hidden_size(model: torch.nn.Module) -> int:
+    lm = getattr(model, "causal_lm", model)
+    return int(lm.config.get_text_config().hidden_size)
 
 
 def global_grad_norm(engine) -> float | None:
