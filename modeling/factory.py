@@ -239,7 +239,10 @@ def cooccurrence_embeddings(
     pmi = torch.log(val * val.sum() / (count[rows] * count[cols]))
     keep = pmi > 0
     m = torch.sparse_coo_tensor(
-        torch.stack([rows[keep], cols[keep]]), pmi[keep].float(), (num_items, num_items)
+        torch.stack([rows[keep], cols[keep]]),
+        pmi[keep].float(),
+        (num_items, num_items),
+        check_invariants=True,
     )
     with torch.random.fork_rng(devices=[]):  # the same factors on every rank, the global stream untouched
         torch.manual_seed(0)

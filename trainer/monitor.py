@@ -35,11 +35,23 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def memory_bytes(device: torch.device) -> int:
-    """Memory this process holds now: CUDA allocated bytes on GPU, resident set size on CPU."""
+    """Memory this process holds now: CUDA allocated bytes on GPU, resident set size on CPU (after
+    handing freed heap pages back to the OS, so RSS counts live memory rather than allocator slack)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
+    _malloc_trim()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def peak_flops(device: torch.device) -> float | None:
