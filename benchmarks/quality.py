@@ -333,7 +333,7 @@ def report(out: Path) -> str:
     lines = [
         "### Next-item ranking (test split, full ranking over 9,724 items)",
         "",
-        "| row | seeds | HR@10 | NDCG@10 | MRR@10 | NDCG@10 history not masked | × SASRec | trainable params | train.max_steps | wall time | samples/s |",
+        "| row | seeds | HR@10 (history masked) | NDCG@10 (masked) | MRR@10 (masked) | NDCG@10 history not masked | × SASRec | trainable params | train.max_steps | wall time | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pop = finished.get("popularity")
