@@ -182,18 +182,22 @@ def _is_tied(lm: PreTrainedModel) -> bool:
     return out is not None and out.weight is lm.get_input_embeddings().weight
 
 
+@contextlib.contextmanager
 def _zero3_context(ds_config: dict[str, Any] | None):
     """Under ZeRO-3, keep an ``HfDeepSpeedConfig`` alive while the model is built: transformers then
     creates the weights already partitioned (``deepspeed.zero.Init`` in ``_from_config`` and
     ``from_pretrained``, initialised gathered on rank 0) and resizes embeddings gathered, so no rank
     ever holds the whole model; PEFT gathers the item rows it copies the same way."""
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
-        return contextlib.nullcontext()
+        yield
+        return
     from transformers.integrations import HfDeepSpeedConfig
 
-    stack = contextlib.ExitStack()
-    stack.callback(lambda keep=HfDeepSpeedConfig(ds_config): None)  # transformers holds only a weakref
-    return stack
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
 
 
 def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = 0):
@@ -206,8 +210,17 @@ def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = 0):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def _shape(weight: torch.nn.Parameter) -> torch.Size:
+    """The full shape, also of a ZeRO-3 partition."""
+    return weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
+
+
 def _rows(weight: torch.nn.Parameter) -> int:
-    return (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]
+    return _shape(weight)[0]
+
+
+def _cols(weight: torch.nn.Parameter) -> int:
+    return _shape(weight)[1]
 
 
 def cooccurrence_embeddings(
@@ -273,6 +286,9 @@ def init_item_rows(
         if how == "title"
         else None
     )
+    if how == "cooccurrence":
+        vectors = cooccurrence_embeddings(shards_dir, n, _cols(mats[0]))
+        vectors = vectors / vectors.std()
     for w in mats:
         with _gathered([w]):
             old = w[:first_item].float()
@@ -280,9 +296,8 @@ def init_item_rows(
             if how == "random":
                 rows = torch.randn(n, w.shape[1]) * old.std()
             elif how == "cooccurrence":
-                vectors = cooccurrence_embeddings(shards_dir, n, w.shape[1])
                 # Noise keeps items that never co-occur (zero vectors) from tying.
-                rows = (vectors / vectors.std() + 0.1 * torch.randn(n, w.shape[1])) * old.std()
+                rows = (vectors + 0.1 * torch.randn(n, w.shape[1])) * old.std()
             elif how == "title":
                 rows = torch.stack([old[torch.tensor(t)].mean(0) if t else mean for t in titles])
             else:
@@ -317,9 +332,9 @@ def build_model_and_tokenizer(
     manifest, items = read_vocabulary(shards_dir)
     if cfg.task == "rating" and not manifest.get("rating_levels"):
         raise ConfigError(f"task: rating needs rating_levels in {shards_dir}/manifest.json")
-    with _zero3_context(ds_config):
-        lm, tokenizer, source = _build_lm(cfg, shards_dir, items, manifest, tokenizer_dir)
     levels = [float(r) for r in manifest.get("rating_levels") or []]
+    with _zero3_context(ds_config):
+        lm, tokenizer, source = _build_lm(cfg, shards_dir, items, levels, tokenizer_dir)
     first_item = tokenizer.convert_tokens_to_ids(item_token(0))
     tied = _is_tied(lm)
     item_ids = torch.arange(first_item, first_item + len(items))
@@ -353,11 +368,10 @@ def _build_lm(
     cfg: RecGPTConfig,
     shards_dir: str | os.PathLike,
     items: list[dict],
-    manifest: dict[str, Any],
+    levels: list[float],
     tokenizer_dir: str | os.PathLike | None,
 ) -> tuple[PreTrainedModel, Any, str]:
     """The causal LM with its item tokens added and initialised, its tokenizer, and a description."""
-    levels = [float(r) for r in manifest.get("rating_levels") or []]
     m = cfg.model
     source = str(tokenizer_dir or m.name_or_path or f"preset {m.preset}")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
