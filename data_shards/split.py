@@ -148,20 +148,31 @@ def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
 def train_records(
     seqs: Sequences, max_history: int, prefix_records: bool = False, stride: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Training records in a fixed pseudo-random user order, so every shard mixes many users.
+    """Training records in one fixed pseudo-random order over all users' windows.
+
+    The reader shuffles shards and records within a shard, so a shard must already hold a sample of
+    the whole log: written user by user, a shard of prefix records would hold ~100 users and the model
+    would see only them for a whole shard's worth of steps instead of a sample of every user.
 
     ``first_new_target``: index (within ``items``) of the first target that no earlier window of the
     user holds; ``train.objective=new`` supervises only from there, so each target is trained once,
     with the longest history the windows give it.
     """
-    for u in np.random.default_rng(0).permutation(len(seqs.users)):
+    plan = []  # per user [windows, 4]: (user, lo, hi, first_new_target); records are built lazily
+    for u in range(len(seqs.users)):
         n_train = int(seqs.offsets[u + 1] - seqs.offsets[u]) - 2
-        covered = 1  # targets 1..covered-1 of the user are in earlier windows
-        for lo, hi in train_windows(n_train, max_history, prefix_records, stride):
-            record = _record(seqs, int(u), lo, hi)
-            record["first_new_target"] = max(1, covered - lo)
-            covered = max(covered, hi)
-            yield record
+        windows = np.asarray(train_windows(n_train, max_history, prefix_records, stride), dtype=np.int64)
+        if not len(windows):  # a single training item: nothing to predict
+            continue
+        lo, hi = windows[:, 0], windows[:, 1]
+        covered = np.concatenate([[1], np.maximum.accumulate(hi)[:-1]])  # targets < covered: earlier windows
+        plan.append(np.stack([np.full_like(lo, u), lo, hi, np.maximum(1, covered - lo)], axis=1))
+    plan_arr = np.concatenate(plan) if plan else np.zeros((0, 4), dtype=np.int64)
+    for i in np.random.default_rng(0).permutation(len(plan_arr)):
+        u, lo, hi, first_new = (int(x) for x in plan_arr[i])
+        record = _record(seqs, u, lo, hi)
+        record["first_new_target"] = first_new
+        yield record
 
 
 def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[dict[str, Any]]:

@@ -165,16 +165,27 @@ def test_sample_leave_one_out_matches_pandas(sample_dir):
 
 
 def test_sample_train_windows_rebuild_history(sample_dir):
-    """Windows overlap by one item: stitched together they are exactly the history before valid/test."""
+    """Windows overlap by one item: stitched together they are exactly the history before valid/test.
+    They are written in one random order over all users, so consecutive records mix users."""
     items = read_items(sample_dir)
-    history: dict[str, list] = {}
+    windows: dict[str, list] = {}
     loader = ShardLoader(sample_dir, "train", batch_size=1, num_workers=0, shuffle=False)
     assert len(loader) == load_manifest(sample_dir)["splits"]["train"]["records"]
+    users_in_order = []
     for [r] in loader:
         assert 2 <= len(r["items"]) <= 51 and len(r["ratings"]) == len(r["timestamps"]) == len(r["items"])
-        seq = history.setdefault(r["user"], [])
-        assert not seq or seq[-1] == r["items"][0]
-        seq.extend(r["items"][1:] if seq else r["items"])
+        windows.setdefault(r["user"], []).append(r["items"])
+        users_in_order.append(r["user"])
+    assert len(set(users_in_order[:100])) > 50  # not written user by user
+    history: dict[str, list] = {}
+    for user, ws in windows.items():  # a user rates an item once: each window's last item starts the next
+        by_first = {w[0]: w for w in ws}
+        (w,) = [w for w in ws if w[0] not in {v[-1] for v in ws}]
+        seq = list(w)
+        while seq[-1] in by_first:
+            seq.extend(by_first[seq[-1]][1:])
+        assert len(seq) == sum(len(w) for w in ws) - len(ws) + 1
+        history[user] = seq
     with zipfile.ZipFile(SAMPLE) as zf:
         log = pd.read_csv(zf.open("ml-latest-small/ratings.csv"), dtype={"userId": str, "movieId": str})
     index = {it["item_id"]: it["index"] for it in items}
