@@ -447,7 +447,7 @@ def plot(out: Path, png: Path) -> None:
                 marker=".",
                 label=name,
             )
-    axes[2].axhline(SASREC_NDCG10, color="k", ls="--", lw=1, label="SASRec (RecBole)")
+    axes[2].axhline(SASREC_NDCG10, color="k", ls="--", lw=1, label="SASRec (RecBole, same split)")
     axes[2].axvline(SASREC_MINUTES_TO_BEST / 10, color="grey", ls=":", lw=1, label="1/10 of RecBole's time")
     titles = (
         "train loss (TensorBoard train/loss)",

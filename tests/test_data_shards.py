@@ -237,6 +237,23 @@ def test_tie_break_is_file_order(tmp_path):
     assert [items[i] for i in rec["items"]] == ["10", "14", "11", "12", "13"] and rec["ratings"] == [1.0] * 5
 
 
+def test_order_keeps_second_resolution_of_epoch_timestamps(tmp_path):
+    """Events seconds apart near 1e9 s stay in time order (a float32 timestamp, 64 s resolution there,
+    would tie them and fall back to file order: how RecBole reorders MovieLens, docs/RESULTS.md)."""
+    t0 = 964_984_100
+    rows = [
+        ("1", "10", t0),
+        ("1", "11", t0 + 12),
+        ("1", "12", t0 + 53),
+        ("1", "14", t0 + 76),
+        ("1", "13", t0 + 69),
+    ]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(tmp_path / "log.csv", index=False)
+    build_shards(tmp_path / "log.csv", tmp_path / "out", filters=Filters(3, 1))
+    assert targets_from_shards(tmp_path / "out", "valid") == {"1": "13"}
+    assert targets_from_shards(tmp_path / "out", "test") == {"1": "14"}
+
+
 @pytest.mark.parametrize("n,prefix", [(1, False), (2, False), (5, False), (6, False), (17, False), (7, True)])
 def test_train_windows_supervise_every_position_once(n, prefix):
     windows = train_windows(n, max_history=4, prefix_records=prefix)
