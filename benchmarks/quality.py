@@ -99,7 +99,7 @@ def rows() -> dict[str, Row]:
         Row(
             "adv_pgd_long",
             "recgpt ids, full tuning + PGD, 4,000 steps",
-            r[-2].overrides + ["train.max_steps=4000"],
+            next(x for x in r if x.name == "adv_pgd").overrides + ["train.max_steps=4000"],
             group="adv",
             curve=True,
         )

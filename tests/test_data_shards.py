@@ -180,8 +180,8 @@ def test_sample_train_windows_rebuild_history(sample_dir):
     history: dict[str, list] = {}
     for user, ws in windows.items():  # a user rates an item once: each window's last item starts the next
         by_first = {w[0]: w for w in ws}
-        (w,) = [w for w in ws if w[0] not in {v[-1] for v in ws}]
-        seq = list(w)
+        (first,) = [w for w in ws if w[0] not in {v[-1] for v in ws}]
+        seq = list(first)
         while seq[-1] in by_first:
             seq.extend(by_first[seq[-1]][1:])
         assert len(seq) == sum(len(w) for w in ws) - len(ws) + 1
