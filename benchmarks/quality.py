@@ -252,9 +252,9 @@ def _train_log(run_dir: Path) -> list[dict]:
 
 
 def _max_steps(run_dir: Path) -> int:
-    from trainer.config import load_config
+    from configs import load_config
 
-    return load_config(run_dir / "config.yaml").train.max_steps
+    return load_config(run_dir / "config.yaml", saved=True).train.max_steps
 
 
 def test_curve(run_dir: Path, started: float, log: Path) -> list[dict]:

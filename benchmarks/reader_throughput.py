@@ -37,9 +37,9 @@ def standin_collate(records: list[dict]) -> dict[str, torch.Tensor]:
 def modeling_collates(shards: str) -> dict[str, object]:
     """modeling's collate for the ids and text prompts, or {} when modeling is not usable yet."""
     try:
+        from configs import load_config
         from modeling.collate import make_collate
         from modeling.factory import build_model_and_tokenizer
-        from trainer.config import load_config
     except ImportError:
         return {}
     out = {}

@@ -84,7 +84,7 @@ def run_recgpt(args, overrides: list[str], work: Path) -> float:
 
 
 def _global_batch(overrides: list[str], nproc: int) -> int:
-    from trainer.config import load_config
+    from configs import load_config
 
     return load_config(TINY, overrides).train.micro_batch_size * nproc
 
@@ -101,11 +101,11 @@ def run_worker(kind: str, args, overrides: list[str], work: Path) -> float:
 
 def _worker_setup(overrides: list[str]):
     """(cfg, info, model, tokenizer, loader) exactly as the trainer builds them."""
+    from configs import load_config
     from data_shards.manifest import read_items
     from data_shards.reader import ShardLoader
     from modeling.collate import make_collate
     from modeling.factory import build_model_and_tokenizer
-    from trainer.config import load_config
     from trainer.distributed import setup_distributed
 
     info = setup_distributed()
@@ -132,8 +132,7 @@ def worker_minimal(steps: int, overrides: list[str]) -> list[float]:
     import torch
 
     from modeling.loss import LossComputer
-    from trainer.config import deepspeed_config
-    from trainer.engine import model_hidden_size, size_buckets
+    from trainer.engine import deepspeed_config, model_hidden_size, size_buckets
 
     cfg, info, model, _, loader = _worker_setup(overrides)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
@@ -160,8 +159,7 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from trainer.config import deepspeed_config
-    from trainer.engine import model_hidden_size, size_buckets
+    from trainer.engine import deepspeed_config, model_hidden_size, size_buckets
 
     cfg, info, model, _, loader = _worker_setup(overrides)
     lm = model.causal_lm
@@ -203,7 +201,7 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
         adam_beta2=cfg.optim.beta2, max_grad_norm=cfg.optim.grad_clip, warmup_steps=cfg.schedule.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=10**6, save_strategy="no", report_to=[], deepspeed=ds,
-        bf16=cfg.zero.bf16, fp16=cfg.zero.fp16, use_cpu=info.device.type == "cpu", disable_tqdm=True,
+        bf16=cfg.train.precision == "bf16", fp16=cfg.train.precision == "fp16", use_cpu=info.device.type == "cpu", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False, accelerator_config={"split_batches": False},
     )  # fmt: skip
     # Each rank already holds its own batches: no distributed sampler re-splitting them.

@@ -21,7 +21,7 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from data_shards.errors import DataError
+from configs import DataError
 from data_shards.ingest import Columns, read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
 from data_shards.split import Filters, apply_filters, eval_records, sequences, train_records

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_shards.errors import DataError
+from configs import DataError
 
 FORMATS = ("ml-100k", "ml-1m", "ml-latest", "amazon-2018", "amazon-2023", "csv", "parquet")
 

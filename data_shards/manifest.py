@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from webdataset.gopen import gopen
 
-from data_shards.errors import CorruptShardError, DataError
+from configs import CorruptShardError, DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -42,7 +42,7 @@ import torch.utils.data
 from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
-from data_shards.errors import CorruptShardError, DataError
+from configs import CorruptShardError, DataError
 from data_shards.manifest import MEMBER_EXT, HashingReader, load_manifest, resolve
 
 log = logging.getLogger(__name__)

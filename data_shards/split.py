@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_shards.errors import DataError
+from configs import DataError
 
 MIN_USER_INTERACTIONS = 3  # one train item, the valid target and the test target
 

@@ -12,11 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from configs import ConfigError, RecgptError, load_config
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """Bad input from the user (file, key, record): printed as one line, exit code 2."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -170,13 +168,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return getattr(shards_cli, args.shards_command)(args) or 0
     if args.command == "train":
-        from trainer.config import load_config
-
         cfg = load_config(args.config, args.overrides)
         if cfg.ray.num_workers > 0:
             if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-                raise UserError(
-                    "ray.num_workers > 0 cannot run under torchrun: launch one process, Ray starts the workers"
+                raise ConfigError(
+                    "ray.num_workers: > 0 cannot run under torchrun: launch one process, Ray starts the workers"
                 )
             from launcher.ray_launch import train_with_ray
 
@@ -202,12 +198,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from data_shards.errors import DataError
-    from trainer.config import ConfigError
-
     try:
         return _dispatch(args)
-    except (ConfigError, UserError, DataError) as e:
+    except RecgptError as e:
         print(f"recgpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, RecGPTConfig, config_from_dict, to_dict
+from configs import ConfigError, RecGPTConfig, config_from_dict, to_dict
 
 TrainFn = Callable[..., Any]  # train(cfg, report=None) -> dict, see docs/DESIGN.md
 

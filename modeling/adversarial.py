@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.config import AdversarialConfig
+from configs import AdversarialConfig
 
 _TINY = 1e-12
 

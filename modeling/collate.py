@@ -12,15 +12,22 @@ for ``prompt=ids``, `` Title`` for ``prompt=text``) then its rating part (``prom
   train supervises every item, eval only the target (the last item, whose rating part is left out).
 
 Batches are right-padded; ``labels`` holds an item index (next_item) or a rating-level index (rating)
-per position, -100 elsewhere; ``ratings`` the float rating at supervised positions.
+per position, IGNORE_INDEX elsewhere; ``ratings`` the float rating at supervised positions. The types
+are :class:`data_shards.records.Record` and :class:`data_shards.records.Batch`.
+
+What the collate needs of a config is a :class:`PromptSpec` (task, prompt format, objective, history
+length): serving builds one from an export's saved config without the training schema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from data_shards.records import IGNORE_INDEX, SEEN_PAD, Batch, Record
 
 TEXT_PREFIX = "User rated:"
 RATING_LEVELS_KEY = "recgpt_rating_levels"  # tokenizer.init_kwargs key (saved in tokenizer_config.json)
@@ -33,6 +40,25 @@ def rating_text(rating: float, max_rating: float, prompt: str) -> str:
 
 def item_title(item: dict) -> str:
     return (item.get("title") or "").strip() or f"item {item['item_id']}"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The settings that decide how records become prompts and labels."""
+
+    task: str
+    """next_item or rating (config key ``task``)."""
+    prompt: str
+    """ids or text (``model.prompt``)."""
+    objective: str
+    """all, new or last (``train.objective``; train split only)."""
+    max_history: int
+    """History items kept per record, the most recent (``data.max_history`` resolved against the shards)."""
+
+    @classmethod
+    def from_config(cls, cfg: Any, max_history: int) -> PromptSpec:
+        """From a RecGPTConfig (duck-typed: this module does not import the schema)."""
+        return cls(cfg.task, cfg.model.prompt, cfg.train.objective, max_history)
 
 
 class RecordCollator:
@@ -122,34 +148,34 @@ class RecordCollator:
         while first < len(entries) and sum(sizes[first:]) > budget:
             first += 1
         ids = list(self.prefix_ids)
-        labels = [-100] * len(ids)
+        labels = [IGNORE_INDEX] * len(ids)
         values = [0.0] * len(ids)
         for t in range(first, len(entries)):
             item_part, rating_part = entries[t]
             ids += item_part
-            labels += [-100] * len(item_part)
+            labels += [IGNORE_INDEX] * len(item_part)
             values += [0.0] * len(item_part)
             if self.task == "rating" and t in labels_at:
                 labels[-1], values[-1] = labels_at[t]
             ids += rating_part
-            labels += [-100] * len(rating_part)
+            labels += [IGNORE_INDEX] * len(rating_part)
             values += [0.0] * len(rating_part)
             if self.task == "next_item" and t in labels_at:
                 labels[-1], values[-1] = labels_at[t]
-        if all(x == -100 for x in labels):
+        if all(x == IGNORE_INDEX for x in labels):
             raise ValueError(
                 f"record of user {record.get('user')!r}: nothing to predict within max_len={self.max_len}"
             )
         return ids, labels, values
 
     # ------------------------------------------------------------------ batch
-    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, records: Sequence[Record]) -> Batch:
         encoded = [self.encode(r) for r in records]
         width = max(len(ids) for ids, _, _ in encoded)
         B = len(records)
         input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, width), dtype=torch.long)
-        labels = torch.full((B, width), -100, dtype=torch.long)
+        labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
         ratings = torch.zeros((B, width), dtype=torch.float32)
         for b, (ids, lab, val) in enumerate(encoded):
             n = len(ids)
@@ -157,7 +183,7 @@ class RecordCollator:
             attention_mask[b, :n] = 1
             labels[b, :n] = torch.tensor(lab)
             ratings[b, :n] = torch.tensor(val)
-        batch = {
+        batch: Batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -165,7 +191,7 @@ class RecordCollator:
         }
         if self.split != "train":
             seen = [r.get("seen") or [] for r in records]
-            seen_t = torch.full((B, max(1, max(len(s) for s in seen))), -1, dtype=torch.long)
+            seen_t = torch.full((B, max(1, max(len(s) for s in seen))), SEEN_PAD, dtype=torch.long)
             for b, s in enumerate(seen):
                 if s:
                     seen_t[b, : len(s)] = torch.tensor(s)
@@ -175,7 +201,9 @@ class RecordCollator:
         return batch
 
 
-def make_collate(cfg, tokenizer, items: list[dict], split: str, rating_levels: Sequence[float] | None = None):
+def make_collate(
+    spec: PromptSpec, tokenizer, items: list[dict], split: str, rating_levels: Sequence[float] | None = None
+) -> RecordCollator:
     """The collate function for ``split`` (train, valid or test); see the module docstring.
 
     ``items`` is the shard vocabulary (``items.jsonl`` rows, index order); ``rating_levels`` the
@@ -183,13 +211,13 @@ def make_collate(cfg, tokenizer, items: list[dict], split: str, rating_levels: S
     """
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split: got {split!r}, allowed: train, valid, test")
-    prompt = cfg.model.prompt
+    prompt = spec.prompt
     if rating_levels is None:  # stored on (and saved with) the tokenizer by modeling.factory
         rating_levels = tokenizer.init_kwargs.get(RATING_LEVELS_KEY) or []
     levels = [float(x) for x in rating_levels]
-    if not levels and (cfg.task == "rating" or prompt == "text"):
+    if not levels and (spec.task == "rating" or prompt == "text"):
         raise ValueError(
-            f"task={cfg.task} prompt={prompt} needs the manifest's rating_levels (none on the tokenizer)"
+            f"task={spec.task} prompt={prompt} needs the manifest's rating_levels (none on the tokenizer)"
         )
     first_item = tokenizer.convert_tokens_to_ids("<item_0>")
     if prompt == "ids":
@@ -205,11 +233,11 @@ def make_collate(cfg, tokenizer, items: list[dict], split: str, rating_levels: S
         tokenizer(TEXT_PREFIX, add_special_tokens=False)["input_ids"] if prompt == "text" else []
     )
     return RecordCollator(
-        task=cfg.task,
+        task=spec.task,
         prompt=prompt,
-        objective=cfg.train.objective,
+        objective=spec.objective,
         split=split,
-        max_history=cfg.data.max_history,
+        max_history=spec.max_history,
         max_len=int(min(tokenizer.model_max_length, 10**6)),
         prefix_ids=prefix_ids,
         pad_id=tokenizer.pad_token_id,

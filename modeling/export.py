@@ -45,10 +45,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modeling.collate import RATING_LEVELS_KEY, make_collate
+from configs import ExportError, RecGPTConfig, load_config, save_resolved, to_dict
+from modeling.collate import RATING_LEVELS_KEY
 from modeling.factory import _is_tied, _sync_special_ids, item_token, load_model_for_eval, read_vocabulary
 from modeling.model import RecModel
-from trainer.config import ConfigError, RecGPTConfig, load_config, save_resolved, to_dict
 
 log = logging.getLogger("recgpt.export")
 
@@ -65,10 +65,6 @@ PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 # Substrings of state-dict keys that only PEFT/DeepSpeed wrappers produce; serving stacks reject them.
 WRAPPER_KEY_PARTS = ("base_model.model", "lora_", "modules_to_save", "trainable_tokens", "token_adapter")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class ExportError(ConfigError):
-    """A missing/incomplete/mismatched checkpoint or a bad export directory: one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- checkpoint -> unmerged model
@@ -131,7 +127,7 @@ def read_checkpoint_config(ckpt: Path) -> RecGPTConfig:
     path = ckpt / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{ckpt}: no config.yaml in the checkpoint")
-    return load_config(path)
+    return load_config(path, saved=True)
 
 
 def rebuild_unmerged(ckpt: Path, cfg: RecGPTConfig, world_size: int) -> tuple[RecModel, Any, list[dict]]:
@@ -159,13 +155,11 @@ def score_batch(model: RecModel, batch: dict[str, torch.Tensor], task: str) -> t
 
 def parity_batches(cfg: RecGPTConfig, tokenizer, items: list[dict]) -> list[dict[str, torch.Tensor]]:
     """The first ``export.parity_batches`` batches of the valid split (held out from training)."""
-    from data_shards.reader import ShardLoader
+    from modeling.data import build_loader
 
     if cfg.export.parity_batches == 0:
         return []
-    collate = make_collate(cfg, tokenizer, items, "valid")
-    loader = ShardLoader(cfg.data.shards, split="valid", batch_size=cfg.eval.batch_size, seed=cfg.seed,
-                         num_workers=0, collate_fn=collate, drop_last=False)  # fmt: skip
+    loader = build_loader(cfg, "valid", tokenizer, items, num_workers=0)
     batches = []
     for batch in loader:
         batches.append(batch)
@@ -462,7 +456,7 @@ def load_export(
         raise ExportError(f"{d}: not a recgpt export directory (no {missing[0]})")
     if verify:
         verify_export(d)
-    cfg = load_config(d / "config.yaml", overrides)
+    cfg = load_config(d / "config.yaml", overrides, saved=True)
     items = read_export_items(d)
     tokenizer = AutoTokenizer.from_pretrained(d)
     lm = AutoModelForCausalLM.from_pretrained(
@@ -494,7 +488,7 @@ def quiet_transformers() -> None:
 
 def export_main(args: argparse.Namespace) -> int:
     """``recgpt export``: prints one JSON line (output directory, step, parity) on success."""
-    from data_shards.errors import DataError
+    from configs import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_transformers()

@@ -32,21 +32,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from configs import ConfigError, RecGPTConfig
 from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
 from modeling.lora import apply_lora, trainable_parameters
 from modeling.model import RecModel
-from trainer.config import ConfigError, RecGPTConfig
 
 log = logging.getLogger("recgpt.modeling")
 
 EOS = "<|endoftext|>"
 NUM_ITEMS_KEY = "recgpt_num_items"
 ITEMS_SHA_KEY = "recgpt_items_sha256"
-# Fixed shapes of the larger presets (tiny takes n_layer/n_embd/n_head from the config).
-PRESETS: dict[str, dict[str, int]] = {
-    "small": dict(n_layer=4, n_embd=256, n_head=4),
-    "base": dict(n_layer=12, n_embd=768, n_head=12),
-}
 PRESET_CONTEXT = 1024
 
 
@@ -128,8 +123,7 @@ def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], so
 
 
 def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
-    shape = dict(n_layer=cfg.model.n_layer, n_embd=cfg.model.n_embd, n_head=cfg.model.n_head)
-    shape = PRESETS.get(cfg.model.preset, shape)
+    shape = cfg.model.shape()
     p = cfg.model.dropout
     if cfg.model.architecture == "bart":
         # BART's decoder alone is a causal LM: embeddings + positions -> LayerNorm -> post-LN blocks,
@@ -224,17 +218,15 @@ def _cols(weight: torch.nn.Parameter) -> int:
 
 
 def cooccurrence_embeddings(
-    shards_dir: str | os.PathLike, num_items: int, dim: int, span: int = 5
+    cfg: RecGPTConfig, shards_dir: str | os.PathLike, num_items: int, dim: int, span: int = 5
 ) -> torch.Tensor:
     """Item vectors [num_items, dim] from the training split: a rank-``dim`` factorisation of the
     positive PMI of items rated within ``span`` positions of each other (item2vec's implicit matrix).
     Starting from them, the model does not spend its first epochs discovering which items go together."""
-    from data_shards.reader import ShardLoader
+    from modeling.data import build_loader
 
     pairs: dict[tuple[int, int], float] = {}
-    loader = ShardLoader(
-        str(shards_dir), split="train", rank=0, world_size=1, batch_size=256, seed=0, num_workers=0
-    )
+    loader = build_loader(cfg, "train", shards=shards_dir, batch_size=256, num_workers=0)
     for batch in loader:
         for rec in batch:
             seq = rec["items"]
@@ -265,19 +257,19 @@ def cooccurrence_embeddings(
 
 @torch.no_grad()
 def init_item_rows(
+    cfg: RecGPTConfig,
     lm: PreTrainedModel,
     tokenizer,
     items: list[dict],
     first_item: int,
-    how: str,
-    shards_dir: str | os.PathLike | None = None,
+    shards_dir: str | os.PathLike,
 ) -> None:
     """Initialise the (resized) item rows of the input embeddings and of an untied output head.
 
     ``mean``: mean of the pre-existing rows (plus noise of 0.1 x their std); ``title``: mean of the rows of the item title's tokens
     (falls back to the mean for an empty title); ``random``: normal with the existing rows' std;
     ``cooccurrence``: :func:`cooccurrence_embeddings` of the training split, scaled to the existing rows' std."""
-    n = len(items)
+    n, how = len(items), cfg.model.item_init
     mats = [lm.get_input_embeddings().weight]
     if not _is_tied(lm):
         mats.append(lm.get_output_embeddings().weight)
@@ -287,7 +279,7 @@ def init_item_rows(
         else None
     )
     if how == "cooccurrence":
-        vectors = cooccurrence_embeddings(shards_dir, n, _cols(mats[0]))
+        vectors = cooccurrence_embeddings(cfg, shards_dir, n, _cols(mats[0]))
         vectors = vectors / vectors.std()
     for w in mats:
         with _gathered([w]):
@@ -406,7 +398,7 @@ def _build_lm(
     if _rows(lm.get_input_embeddings().weight) < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if added and tokenizer_dir is None:
-        init_item_rows(lm, tokenizer, items, first_item, m.item_init, shards_dir)
+        init_item_rows(cfg, lm, tokenizer, items, first_item, shards_dir)
     _sync_special_ids(lm, tokenizer)
     lm.config.use_cache = False
     if m.gradient_checkpointing:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from trainer.config import ConfigError, RecGPTConfig
+from configs import ConfigError, RecGPTConfig
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs import RecGPTConfig
 from modeling.adversarial import perturbed_loss
 from modeling.model import RecModel
-from trainer.config import RecGPTConfig
 
 
 def unwrap(model: nn.Module) -> RecModel:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs import RecGPTConfig
 from modeling.adversarial import ascent_direction
 from modeling.loss import unwrap
-from trainer.config import RecGPTConfig
 
 LIKE_THRESHOLD = 4.0  # "like" = rating >= 4 for the AUC
 

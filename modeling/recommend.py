@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from modeling.collate import RATING_LEVELS_KEY, make_collate
-from modeling.export import ExportError, load_export, quiet_transformers, score_batch
+from configs import ExportError
+from modeling.collate import RATING_LEVELS_KEY, PromptSpec, make_collate
+from modeling.export import load_export, quiet_transformers, score_batch
 
 
 def _catalogue(items: list[dict]) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -88,7 +89,8 @@ def recommend(
     top = float(max(levels))
     record = {"user": "recommend", "items": [*history, history[-1]], "ratings": [top] * (len(history) + 1),
               "seen": list(history)}  # fmt: skip
-    batch = make_collate(cfg, tokenizer, items, "test")([record])
+    spec = PromptSpec.from_config(cfg, cfg.data.max_history or len(history))
+    batch = make_collate(spec, tokenizer, items, "test")([record])
     scores = score_batch(model, batch, cfg.task)[0]
     probs = scores.softmax(-1)
     if exclude_seen:

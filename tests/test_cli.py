@@ -34,7 +34,8 @@ def test_help(cmd, capsys):
     [
         (["train.bogus=1"], "train.bogus"),
         (["zero.stage=4"], "zero.stage"),
-        (["zero.fp16=true", "zero.bf16=true"], "zero.fp16"),
+        (["train.precision=fp8"], "train.precision"),
+        (["zero.bf16=true"], "zero.bf16"),
         (["lora.r=0"], "lora.r"),
         (["train.max_steps=ten"], "train.max_steps"),
         (["nonsense"], "nonsense"),

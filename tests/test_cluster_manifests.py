@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configs import load_config
 from launcher.cli import build_parser
-from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

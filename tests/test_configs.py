@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from configs import ConfigError, load_config
 from launcher.cli import main
-from trainer.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from configs import CorruptShardError, DataError
 from data_shards import reader as reader_mod
 from data_shards.build import build_shards
-from data_shards.errors import CorruptShardError, DataError
 from data_shards.ingest import Columns
 from data_shards.manifest import load_manifest, read_items, verify
 from data_shards.reader import ShardLoader

@@ -297,13 +297,13 @@ def test_force_replaces_and_scores_match(export_of, small_shards, tmp_path, caps
     assert printed["parity"]["max_abs_diff"] <= 1e-4 and not (target / "stale.txt").exists()
     verify_export(target)
     # The same valid batch scores the same through load_export of either export.
-    from data_shards.reader import ShardLoader
-    from modeling.collate import make_collate
+    from modeling.data import build_loader
 
     m1, tok, items, cfg = load_export(out)
     m2, *_ = load_export(target)
-    batch = next(iter(ShardLoader(str(small_shards), split="valid", batch_size=8, num_workers=0,
-                                  collate_fn=make_collate(cfg, tok, items, "valid"))))  # fmt: skip
+    batch = next(
+        iter(build_loader(cfg, "valid", tok, items, shards=small_shards, batch_size=8, num_workers=0))
+    )
     assert torch.equal(score_batch(m1, batch, cfg.task), score_batch(m2, batch, cfg.task))
 
 
@@ -345,15 +345,13 @@ def test_recommend_cli(export_of, small_shards, tmp_path, capsys):
 
 def test_recommend_scores_equal_evaluation_prompt(export_of, small_shards):
     """recommend builds the prompt exactly as evaluation does: same logits for a valid record's history."""
-    from data_shards.reader import ShardLoader
-    from modeling.collate import make_collate
+    from modeling.data import build_loader
     from modeling.recommend import recommend
 
     _, out = export_of("lora-z2")
     model, tok, items, cfg = load_export(out)
-    loader = ShardLoader(str(small_shards), split="valid", batch_size=1, num_workers=0)
-    record = next(iter(loader))[0]
-    batch = make_collate(cfg, tok, items, "valid")([record])
+    record = next(iter(build_loader(cfg, "valid", shards=small_shards, batch_size=1, num_workers=0)))[0]
+    batch = build_loader(cfg, "valid", tok, items, shards=small_shards).collate_fn([record])
     want = score_batch(model, batch, cfg.task)[0]
     history = record["items"][:-1]
     top = recommend(model, tok, items, cfg, history, k=5, exclude_seen=False)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from configs import AdversarialConfig, load_config
 from modeling.adversarial import example_norms, perturbed_loss
 from modeling.metrics import auc, compute_metrics, concat_outputs, target_ranks
-from trainer.config import AdversarialConfig, load_config
 
 
 def _brute_rank(scores: list[float], target: int, seen: list[int]) -> int:

@@ -9,11 +9,11 @@ import pickle
 import pytest
 import torch
 
-from modeling.collate import make_collate
+from configs import load_config
+from modeling.collate import PromptSpec, make_collate
 from modeling.factory import build_model_and_tokenizer, load_model_for_eval, train_tokenizer
 from modeling.loss import LossComputer, task_loss
 from modeling.metrics import compute_metrics, concat_outputs, eval_outputs
-from trainer.config import load_config
 
 NUM_ITEMS = 24
 LEVELS = [0.5 * i for i in range(1, 11)]
@@ -53,14 +53,16 @@ def shards(tmp_path_factory):
 
 
 def _cfg(*overrides: str):
-    base = [
-        "model.n_layer=2",
-        "model.n_embd=32",
-        "model.n_head=2",
-        "model.tokenizer_vocab_size=300",
-        "model.dropout=0.0",
-    ]
+    shape = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2"]
+    if "model.preset=null" in overrides:  # a loaded model has its own shape
+        shape = ["model.n_layer=null", "model.n_embd=null", "model.n_head=null"]
+    base = shape + ["model.tokenizer_vocab_size=300", "model.dropout=0.0"]
     return load_config(None, base + list(overrides))
+
+
+def _collate(cfg, tok, items, split):
+    """The collate of ``split`` for ``cfg`` (shard window 50 unless data.max_history says less)."""
+    return make_collate(PromptSpec.from_config(cfg, cfg.data.max_history or 50), tok, items, split)
 
 
 def _records(n_users: int = 6, length: int = 8, seed: int = 0) -> list[dict]:
@@ -88,7 +90,7 @@ def test_collate_formats(shards, prompt):
     model, tok = build_model_and_tokenizer(cfg, shards)
     items = _items()
     recs = _records(3, 8)
-    train = pickle.loads(pickle.dumps(make_collate(cfg, tok, items, "train")))  # runs in DataLoader workers
+    train = pickle.loads(pickle.dumps(_collate(cfg, tok, items, "train")))  # runs in DataLoader workers
     b = train(recs)
     assert set(b) == {"input_ids", "attention_mask", "labels", "ratings"}
     # A window of max_history + 1 items: every input entry but none of the dropped old ones is labelled.
@@ -102,7 +104,7 @@ def test_collate_formats(shards, prompt):
         text = tok.decode(ids[1:])
         assert text.startswith("User rated:") and text.count("/5;") == 4
 
-    ev = make_collate(cfg, tok, items, "valid")
+    ev = _collate(cfg, tok, items, "valid")
     erecs = _eval_records(recs)
     erecs[2] = {**erecs[2], "pad": True}
     e = ev(erecs)
@@ -111,7 +113,7 @@ def test_collate_formats(shards, prompt):
     assert ((e["labels"] != -100).sum(1) == 1).all()
     assert e["seen"].shape == (3, 7) and e["seen"][0].tolist() == recs[0]["items"][:-1]
 
-    last = make_collate(_cfg(f"model.prompt={prompt}", "train.objective=last"), tok, items, "train")(recs)
+    last = _collate(_cfg(f"model.prompt={prompt}", "train.objective=last"), tok, items, "train")(recs)
     assert ((last["labels"] != -100).sum(1) == 1).all()
 
 
@@ -119,7 +121,7 @@ def test_collate_fits_the_context_and_names_bad_records(shards):
     cfg = _cfg("model.prompt=text", "data.max_history=50")
     _, tok = build_model_and_tokenizer(cfg, shards)
     tok.model_max_length = 40
-    collate = make_collate(cfg, tok, _items(), "train")
+    collate = _collate(cfg, tok, _items(), "train")
     b = collate(_records(2, 20))
     assert b["input_ids"].shape[1] <= 40 and (b["labels"] != -100).any(1).all()
     with pytest.raises(ValueError, match="user 'u0'.*rating 3.3"):
@@ -146,7 +148,7 @@ def test_adversarial_gradient_matches_hand_computed_reference(shards, method, ch
         "adversarial.warmup_steps=3",
     )
     model, tok = build_model_and_tokenizer(cfg, shards)
-    batch = make_collate(cfg, tok, _items(), "train")(_records(4, 6))
+    batch = _collate(cfg, tok, _items(), "train")(_records(4, 6))
     mask = batch["attention_mask"]
 
     def loss_of(embeds):
@@ -191,7 +193,7 @@ def test_adversarial_gradient_matches_hand_computed_reference(shards, method, ch
 def test_sampled_softmax_over_every_item_equals_full_softmax(shards):
     cfg = _cfg("train.loss=sampled")
     model, tok = build_model_and_tokenizer(cfg, shards)
-    batch = make_collate(cfg, tok, _items(), "train")(_records(3))
+    batch = _collate(cfg, tok, _items(), "train")(_records(3))
     hidden = model(attention_mask=batch["attention_mask"], input_ids=batch["input_ids"])
     full = task_loss(model, hidden, batch, cfg)
     sampled = task_loss(model, hidden, batch, cfg, negatives=torch.arange(NUM_ITEMS).flip(0))
@@ -232,11 +234,11 @@ def test_tiny_model_overfits_to_hr1_with_adversarial_training(shards):
     torch.manual_seed(0)
     model, tok = build_model_and_tokenizer(cfg, shards)
     recs = _records(6, 8)
-    batch = make_collate(cfg, tok, _items(), "train")(recs)
+    batch = _collate(cfg, tok, _items(), "train")(recs)
     losses = _train(model, cfg, batch, steps=80, lr=1e-2)
     assert losses[-1] < 0.1 * losses[0]
     model.eval()
-    ev = make_collate(cfg, tok, _items(), "valid")
+    ev = _collate(cfg, tok, _items(), "valid")
     # Eval records = the same sequences; without exclude_seen masking every target is in the top 1.
     outs = [eval_outputs(model, ev(_eval_records(recs)[i : i + 3]), cfg, attack_epsilon=0.05) for i in (0, 3)]
     metrics = compute_metrics(concat_outputs(outs), cfg)
@@ -257,12 +259,12 @@ def test_rating_task_trains_and_evaluates(shards, head):
     )
     model, tok = build_model_and_tokenizer(cfg, shards)
     recs = _records(4, 6)
-    batch = make_collate(cfg, tok, _items(), "train")(recs)
+    batch = _collate(cfg, tok, _items(), "train")(recs)
     assert (batch["labels"] != -100).sum() == 4 * 6  # every item's rating is supervised
     losses = _train(model, cfg, batch, steps=30, lr=1e-2)
     assert losses[-1] < losses[0]
     model.eval()
-    ev = make_collate(cfg, tok, _items(), "test")(_eval_records(recs))
+    ev = _collate(cfg, tok, _items(), "test")(_eval_records(recs))
     out = eval_outputs(model, ev, cfg, attack_epsilon=0.1)
     assert out["rating"].tolist() == [r["ratings"][-1] for r in recs]
     m = compute_metrics(out, cfg)
@@ -310,7 +312,7 @@ def test_lora_freezes_base_weights_and_trains_item_rows_and_head(shards, tmp_pat
         head_items = model.causal_lm.get_output_embeddings()(torch.eye(32))[:, item_ids].clone()
         emb_items = model.embed(item_ids).clone()
         emb_other = model.embed(torch.arange(10)).clone()
-    batch = make_collate(cfg, tok, _items(), "train")(_records(4))
+    batch = _collate(cfg, tok, _items(), "train")(_records(4))
     _train(model, cfg, batch, steps=3, lr=1e-2)
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -329,7 +331,7 @@ def test_lora_on_tied_preset_trains_item_rows(shards):
     assert model.tied
     with torch.no_grad():
         rows = model.embed(model.item_token_ids).clone()
-    _train(model, cfg, make_collate(cfg, tok, _items(), "train")(_records(3)), steps=2, lr=1e-2)
+    _train(model, cfg, _collate(cfg, tok, _items(), "train")(_records(3)), steps=2, lr=1e-2)
     with torch.no_grad():
         assert not torch.allclose(model.embed(model.item_token_ids), rows)
 
@@ -339,7 +341,7 @@ def test_adalora_builds_and_reallocates(shards):
 
     cfg = _cfg("lora.enabled=true", "lora.method=adalora", "train.max_steps=20")
     model, tok = build_model_and_tokenizer(cfg, shards)
-    batch = make_collate(cfg, tok, _items(), "train")(_records(2))
+    batch = _collate(cfg, tok, _items(), "train")(_records(2))
     loss, _ = LossComputer(cfg)(model, batch, step=0)
     loss.backward()
     adalora_update(model, 0)  # reads .grad: between backward and the optimizer step
@@ -353,7 +355,7 @@ def test_rebuild_from_saved_tokenizer_reproduces_the_model(shards, tmp_path):
     assert len(tok2) == len(tok) and tok2.init_kwargs["recgpt_rating_levels"] == LEVELS
     again.load_state_dict(model.state_dict())
     model.eval()
-    batch = make_collate(cfg, tok2, _items(), "valid")(_eval_records(_records(2)))
+    batch = _collate(cfg, tok2, _items(), "valid")(_eval_records(_records(2)))
     a, b = eval_outputs(model, batch, cfg), eval_outputs(again, batch, cfg)
     assert torch.equal(a["rank"], b["rank"])
     # An HF directory that already has the item tokens (a recgpt export) is loaded without adding more.
@@ -373,10 +375,10 @@ def test_objective_new_labels_only_the_new_targets(shards):
     cfg = _cfg("train.objective=new", "data.max_history=5")
     _, tok = build_model_and_tokenizer(cfg, shards)
     rec = {**_records(1, 8)[0], "first_new_target": 4}
-    labels = make_collate(cfg, tok, _items(), "train")([rec])["labels"][0]
+    labels = _collate(cfg, tok, _items(), "train")([rec])["labels"][0]
     # max_history=5 keeps the newest 6 items (2 dropped): new targets are items 4.. of the record.
     assert labels[labels != -100].tolist() == rec["items"][4:]
-    every = make_collate(_cfg("data.max_history=5"), tok, _items(), "train")([rec])["labels"][0]
+    every = _collate(_cfg("data.max_history=5"), tok, _items(), "train")([rec])["labels"][0]
     assert every[every != -100].tolist() == rec["items"][3:]
 
 
@@ -386,7 +388,7 @@ def test_bart_preset_is_a_post_ln_decoder_without_trainable_cross_attention(shar
     assert type(model.causal_lm).__name__ == "BartForCausalLM" and model.tied
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(".encoder_attn" in n for n in frozen)
-    batch = make_collate(cfg, tok, _items(), "train")(_records(3))
+    batch = _collate(cfg, tok, _items(), "train")(_records(3))
     losses = _train(model, cfg, batch, steps=30, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
     lora, _ = build_model_and_tokenizer(_cfg("model.architecture=bart", "lora.enabled=true"), shards)
@@ -398,7 +400,7 @@ def test_bart_preset_is_a_post_ln_decoder_without_trainable_cross_attention(shar
 def test_cooccurrence_init_puts_co_rated_items_together(sample_shards):
     from modeling.factory import cooccurrence_embeddings
 
-    vectors = cooccurrence_embeddings(sample_shards, 9724, 32)
+    vectors = cooccurrence_embeddings(_cfg(), sample_shards, 9724, 32)
     assert vectors.shape == (9724, 32) and torch.isfinite(vectors).all()
     # Toy Story (index 0 in the sample's item order) and Toy Story 2 (2353) are rated close together
     # by many users: the sequel is among the original's nearest neighbours out of 9,724 items.

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from configs import ConfigError, load_config
 from launcher.ray_launch import (
     RAY_SNAPSHOT,
     _drop_stale_ray_snapshot,
@@ -14,7 +15,6 @@ from launcher.ray_launch import (
     prepare_config,
     run_location,
 )
-from trainer.config import ConfigError, load_config
 
 
 def test_run_dir_is_output_dir_with_absolute_paths(tmp_path, monkeypatch):

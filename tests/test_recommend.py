@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from modeling.export import ExportError
+from configs import ExportError
 from modeling.recommend import resolve_history
 
 ITEMS = [

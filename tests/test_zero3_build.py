@@ -16,7 +16,8 @@ SCRIPT = """
 import json, sys
 import torch
 import deepspeed
-from trainer.config import deepspeed_config, load_config
+from configs import load_config
+from trainer.engine import deepspeed_config
 from trainer.distributed import setup_distributed
 from modeling.factory import build_model_and_tokenizer
 

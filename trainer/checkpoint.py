@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.config import ConfigError, RecGPTConfig, save_resolved
+from configs import CheckpointError, RecGPTConfig, atomic_write, save_resolved
 from trainer.distributed import barrier
 from trainer.faults import Faults
 
@@ -43,22 +43,8 @@ DS_SUBDIR = "ds"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ConfigError):
-    """A missing, incomplete or incompatible checkpoint (a ConfigError: the CLI prints one line, exit 2)."""
-
-
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so readers see either the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -182,13 +168,13 @@ class CheckpointManager:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             save_resolved(cfg, tmp)
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            _write_atomic(tmp / COMPLETE, f"{name}\n")
+            atomic_write(tmp / COMPLETE, f"{name}\n")
             if final.exists():  # the same step written again by a run restarted from an earlier one
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.root / "latest", name)
+            atomic_write(self.root / "latest", name)
             if is_best:
-                _write_atomic(self.root / "best", name)
+                atomic_write(self.root / "best", name)
             self.prune()
         barrier()
         return final

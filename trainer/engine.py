@@ -1,7 +1,7 @@
 """DeepSpeed engine construction: AdamW param groups, the LR schedule, ``deepspeed.initialize``.
 
 recgpt builds the optimizer and the schedule itself and hands both to DeepSpeed, so the DeepSpeed
-JSON (``trainer.config.deepspeed_config``) carries only parallelism/precision settings and the
+JSON (:func:`deepspeed_config`) carries only parallelism/precision settings and the
 schedule is the same one for every ZeRO stage. DeepSpeed steps the scheduler once per optimizer step
 (skipped fp16 overflow steps included in its bookkeeping) and saves/loads its state in checkpoints.
 """
@@ -10,10 +10,50 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from trainer.config import RecGPTConfig, deepspeed_config
+from configs import RecGPTConfig
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: RecGPTConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the typed config (never kept by hand); ``zero.extra`` last.
+
+    ``train_batch_size`` = micro_batch_size x grad_accum x world_size (DeepSpeed checks the product).
+    """
+    z = cfg.zero
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage >= 1:
+        zero["overlap_comm"] = z.overlap_comm
+        zero["contiguous_gradients"] = True
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if z.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if z.stage == 3:
+        # Gathered 16-bit weights let rank 0 save a consolidated model (export, evaluation).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    precision = cfg.train.precision
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, z.extra)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -165,4 +205,4 @@ def param_grad_norm(module: torch.nn.Module) -> float:
 
 def tracks_grad_norm(cfg: RecGPTConfig) -> bool:
     """Whether DeepSpeed records the global gradient norm for this configuration."""
-    return cfg.zero.stage > 0 or cfg.zero.bf16 or cfg.zero.fp16
+    return cfg.zero.stage > 0 or cfg.train.precision != "fp32"

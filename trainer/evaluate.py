@@ -15,31 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.config import RecGPTConfig
+from configs import ConfigError, RecGPTConfig
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def eval_loader(cfg: RecGPTConfig, shards: str, split: str, tokenizer, items, rank: int, world_size: int):
-    """The padded, unshuffled reader of an eval split (same for training-time and offline evaluation)."""
-    from data_shards.reader import ShardLoader
-    from modeling.collate import make_collate
-
-    return ShardLoader(
-        shards,
-        split=split,
-        rank=rank,
-        world_size=world_size,
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        collate_fn=make_collate(cfg, tokenizer, items, split),
-        drop_last=False,
-        corrupt_tolerance=cfg.data.corrupt_shard_tolerance,
-        prefetch_factor=cfg.data.prefetch_factor,
-    )
 
 
 def evaluate(model: torch.nn.Module, loader, cfg: RecGPTConfig, device: torch.device) -> dict[str, float]:
@@ -72,12 +52,12 @@ def evaluate(model: torch.nn.Module, loader, cfg: RecGPTConfig, device: torch.de
 
 def _model_from_checkpoint(args: argparse.Namespace):
     """(cfg, model, tokenizer, shards, description) for ``--checkpoint RUN_DIR[/CKPT]``."""
+    from configs import load_config
     from modeling.factory import load_model_for_eval
     from trainer.checkpoint import CheckpointError, consolidated_state_dict, resolve_checkpoint
-    from trainer.config import load_config
 
     ckpt = resolve_checkpoint(args.checkpoint, best=args.best)
-    cfg = load_config(ckpt / "config.yaml", args.overrides)
+    cfg = load_config(ckpt / "config.yaml", args.overrides, saved=True)
     shards = args.data or cfg.data.shards
     model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
     missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
@@ -102,21 +82,21 @@ def _model_from_export(args: argparse.Namespace):
 def evaluate_main(args: argparse.Namespace) -> int:
     """``recgpt evaluate``: print one JSON line of metrics (rank 0); runs distributed under torchrun."""
     from data_shards.manifest import read_items
+    from modeling.data import build_loader
     from trainer.distributed import setup_distributed, teardown_distributed
 
     if args.config:
-        from launcher.cli import UserError
-
-        raise UserError("--config: evaluate uses the checkpoint's own config; pass key=value overrides only")
+        raise ConfigError(
+            "--config: evaluate uses the checkpoint's own config; pass key=value overrides only"
+        )
     info = setup_distributed()
     try:
         cfg, model, tokenizer, shards, source = (
             _model_from_export if args.model else _model_from_checkpoint
         )(args)
         model.to(info.device)
-        loader = eval_loader(
-            cfg, shards, args.split, tokenizer, read_items(shards), info.rank, info.world_size
-        )
+        loader = build_loader(cfg, args.split, tokenizer, read_items(shards), shards=shards,
+                              rank=info.rank, world_size=info.world_size)  # fmt: skip
         metrics = evaluate(model, loader, cfg, info.device)
         if info.is_main:
             line = {

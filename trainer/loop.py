@@ -22,18 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from configs import RecGPTConfig, TrainingError, save_resolved
 from trainer.checkpoint import CheckpointManager, find_resume_checkpoint, set_rng_state
-from trainer.config import RecGPTConfig, deepspeed_config, save_resolved
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
-from trainer.engine import build_engine, global_grad_norm, param_grad_norm, tracks_grad_norm
-from trainer.evaluate import eval_loader, evaluate, to_device
+from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
+from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
 from trainer.monitor import Monitor, flops_per_token, memory_bytes, peak_flops, peak_memory_bytes
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """train.max_bad_steps consecutive micro-batches had a NaN/inf loss on some rank."""
 
 
@@ -87,9 +87,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
 
     ``report(metrics, checkpoint_dir)`` is called on every rank after each complete checkpoint.
     """
-    from data_shards.manifest import read_items
-    from data_shards.reader import ShardLoader
-    from modeling.collate import make_collate
+    from data_shards.manifest import load_manifest, read_items
+    from modeling.data import build_loader, resolve_max_history
     from modeling.factory import build_model_and_tokenizer
     from modeling.lora import adalora_update, trainable_parameters
     from modeling.loss import LossComputer
@@ -103,25 +102,18 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     monitor = None
     try:
         # ---------------------------------------------------------------- model, data, engine
-        items = read_items(cfg.data.shards)
+        manifest = load_manifest(cfg.data.shards)
+        # The resolved config (saved with the run, every checkpoint and export) says the real history length.
+        cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
+        items = read_items(cfg.data.shards, manifest)
         model, tokenizer = build_model_and_tokenizer(
             cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size)
         )
-        train_loader = ShardLoader(
-            cfg.data.shards,
-            split="train",
-            rank=info.rank,
-            world_size=info.world_size,
-            batch_size=tc.micro_batch_size,
-            seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
-            collate_fn=make_collate(cfg, tokenizer, items, "train"),
-            drop_last=True,  # equal batch counts on every rank come from the plan (no hang at a collective)
-            corrupt_tolerance=cfg.data.corrupt_shard_tolerance,
-            prefetch_factor=cfg.data.prefetch_factor,
+        train_loader = build_loader(
+            cfg, "train", tokenizer, items, rank=info.rank, world_size=info.world_size
         )
-        valid_loader = eval_loader(
-            cfg, cfg.data.shards, "valid", tokenizer, items, info.rank, info.world_size
+        valid_loader = build_loader(
+            cfg, "valid", tokenizer, items, rank=info.rank, world_size=info.world_size
         )
         n_trainable, n_params = trainable_parameters(model)
         total_steps = tc.max_steps or tc.epochs * max(1, len(train_loader) // tc.grad_accum)

@@ -1,25 +1,33 @@
-"""All of recgpt's settings in one typed place.
+"""Every setting of recgpt, with its default, in one typed place (the bottom layer).
 
-Every default lives here (one-line docstring per field); YAML files in ``configs/`` hold only
-overrides and CLI ``key=value`` dotlist overrides apply last. Unknown keys, wrong types and
-impossible combinations raise :class:`ConfigError` with one line naming the key.
+Two roots: :class:`RecGPTConfig` (training, evaluation, export — ``recgpt train --config FILE``) and
+:class:`ShardsConfig` (``recgpt shards build``; its CLI flags are generated from its fields). Each
+field has exactly one default and one docstring here; YAML files in ``configs/`` hold only overrides,
+and ``key=value`` dotlist overrides apply last (:mod:`configs.load`). Unknown keys, wrong types and
+impossible combinations raise :class:`~configs.errors.ConfigError` with one line naming the key.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import json
-import os
+import functools
+import inspect
+import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from configs.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line that names the key."""
+# Shapes of the preset models (model.n_layer / n_embd / n_head override them one by one).
+PRESET_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2),
+    "small": dict(n_layer=4, n_embd=256, n_head=4),
+    "base": dict(n_layer=12, n_embd=768, n_head=12),
+}
+# Leave-one-out needs one training item, the valid target and the test target.
+MIN_USER_INTERACTIONS = 3
+INPUT_FORMATS = ("auto", "ml-100k", "ml-1m", "ml-latest", "amazon-2018", "amazon-2023", "csv", "parquet")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -31,14 +39,116 @@ def _choice(value: Any, key: str, allowed: tuple) -> None:
     _check(value in allowed, key, f"got {value!r}, allowed: {', '.join(map(str, allowed))}")
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (``name: type = default`` then ``\"\"\"doc\"\"\"``).
+
+    Read from the class source with :mod:`ast`, so the docstring in this file is the one text shown by
+    ``--help``, the docs and error hints.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# --------------------------------------------------------------------------- recgpt shards build
+
+
+@dataclass
+class ShardsConfig:
+    """How ``recgpt shards build`` turns interaction logs into a leave-one-out split of WebDataset shards."""
+
+    format: str = "auto"
+    """Input format: auto (detected from file names), ml-100k, ml-1m, ml-latest, amazon-2018, amazon-2023, csv, parquet."""
+    meta: str | None = None
+    """Item metadata file (Amazon meta JSONL; titles) when it is not next to the input."""
+    user_col: str = "user_id"
+    """Generic CSV/Parquet: the user column."""
+    item_col: str = "item_id"
+    """Generic CSV/Parquet: the item column."""
+    rating_col: str | None = None
+    """Generic CSV/Parquet: the rating column (null: every rating is 1)."""
+    time_col: str = "timestamp"
+    """Generic CSV/Parquet: the timestamp column."""
+    title_col: str | None = None
+    """Generic CSV/Parquet: the item title column (optional)."""
+    min_user_interactions: int = 5
+    """k-core: users with fewer interactions are dropped (repeated until stable with the item minimum)."""
+    min_item_interactions: int = 1
+    """k-core: items with fewer interactions are dropped."""
+    rating_threshold: float | None = None
+    """Keep only interactions rated at least this (null: keep all)."""
+    max_history: int = 50
+    """History items per record: training windows hold max_history + 1 items, eval records max_history
+    items before the target. data.max_history of a training run may be shorter, never longer."""
+    window_stride: int | None = None
+    """Training windows end every N items (null = max_history: each target once; smaller overlaps)."""
+    prefix_records: bool = False
+    """One training record per target (RecBole style, ~50x the compute of windows)."""
+    records_per_member: int = 256
+    """Records packed into one tar member (a tar header costs ~1 KiB per member)."""
+    max_shard_mb: float = 16.0
+    """Size cap of one shard file in MiB."""
+    skip_bad_lines: bool = False
+    """Count and report malformed input lines instead of stopping at the first."""
+
+    def __post_init__(self) -> None:
+        _choice(self.format, "shards.format", INPUT_FORMATS)
+        _check(
+            self.min_user_interactions >= MIN_USER_INTERACTIONS,
+            "shards.min_user_interactions",
+            f"got {self.min_user_interactions}, leave-one-out needs >= {MIN_USER_INTERACTIONS}",
+        )
+        _check(
+            self.min_item_interactions >= 1,
+            "shards.min_item_interactions",
+            f"got {self.min_item_interactions}, must be >= 1",
+        )
+        _check(self.max_history >= 1, "shards.max_history", f"got {self.max_history}, must be >= 1")
+        _check(
+            self.window_stride is None or 1 <= self.window_stride <= self.max_history,
+            "shards.window_stride",
+            f"got {self.window_stride}, must be in 1..shards.max_history ({self.max_history})",
+        )
+        _check(
+            self.records_per_member >= 1,
+            "shards.records_per_member",
+            f"got {self.records_per_member}, must be >= 1",
+        )
+        # Two tar records (20 KiB) is the smallest tar file holding one member.
+        _check(
+            self.max_shard_mb * 2**20 >= 2 * 10240,
+            "shards.max_shard_mb",
+            f"got {self.max_shard_mb:g}, must hold at least one tar member (>= 0.02)",
+        )
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return int(self.max_shard_mb * 2**20)
+
+
+# --------------------------------------------------------------------------- recgpt train / evaluate / export
+
+
 @dataclass
 class DataConfig:
     shards: str = "runs/shards/ml-latest-small"
     """The shard directory (or URL prefix webdataset can open) holding manifest.json."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = read in the training process)."""
-    max_history: int = 50
-    """Items of history fed to the model; longer windows/histories keep their most recent items."""
+    max_history: int | None = None
+    """Items of history fed to the model (the most recent ones); null = the shards' window
+    (``shards.max_history`` in the manifest). It may be shorter than the shards' window, never longer."""
     corrupt_shard_tolerance: int = 0
     """How many corrupt shards a run may skip (logged) before it stops; 0 = stop at the first."""
     prefetch_factor: int = 4
@@ -46,30 +156,32 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.max_history >= 1, "data.max_history", "must be >= 1")
+        _check(self.max_history is None or self.max_history >= 1, "data.max_history", "must be >= 1")
         _check(self.corrupt_shard_tolerance >= 0, "data.corrupt_shard_tolerance", "must be >= 0")
 
 
 @dataclass
 class ModelConfig:
     preset: str | None = "tiny"
-    """Named random-init architecture (tiny, small, base) built locally; null to load name_or_path."""
+    """Random-init decoder-only transformer built locally: tiny (2 layers x 64), small (4 x 256) or
+    base (12 x 768, GPT-2-small sized); null to load model.name_or_path instead."""
     name_or_path: str | None = None
     """Hugging Face causal LM: a local directory (a recgpt export included) or a hub name."""
     architecture: str = "gpt2"
-    """Preset family: gpt2 (pre-LN) or bart (post-LN decoder, LayerNorm on the embeddings: SASRec's layout)."""
+    """Block layout of a preset: gpt2 (pre-LN blocks, GPT-2) or bart (post-LN blocks with LayerNorm on the
+    embeddings, SASRec's layout; built from Hugging Face's BART decoder)."""
     prompt: str = "ids"
     """Prompt format: ids (item tokens only, SASRec-like) or text (titles and ratings in words)."""
-    n_layer: int = 2
-    """Transformer layers of a preset model."""
-    n_embd: int = 64
-    """Hidden size of a preset model."""
-    n_head: int = 2
-    """Attention heads of a preset model."""
+    n_layer: int | None = None
+    """Transformer layers of a preset model; null = the preset's (see PRESET_SHAPES)."""
+    n_embd: int | None = None
+    """Hidden size of a preset model; null = the preset's."""
+    n_head: int | None = None
+    """Attention heads of a preset model; null = the preset's."""
     dropout: float = 0.1
     """Dropout of a preset model (residual, embedding and attention)."""
     tokenizer_vocab_size: int = 2000
-    """Size of the word-piece vocabulary trained locally on item titles for preset models."""
+    """Size of the byte-level BPE vocabulary trained locally on item titles for preset models."""
     item_init: str = "mean"
     """Initial item-token embeddings: mean (of existing rows), title (of title tokens), random, cooccurrence (PMI SVD)."""
     rating_head: str = "classes"
@@ -91,9 +203,29 @@ class ModelConfig:
         _choice(self.prompt, "model.prompt", ("ids", "text"))
         _choice(self.item_init, "model.item_init", ("mean", "title", "random", "cooccurrence"))
         _choice(self.rating_head, "model.rating_head", ("classes", "regression"))
-        _check(self.n_layer >= 1, "model.n_layer", "must be >= 1")
-        _check(self.n_embd % self.n_head == 0, "model.n_embd", "must be divisible by model.n_head")
+        if self.preset is None:
+            for key in ("n_layer", "n_embd", "n_head"):
+                _check(
+                    getattr(self, key) is None,
+                    f"model.{key}",
+                    "only for presets (model.name_or_path sets its own)",
+                )
+        else:
+            shape = self.shape()
+            _check(
+                shape["n_layer"] >= 1 and shape["n_head"] >= 1,
+                "model.n_layer",
+                "layers and heads must be >= 1",
+            )
+            _check(
+                shape["n_embd"] % shape["n_head"] == 0, "model.n_embd", "must be divisible by model.n_head"
+            )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+    def shape(self) -> dict[str, int]:
+        """n_layer / n_embd / n_head of the preset, each overridden by the field when it is set."""
+        base = PRESET_SHAPES[self.preset or "tiny"]
+        return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in base}
 
 
 @dataclass
@@ -155,10 +287,6 @@ class ZeroConfig:
     """Keep optimizer states (and step) on the CPU (stage >= 1)."""
     offload_param: bool = False
     """Keep parameters on the CPU between uses (stage 3 only)."""
-    bf16: bool = False
-    """bfloat16 mixed precision."""
-    fp16: bool = False
-    """float16 mixed precision with dynamic loss scaling."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (stage >= 1; pays off on GPUs)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -166,7 +294,6 @@ class ZeroConfig:
 
     def __post_init__(self) -> None:
         _choice(self.stage, "zero.stage", (0, 1, 2, 3))
-        _check(not (self.bf16 and self.fp16), "zero.fp16", "fp16 and bf16 cannot both be true")
         _check(
             not self.offload_optimizer or self.stage >= 1,
             "zero.offload_optimizer",
@@ -214,6 +341,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    precision: str = "fp32"
+    """Training precision: fp32, bf16 (bfloat16 mixed precision) or fp16 (float16 with dynamic loss scaling)."""
     micro_batch_size: int = 64
     """Sequences per rank per forward pass."""
     grad_accum: int = 1
@@ -246,6 +375,7 @@ class TrainConfig:
     """Log training scalars every N optimizer steps."""
 
     def __post_init__(self) -> None:
+        _choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.max_steps >= 0 and self.epochs >= 0, "train.max_steps", "must be >= 0")
@@ -377,143 +507,23 @@ class RecGPTConfig:
                 self.train.objective == "all", "train.objective", "the rating task supervises every position"
             )
         _check(
-            self.eval.metric in _valid_metrics(self),
+            self.eval.metric in valid_metrics(self),
             "eval.metric",
-            f"got {self.eval.metric!r}, allowed: {', '.join(_valid_metrics(self))}",
+            f"got {self.eval.metric!r}, allowed: {', '.join(valid_metrics(self))}",
         )
 
 
-def _valid_metrics(cfg: RecGPTConfig) -> list[str]:
+def valid_metrics(cfg: RecGPTConfig) -> list[str]:
+    """The metric names eval.metric may take for this config."""
     if cfg.task == "rating":
         return ["accuracy", "auc", "neg_rmse"]
     return [f"{m}@{k}" for k in cfg.eval.ks for m in ("ndcg", "hr", "mrr")]
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _validate_tree(dc: Any, prefix: str = "") -> None:
-    """Re-run every section's __post_init__ (OmegaConf merges bypass them)."""
+def validate_tree(dc: Any) -> None:
+    """Re-run every section's ``__post_init__`` (OmegaConf merges bypass them), innermost first."""
     for f in dataclasses.fields(dc):
         value = getattr(dc, f.name)
         if dataclasses.is_dataclass(value):
-            _validate_tree(value, f"{prefix}{f.name}.")
+            validate_tree(value)
     dc.__post_init__()
-
-
-def _omegaconf_error_line(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or "config"
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if "Key '" in msg and "not in" in msg:
-        msg = "unknown key"
-    return f"{key}: {msg}"
-
-
-def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> RecGPTConfig:
-    """Defaults <- YAML file (overrides only) <- ``key=value`` overrides; validated.
-
-    Raises :class:`ConfigError` with one line naming the key on any problem.
-    """
-    schema = OmegaConf.structured(RecGPTConfig)
-    layers = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as e:  # yaml errors carry line numbers
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value (e.g. train.max_steps=100)")
-    if overrides:
-        try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as e:
-            raise ConfigError(_omegaconf_error_line(e)) from None
-    try:
-        merged = OmegaConf.merge(schema, *layers)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        line = _omegaconf_error_line(e)
-        if path is not None and not any(o.split("=")[0] in line for o in overrides):
-            line = f"{path}: {line}"
-        raise ConfigError(line) from None
-    assert isinstance(cfg, RecGPTConfig)
-    _validate_tree(cfg)
-    return cfg
-
-
-def to_dict(cfg: RecGPTConfig) -> dict[str, Any]:
-    """Plain nested dict of the resolved config (JSON/YAML-safe)."""
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: RecGPTConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def config_from_dict(d: dict[str, Any]) -> RecGPTConfig:
-    """Rebuild a validated config from a saved resolved-config dict (checkpoints, exports)."""
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecGPTConfig), OmegaConf.create(d)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(_omegaconf_error_line(e)) from None
-    _validate_tree(cfg)
-    return cfg
-
-
-def save_resolved(cfg: RecGPTConfig, directory: str | os.PathLike) -> Path:
-    """Write ``config.yaml`` (resolved, every key) into ``directory`` atomically."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / "config.yaml"
-    tmp = d / f".config.yaml.tmp{os.getpid()}"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
-
-
-# --------------------------------------------------------------------------- DeepSpeed JSON
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(cfg: RecGPTConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON, generated from the typed config (never kept by hand)."""
-    z = cfg.zero
-    zero: dict[str, Any] = {"stage": z.stage}
-    if z.stage >= 1:
-        zero["overlap_comm"] = z.overlap_comm
-        zero["contiguous_gradients"] = True
-    if z.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if z.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    if z.stage == 3:
-        # Gathered 16-bit weights let rank 0 save a consolidated model (export, evaluation).
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": z.bf16},
-        "fp16": {"enabled": z.fp16, "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(ds, z.extra)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
