@@ -1,0 +1,17 @@
+"""Argument helpers shared by the subcommand modules."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", help="YAML file of overrides (see configs/); defaults live in trainer/config.py"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotlist overrides applied last, e.g. train.max_steps=100",
+    )
