@@ -1,8 +1,9 @@
 """The ``recgpt`` command line: ``recgpt <subcommand> …`` or ``python -m launcher <subcommand> …``.
 
-Argument parsing lives here; the work lives in the packages (imported lazily so ``--help`` is fast
-and ``shards`` never imports torch's distributed stack). A :class:`~trainer.config.ConfigError` or a
-:class:`UserError` becomes one line on stderr and exit code 2 — never a traceback.
+Command handlers live only in ``launcher/`` (this module, ``shards_cmd``, ``model_cmd``): they parse
+arguments, call library functions with typed arguments and print. The packages are imported lazily so
+``--help`` is fast and ``shards`` never imports torch's distributed stack. Any
+:class:`~configs.errors.RecgptError` becomes one line on stderr and exit code 2 — never a traceback.
 """
 
 from __future__ import annotations
