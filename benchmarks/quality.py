@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -154,66 +153,77 @@ def ensure_shards(out: Path) -> Path:
     return shards
 
 
+def _eval_config(shards: Path, config: str = "configs/quality_ids.yaml"):
+    """A row's config on ``shards``: what the baselines read and score their eval records with."""
+    from configs import load_config
+
+    return load_config(REPO / config, [f"data.shards={shards}"])
+
+
+def _eval_batches(shards: Path, split: str):
+    """The real (not padding) raw records of ``split`` per batch, in written order, read by the
+    loader factory as the trainer's evaluation reads them (``build_loader`` without a tokenizer)."""
+    from modeling.data import build_loader
+
+    for batch in build_loader(_eval_config(shards), split, num_workers=0):
+        real = [rec for rec in batch if not rec.get("pad")]
+        if real:
+            yield real
+
+
 def _user_records(shards: Path, split: str):
-    """Every real (not padding) eval record of ``split``, in file order."""
-    from data_shards.reader import ShardLoader
-
-    loader = ShardLoader(str(shards), split=split, rank=0, world_size=1, batch_size=64, seed=0, num_workers=0)
-    for batch in loader:
-        yield from (rec for rec in batch if not rec.get("pad"))
+    """Every real (not padding) eval record of ``split``, in written order."""
+    for batch in _eval_batches(shards, split):
+        yield from batch
 
 
-def popularity_rows(shards: Path) -> dict:
-    """Most-popular baseline: items ranked by training-interaction counts (ties: first appearance)."""
+def popularity_scores(shards: Path):
+    """[num_items] float scores of the most-popular ranking: items ordered by training-interaction
+    count, equal counts by first appearance; items never seen in training tie below all others."""
     import torch
 
     from data_shards.manifest import load_manifest
 
     n_items = load_manifest(str(shards))["num_items"]
-    counts = torch.zeros(n_items)
-    first_seen = torch.full((n_items,), float("inf"))
-    order = 0
     # Every valid record's `seen` list is exactly that user's training interactions, in time order.
-    for rec in _user_records(shards, "valid"):
-        for i in rec["seen"]:
-            counts[i] += 1
-            if first_seen[i] == float("inf"):
-                first_seen[i] = order
-            order += 1
-    # Higher count first; equal counts by first appearance.
-    key = counts * (order + 1) - torch.where(
-        first_seen.isinf(), torch.full_like(first_seen, order), first_seen
-    )
-    result = {}
-    for masked in (False, True):
-        hits = ndcg = mrr = 0.0
-        users = 0
-        for rec in _user_records(shards, "test"):
-            scores = key.clone()
-            target = rec["items"][-1]
-            if masked:
-                seen = torch.tensor([i for i in rec["seen"] if i != target], dtype=torch.long)
-                if len(seen):
-                    scores[seen] = -float("inf")
-            rank = int((scores > scores[target]).sum()) + 1  # ties ranked pessimistically
-            users += 1
-            if rank <= 10:
-                hits += 1
-                ndcg += 1 / math.log2(rank + 1)
-                mrr += 1 / rank
-        result["masked" if masked else "unmasked"] = {
-            "hr@10": hits / users,
-            "ndcg@10": ndcg / users,
-            "mrr@10": mrr / users,
-        }
-    return result
+    train = torch.tensor([i for rec in _user_records(shards, "valid") for i in rec["seen"]], dtype=torch.long)
+    n = train.numel()
+    counts = torch.bincount(train, minlength=n_items)
+    first = torch.full((n_items,), n, dtype=torch.long).scatter_reduce(0, train, torch.arange(n), "amin")
+    # The position in that order as the score: exact integers (count * (n + 1) is not, in float32).
+    order = (counts * (n + 1) - first).argsort(descending=True, stable=True)
+    scores = torch.empty(n_items).scatter_(0, order, torch.arange(n_items, 0, -1, dtype=torch.float32))
+    return scores.masked_fill(counts == 0, 0.0)
+
+
+def popularity_rows(shards: Path) -> dict:
+    """Most-popular baseline: HR/NDCG/MRR@10 on the test targets, the history masked or not, from
+    modeling's full-ranking metrics (``target_ranks``: ties count against the target)."""
+    import torch
+
+    from data_shards.records import SEEN_PAD
+    from modeling.metrics import ranking_metrics, target_ranks
+
+    scores = popularity_scores(shards)
+    ranks: dict[str, list] = {"unmasked": [], "masked": []}
+    for recs in _eval_batches(shards, "test"):
+        target = torch.tensor([rec["items"][-1] for rec in recs], dtype=torch.long)
+        seen = torch.full((len(recs), max(1, *(len(rec["seen"]) for rec in recs))), SEEN_PAD, dtype=torch.long)
+        for row, rec in enumerate(recs):
+            seen[row, : len(rec["seen"])] = torch.tensor(rec["seen"], dtype=torch.long)
+        batch_scores = scores.expand(len(recs), -1)
+        ranks["unmasked"].append(target_ranks(batch_scores, target, None))
+        ranks["masked"].append(target_ranks(batch_scores, target, seen))
+    return {name: ranking_metrics(torch.cat(r), (10,)) for name, r in ranks.items()}
 
 
 def rating_baselines(shards: Path) -> dict:
-    """Global-mean and user-mean rating predictors on the test targets (the rating row's baselines)."""
+    """Global-mean and user-mean rating predictors on the test targets (the rating row's baselines),
+    scored by modeling's rating metrics (accuracy over the rating levels, RMSE, AUC of rating >= 4)."""
     from data_shards.manifest import load_manifest
-    from modeling.metrics import LIKE_THRESHOLD, auc
+    from modeling.metrics import compute_metrics
 
+    cfg = _eval_config(shards, "configs/quality_rating.yaml")
     levels = torch_tensor(load_manifest(str(shards))["rating_levels"])
     # A test record holds the user's last max_history ratings before the target: its training
     # ratings are those of the valid record's window plus the valid target.
@@ -229,15 +239,18 @@ def rating_baselines(shards: Path) -> dict:
         h = history[rec["user"]]
         u_pred.append(sum(h) / len(h))
     y = torch_tensor(truth)
+    label = (y[:, None] - levels[None]).abs().argmin(1)
     out = {}
     for name, pred in (("global_mean", torch_tensor(g_pred)), ("user_mean", torch_tensor(u_pred))):
-        cls = (pred[:, None] - levels[None]).abs().argmin(1)
-        label = (y[:, None] - levels[None]).abs().argmin(1)
-        out[name] = {
-            "accuracy": float((cls == label).double().mean()),
-            "rmse": float(((pred - y) ** 2).mean().sqrt()),
-            "auc": auc(pred, y >= LIKE_THRESHOLD),
+        outputs = {
+            "rating": y,
+            "label": label,
+            "pred_rating": pred,
+            "pred_class": (pred[:, None] - levels[None]).abs().argmin(1),
+            "like_score": pred,
         }
+        m = compute_metrics(outputs, cfg)
+        out[name] = {k: m[k] for k in ("accuracy", "rmse", "auc")}
     return out
 
 

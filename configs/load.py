@@ -131,14 +131,19 @@ class _ShardsRoot:
 
 
 def load_shards_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
 ) -> ShardsConfig:
-    """A :class:`ShardsConfig` from a YAML file (a ``shards:`` section, or its keys at the top level)
-    and ``key=value`` overrides (the ``shards.`` prefix is optional)."""
+    """A :class:`ShardsConfig`: defaults <- YAML file (a ``shards:`` section, or its keys at the top
+    level) <- ``values`` (field -> value, e.g. from CLI flags) <- ``key=value`` overrides (the
+    ``shards.`` prefix is optional). Raises ConfigError naming ``shards.<key>``."""
     layers: list[Any] = []
     if path is not None:
         loaded = _read_yaml(path)
         layers.append(loaded if "shards" in loaded else OmegaConf.create({"shards": loaded}))
+    if values:
+        layers.append(OmegaConf.create({"shards": values}))
     layers += _override_layer([o if o.startswith("shards.") else f"shards.{o}" for o in overrides])
     root = _merge(_ShardsRoot, layers, str(path) if path is not None else None, tuple(overrides))
     return root.shards

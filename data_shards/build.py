@@ -11,7 +11,7 @@ no manifest pointing at partial shards.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -21,10 +21,11 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from configs import DataError
-from data_shards.ingest import Columns, read_interactions
+from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
+from data_shards.ingest import read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
-from data_shards.split import Filters, apply_filters, eval_records, sequences, train_records
+from data_shards.records import Record
+from data_shards.split import apply_filters, eval_records, sequences, train_records
 
 _TAR_BLOCK, _TAR_RECORD = 512, 10240  # tarfile pads the archive (2 end blocks included) to whole records
 
@@ -42,25 +43,17 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _ShardSink:
     """Packs records into tar members and members into size-capped shards of one split."""
 
     def __init__(self, root: Path, split: str, records_per_member: int, max_shard_bytes: int) -> None:
         self.root, self.split = root, split
         self.per_member, self.max_bytes = records_per_member, max_shard_bytes
-        self.buffer: list[dict[str, Any]] = []
+        self.buffer: list[Record] = []
         self.shards: list[dict[str, Any]] = []
         self.writer: TarWriter | None = None
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: Record) -> None:
         self.buffer.append(record)
         if len(self.buffer) == self.per_member:
             self._flush_member()
@@ -93,7 +86,7 @@ class _ShardSink:
                 "path": self.path,
                 "records": self.records,
                 "bytes": full.stat().st_size,
-                "sha256": _sha256(full),
+                "sha256": sha256_file(full),
             }
         )
 
@@ -106,7 +99,7 @@ class _ShardSink:
 
 
 def write_split(
-    root: Path, split: str, records: Iterable[dict[str, Any]], records_per_member: int, max_shard_bytes: int
+    root: Path, split: str, records: Iterable[Record], records_per_member: int, max_shard_bytes: int
 ) -> dict[str, Any]:
     """Write one split's shards under ``root/split``; the manifest entry ``{records, shards: [...]}``."""
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -119,35 +112,26 @@ def write_split(
 def build_shards(
     input_path: str | os.PathLike,
     out: str | os.PathLike,
+    cfg: ShardsConfig | None = None,
     *,
-    fmt: str = "auto",
-    meta: str | None = None,
-    columns: Columns = Columns(),
-    filters: Filters = Filters(),
-    max_history: int = 50,
-    prefix_records: bool = False,
-    window_stride: int | None = None,
-    records_per_member: int = 256,
-    max_shard_bytes: int = 16 << 20,
-    skip_bad_lines: bool = False,
     force: bool = False,
     command: str = "",
 ) -> dict[str, Any]:
-    """Build a shard directory at ``out`` (atomically) and return its manifest."""
-    if max_history < 1:
-        raise DataError(f"--max-history: got {max_history}, must be >= 1")
-    if window_stride is not None and not 1 <= window_stride <= max_history:
-        raise DataError(f"--window-stride: got {window_stride}, must be in 1..--max-history ({max_history})")
-    if records_per_member < 1:
-        raise DataError(f"--records-per-member: got {records_per_member}, must be >= 1")
-    if max_shard_bytes < 2 * _TAR_RECORD:
-        raise DataError(f"--max-shard-mb: got {max_shard_bytes / 2**20:g}, must hold at least one tar member")
+    """Build a shard directory at ``out`` (atomically) from the logs at ``input_path``; returns the manifest.
+
+    ``cfg`` (default: every ``shards.*`` default) says how to read, filter, split and pack; it is
+    recorded in the manifest (``shards_config``) with ``command``, the command line that rebuilds it.
+    ``force`` replaces a non-empty ``out``. Raises DataError naming the file, line or key.
+    """
+    cfg = cfg or ShardsConfig()
+    max_history, window_stride, prefix_records = cfg.max_history, cfg.window_stride, cfg.prefix_records
+    records_per_member, max_shard_bytes = cfg.records_per_member, cfg.max_shard_bytes
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"{out}: already exists and is not empty (pass --force to replace it)")
+        raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
 
-    logs = read_interactions(input_path, fmt, meta, columns, skip_bad_lines)
-    frame, filter_stats = apply_filters(logs.frame, filters)
+    logs = read_interactions(input_path, cfg)
+    frame, filter_stats = apply_filters(logs.frame, cfg)
     seqs = sequences(frame)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +159,7 @@ def build_shards(
             "test": eval_records(seqs, "test", max_history),
         }
         splits = {s: write_split(tmp, s, sources[s], records_per_member, max_shard_bytes) for s in SPLITS}
-        items_sha = hashlib.sha256(items_bytes).hexdigest()
+        items_sha = sha256_bytes(items_bytes)
         manifest = {
             "format_version": FORMAT_VERSION,
             "source": {
@@ -186,6 +170,7 @@ def build_shards(
                 "metadata_items": len(logs.titles),
             },
             "command": command,
+            "shards_config": dataclasses.asdict(cfg),
             "filters": filter_stats,
             "max_history": max_history,
             "train_records": "prefix" if prefix_records else "windows",

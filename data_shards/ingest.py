@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from configs import DataError
+from configs import DataError, ShardsConfig
+from configs.schema import INPUT_FORMATS
 
-FORMATS = ("ml-100k", "ml-1m", "ml-latest", "amazon-2018", "amazon-2023", "csv", "parquet")
+FORMATS = tuple(f for f in INPUT_FORMATS if f != "auto")
 
 # ML-100K u.item: 5 descriptive columns, then one 0/1 flag per genre in this order.
 ML100K_GENRES = (
@@ -67,17 +68,6 @@ class Interactions:
     format: str = ""
     files: list[str] = field(default_factory=list)
     skipped_lines: int = 0
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Column mapping of the generic CSV/Parquet reader."""
-
-    user: str = "user_id"
-    item: str = "item_id"
-    rating: str | None = None
-    time: str = "timestamp"
-    title: str | None = None
 
 
 # --------------------------------------------------------------------------- input files
@@ -151,7 +141,7 @@ def detect_format(files: list[InputFile], fmt: str = "auto") -> tuple[str, Input
                 else:
                     raise DataError(
                         f"{logs[0].name}: line 1: unknown JSONL fields {sorted(keys)[:6]} "
-                        "(Amazon 2018 has reviewerID/asin, 2023 user_id/parent_asin); pass --format"
+                        "(Amazon 2018 has reviewerID/asin, 2023 user_id/parent_asin); set shards.format"
                     )
             return fmt, logs[0], metas[0] if len(metas) == 1 else None
     if fmt in ("auto", "parquet"):
@@ -166,7 +156,7 @@ def detect_format(files: list[InputFile], fmt: str = "auto") -> tuple[str, Input
     raise DataError(
         f"cannot find {wanted} among the input files ({listing}): expected u.data (ML-100K), ratings.dat "
         "(ML-1M/10M), ratings.csv (ml-latest), one Amazon *.jsonl, one *.parquet or one *.csv; "
-        "pass --format to choose"
+        "set shards.format to choose"
     )
 
 
@@ -207,7 +197,7 @@ def _read_table(
     ]
     if bad and not skip_bad:
         n, msg = bad[0]
-        raise DataError(f"{f.name}: line {n}: {msg} (use --skip-bad-lines to skip such lines)")
+        raise DataError(f"{f.name}: line {n}: {msg} (shards.skip_bad_lines=true skips such lines)")
     first = 1 if names else 2
     lines = np.arange(first, first + len(df) + len(bad))
     df["_line"] = lines[~np.isin(lines, [n for n, _ in bad])]
@@ -258,7 +248,7 @@ def _validated(
             i = int(np.argmax(mask))
             where = f"line {df['_line'].iat[i]}" if "_line" in df else f"row {i + 1}"
             raise DataError(
-                f"{f.name}: {where}: field {col!r}: bad value {df[col].iat[i]!r} (use --skip-bad-lines to skip such lines)"
+                f"{f.name}: {where}: field {col!r}: bad value {df[col].iat[i]!r} (shards.skip_bad_lines=true skips such lines)"
             )
         bad |= mask
     out = out[~bad]
@@ -369,9 +359,10 @@ def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, skip_bad: 
     )
 
 
-def _read_generic(log: InputFile, fmt: str, columns: Columns, skip_bad: bool) -> Interactions:
-    cols = {"user": columns.user, "item": columns.item, "rating": columns.rating, "time": columns.time}
-    wanted = [c for c in (*cols.values(), columns.title) if c]
+def _read_generic(log: InputFile, fmt: str, cfg: ShardsConfig) -> Interactions:
+    cols = {"user": cfg.user_col, "item": cfg.item_col, "rating": cfg.rating_col, "time": cfg.time_col}
+    wanted = [c for c in (*cols.values(), cfg.title_col) if c]
+    skip_bad = cfg.skip_bad_lines
     if fmt == "parquet":
         try:
             df = pd.read_parquet(io.BytesIO(log.read_bytes()))
@@ -386,22 +377,17 @@ def _read_generic(log: InputFile, fmt: str, columns: Columns, skip_bad: bool) ->
         _require_columns(df, log, wanted)
     frame, bad = _validated(df, log, cols, skip_bad)
     titles = {}
-    if columns.title:
-        pairs = zip(df[columns.item].astype(str).str.strip(), df[columns.title].astype(str))
+    if cfg.title_col:
+        pairs = zip(df[cfg.item_col].astype(str).str.strip(), df[cfg.title_col].astype(str))
         titles = {item: title for item, title in pairs if title and title != "None"}
     return Interactions(frame, titles, {}, fmt, [log.name], skipped + bad)
 
 
-def read_interactions(
-    path: str | os.PathLike,
-    fmt: str = "auto",
-    meta: str | os.PathLike | None = None,
-    columns: Columns = Columns(),
-    skip_bad_lines: bool = False,
-) -> Interactions:
-    """Read an interaction log (directory, single file or ``.zip``) in any supported format."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"--format: unknown format {fmt!r} (known: auto, {', '.join(FORMATS)})")
+def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
+    """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
+    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col`` and
+    ``shards.skip_bad_lines``. Raises DataError naming the file (and line) of the first bad input."""
+    fmt, meta, skip_bad_lines = cfg.format, cfg.meta, cfg.skip_bad_lines
     files = list_files(path)
     if Path(path).is_file() and Path(path).suffix != ".zip":
         # A single log file: its metadata file (movies.csv, u.item, meta_*.jsonl) sits beside it.
@@ -420,7 +406,7 @@ def read_interactions(
     readers: dict[str, Callable[[], Interactions]] = {
         "amazon": lambda: _read_amazon(log, meta_file, fmt, skip_bad_lines),
         "ml": lambda: _read_movielens(log, meta_file, fmt, skip_bad_lines),
-        "generic": lambda: _read_generic(log, fmt, columns, skip_bad_lines),
+        "generic": lambda: _read_generic(log, fmt, cfg),
     }
     kind = "amazon" if fmt.startswith("amazon") else "ml" if fmt.startswith("ml") else "generic"
     result = readers[kind]()

@@ -14,28 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from configs import DataError
-
-MIN_USER_INTERACTIONS = 3  # one train item, the valid target and the test target
-
-
-@dataclass(frozen=True)
-class Filters:
-    min_user_interactions: int = 5
-    min_item_interactions: int = 1
-    rating_threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.min_user_interactions < MIN_USER_INTERACTIONS:
-            raise DataError(
-                f"--min-user-interactions: got {self.min_user_interactions}, leave-one-out needs >= {MIN_USER_INTERACTIONS}"
-            )
-        if self.min_item_interactions < 1:
-            raise DataError(f"--min-item-interactions: got {self.min_item_interactions}, must be >= 1")
+from configs import DataError, ShardsConfig
+from data_shards.records import Record
 
 
-def apply_filters(frame: pd.DataFrame, filters: Filters) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Rating threshold, then k-core until stable (dropping items can push users below the minimum)."""
+def apply_filters(frame: pd.DataFrame, filters: ShardsConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``shards.rating_threshold``, then the k-core (``shards.min_user_interactions`` /
+    ``min_item_interactions``) until stable: dropping items can push users below the minimum."""
     before = {"interactions": len(frame), "users": frame["user"].nunique(), "items": frame["item"].nunique()}
     if filters.rating_threshold is not None:
         frame = frame[frame["rating"] >= filters.rating_threshold]
@@ -48,9 +33,9 @@ def apply_filters(frame: pd.DataFrame, filters: Filters) -> tuple[pd.DataFrame, 
         frame = frame[keep]
     if frame.empty:
         raise DataError(
-            f"no interactions left after filtering (min user interactions {filters.min_user_interactions}, "
-            f"min item interactions {filters.min_item_interactions}, rating threshold {filters.rating_threshold}) "
-            f"of {before['interactions']} read"
+            f"no interactions left after filtering (shards.min_user_interactions={filters.min_user_interactions}, "
+            f"shards.min_item_interactions={filters.min_item_interactions}, "
+            f"shards.rating_threshold={filters.rating_threshold}) of {before['interactions']} read"
         )
     stats = {
         "min_user_interactions": filters.min_user_interactions,
@@ -134,7 +119,7 @@ def train_windows(
     return windows[::-1]
 
 
-def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
+def _record(seqs: Sequences, u: int, lo: int, hi: int) -> Record:
     items, ratings, times = seqs.user(u)
     return {
         "user": str(seqs.users[u]),
@@ -147,7 +132,7 @@ def _record(seqs: Sequences, u: int, lo: int, hi: int) -> dict[str, Any]:
 
 def train_records(
     seqs: Sequences, max_history: int, prefix_records: bool = False, stride: int | None = None
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Record]:
     """Training records in one fixed pseudo-random order over all users' windows.
 
     The reader shuffles shards and records within a shard, so a shard must already hold a sample of
@@ -175,7 +160,7 @@ def train_records(
         yield record
 
 
-def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[dict[str, Any]]:
+def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[Record]:
     """One record per user: the last max_history items before the target, then the target; ``seen``
     holds every earlier item (the whole history), so exclude_seen masks more than the window."""
     back = {"valid": 2, "test": 1}[split]

@@ -69,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`recgpt shards inspect --json | head`): stop quietly.
+        # Python would print a second BrokenPipeError when it flushes stdout at exit; point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except RecgptError as e:
         print(f"recgpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

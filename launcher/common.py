@@ -7,7 +7,9 @@ import argparse
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c", help="YAML file of overrides (see configs/); every default lives in configs/schema.py"
+        "--config",
+        "-c",
+        help="YAML file of overrides (see configs/); every default lives in configs/schema.py",
     )
     p.add_argument(
         "overrides",

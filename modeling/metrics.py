@@ -122,7 +122,10 @@ def _sorted_mean(values: torch.Tensor) -> float:
     return float(values.double().sort().values.sum() / max(values.numel(), 1))
 
 
-def _ranking_metrics(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
+def ranking_metrics(ranks: torch.Tensor, ks: Sequence[int], prefix: str = "") -> dict[str, float]:
+    """``{prefix}hr@K``, ``{prefix}ndcg@K`` (1/log2(rank+1)) and ``{prefix}mrr@K`` for K in ``ks`` from
+    1-based ``ranks`` [N] (e.g. :func:`target_ranks`): the means over the N examples, computed from
+    exact integer counts per rank, so they do not depend on the order of the ranks."""
     n = ranks.numel()
     top = max(ks)
     counts = torch.bincount(ranks.clamp(max=top + 1).long(), minlength=top + 2).double()  # exact integers
@@ -134,6 +137,9 @@ def _ranking_metrics(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dic
         out[f"{prefix}ndcg@{k}"] = float((hits / torch.log2(r[1 : k + 1] + 1)).sum() / n)
         out[f"{prefix}mrr@{k}"] = float((hits / r[1 : k + 1]).sum() / n)
     return out
+
+
+_ranking_metrics = ranking_metrics  # the earlier private name
 
 
 def auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -170,7 +176,7 @@ def compute_metrics(outputs: dict[str, torch.Tensor], cfg: RecGPTConfig) -> dict
         return metrics
     for prefix, name in (("", ""), ("adv_", "robust_")):
         if cfg.task == "next_item" and prefix + "rank" in outputs:
-            metrics.update(_ranking_metrics(outputs[prefix + "rank"], cfg.eval.ks, name))
+            metrics.update(ranking_metrics(outputs[prefix + "rank"], cfg.eval.ks, name))
         if cfg.task == "rating" and prefix + "pred_class" in outputs:
             metrics.update(_rating_metrics(outputs, prefix, name))
     return metrics

@@ -16,13 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import CorruptShardError, DataError
+from configs import CorruptShardError, DataError, ShardsConfig
 from data_shards import reader as reader_mod
 from data_shards.build import build_shards
-from data_shards.ingest import Columns
 from data_shards.manifest import load_manifest, read_items, verify
 from data_shards.reader import ShardLoader
-from data_shards.split import Filters, train_windows
+from data_shards.split import train_windows
 from launcher.cli import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ml-latest-small.zip"
@@ -119,7 +118,7 @@ def write_format(fmt: str, log: pd.DataFrame, d: Path) -> tuple[Path, dict]:
             frame.to_csv(d / "events.csv", index=False)
         else:
             frame.to_parquet(d / "events.parquet")
-        return d, {"columns": Columns("who", "what", "stars", "when", "name")}
+        return d, dict(user_col="who", item_col="what", rating_col="stars", time_col="when", title_col="name")
     return d, {}
 
 
@@ -136,7 +135,7 @@ def multi_dir(tmp_path_factory) -> Path:
     log = synthetic_log(n_users=40, n_items=30, seed=1)
     src, _ = write_format("ml-latest", log, d / "src")
     out = d / "shards"
-    build_shards(src, out, max_history=2, records_per_member=2, max_shard_bytes=20480)
+    build_shards(src, out, ShardsConfig(max_history=2, records_per_member=2, max_shard_mb=20480 / 2**20))
     return out
 
 
@@ -202,7 +201,7 @@ def test_sample_train_windows_rebuild_history(sample_dir):
 def test_each_format(fmt, tmp_path):
     log = synthetic_log()
     src, kwargs = write_format(fmt, log, tmp_path / "src")
-    m = build_shards(src, tmp_path / "out", max_history=3, **kwargs)
+    m = build_shards(src, tmp_path / "out", ShardsConfig(max_history=3, **kwargs))
     assert m["source"]["format"] == fmt
     assert (m["num_users"], m["num_items"], m["num_interactions"]) == (12, log["item"].nunique(), len(log))
     items = read_items(tmp_path / "out")
@@ -229,7 +228,7 @@ def test_single_file_and_zip_inputs(tmp_path):
 def test_tie_break_is_file_order(tmp_path):
     rows = [("1", "10", 1), ("1", "11", 5), ("1", "12", 5), ("1", "13", 5), ("1", "14", 1)]
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(tmp_path / "log.csv", index=False)
-    build_shards(tmp_path / "log.csv", tmp_path / "out", filters=Filters(3, 1))
+    build_shards(tmp_path / "log.csv", tmp_path / "out", ShardsConfig(min_user_interactions=3))
     assert targets_from_shards(tmp_path / "out", "test") == {"1": "13"}
     assert targets_from_shards(tmp_path / "out", "valid") == {"1": "12"}
     [[rec]] = list(ShardLoader(tmp_path / "out", "test", batch_size=1, num_workers=0))
@@ -249,7 +248,7 @@ def test_order_keeps_second_resolution_of_epoch_timestamps(tmp_path):
         ("1", "13", t0 + 69),
     ]
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(tmp_path / "log.csv", index=False)
-    build_shards(tmp_path / "log.csv", tmp_path / "out", filters=Filters(3, 1))
+    build_shards(tmp_path / "log.csv", tmp_path / "out", ShardsConfig(min_user_interactions=3))
     assert targets_from_shards(tmp_path / "out", "valid") == {"1": "13"}
     assert targets_from_shards(tmp_path / "out", "test") == {"1": "14"}
 
@@ -266,7 +265,11 @@ def test_train_windows_supervise_every_position_once(n, prefix):
 def test_filters_k_core_and_threshold(tmp_path):
     log = synthetic_log(n_users=20, seed=3)
     src, _ = write_format("ml-latest", log, tmp_path / "src")
-    m = build_shards(src, tmp_path / "out", filters=Filters(8, 4, rating_threshold=2.0))
+    m = build_shards(
+        src,
+        tmp_path / "out",
+        ShardsConfig(min_user_interactions=8, min_item_interactions=4, rating_threshold=2.0),
+    )
     kept = log[log["rating"] >= 2.0]
     while True:  # reference k-core
         ok = kept.groupby("user")["item"].transform("size").ge(8) & kept.groupby("item")["user"].transform(
@@ -354,7 +357,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["shards", "build", str(src), "--out", str(out)]
     assert main(args) == 0 and main(args) == 2
-    assert "--force" in capsys.readouterr().err
+    assert "force" in capsys.readouterr().err
     assert main([*args, "--force", "--max-history", "2"]) == 0
     assert load_manifest(out)["max_history"] == 2 and "--max-history 2" in load_manifest(out)["command"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp/old directories left

@@ -1,8 +1,11 @@
-"""Training telemetry on rank 0: TensorBoard scalars, a progress bar or plain log lines, a JSONL log.
+"""Training telemetry: the per-rank statistics window, and on rank 0 TensorBoard scalars, a progress
+bar or plain log lines, a JSONL log.
 
-Other ranks get a :class:`Monitor` whose methods do nothing, so the loop never branches on rank.
-``<output_dir>/train_log.jsonl`` holds one JSON object per logged step (and per evaluation): the
-machine-readable record tests and scripts use instead of parsing TensorBoard.
+Every rank holds a :class:`Monitor`: the statistics window (:class:`StepStats`, summed step after step)
+lives on every rank because reducing it at log time is a collective; only rank 0 writes, the other
+ranks' writing methods do nothing, so the loop never branches on rank. ``<output_dir>/train_log.jsonl``
+holds one JSON object per logged step (and per evaluation): the machine-readable record tests and
+scripts use instead of parsing TensorBoard.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,96 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
             layers, width = conf.num_hidden_layers, conf.hidden_size
             break
     return 6.0 * n + 12.0 * layers * width * seq_len
+
+
+Reduce = Callable[[list[float], str], list[float]]
+"""All-reduce of a short list of numbers across ranks, ``op`` "sum" or "max" (the loop passes one built
+on ``trainer.distributed.all_reduce_tensor``; tests pass a fake). Every rank must call it, in the same
+order, with lists of the same length."""
+
+
+def no_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """The :data:`Reduce` of a single process."""
+    return [float(v) for v in values]
+
+
+_COUNTS = ("micro_batches", "samples", "tokens", "positions")
+_SECONDS = ("data_wait_s", "step_time_s")
+
+
+@dataclass
+class StepStats:
+    """One rank's numbers for one optimizer step, or summed over the steps of a log window."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    """Sums over micro-batches of the logged loss terms, by name (loss, clean_loss, adv_loss, ...)."""
+    micro_batches: int = 0
+    """Micro-batches that went into the step(s); skipped non-finite ones do not count."""
+    samples: int = 0
+    """Sequences."""
+    tokens: int = 0
+    """Non-padding tokens (``attention_mask`` ones)."""
+    positions: int = 0
+    """Sequence positions, padding included: what the forward computes (the MFU numerator)."""
+    data_wait_s: float = 0.0
+    """Seconds spent waiting for the next batch."""
+    step_time_s: float = 0.0
+    """Wall seconds of the step(s), data wait included."""
+
+    def add_micro_batch(self, logs: dict[str, float], batch: dict[str, torch.Tensor]) -> None:
+        """Count one micro-batch that went through backward and step."""
+        for k, v in logs.items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+        self.micro_batches += 1
+        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["attention_mask"].sum())
+        self.positions += batch["input_ids"].numel()
+
+    def add(self, other: StepStats) -> None:
+        """Add ``other`` (the next step) into these sums."""
+        for k, v in other.losses.items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+        for name in _COUNTS + _SECONDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def reduced(self, reduce: Reduce) -> StepStats:
+        """The sums over every rank, matched by name (one all-reduce; a collective: every rank calls it)."""
+        names = sorted(self.losses)
+        numbers = _COUNTS + _SECONDS
+        values = reduce([self.losses[k] for k in names] + [getattr(self, n) for n in numbers], "sum")
+        out = StepStats(losses=dict(zip(names, values[: len(names)])))
+        for n, v in zip(numbers, values[len(names) :]):
+            setattr(out, n, int(v) if n in _COUNTS else float(v))
+        return out
+
+
+def window_scalars(
+    local: StepStats,
+    total: StepStats,
+    steps: int,
+    cluster_peak_flops: float = 0.0,
+    flops_per_token: float = 0.0,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(train, perf)`` scalars of a log window of ``steps`` optimizer steps.
+
+    ``local``: this rank's sums (its wall time is the window's time; ``*_rank0`` are its rates),
+    ``total``: the sums over all ranks. train: the mean of each loss term over every micro-batch of
+    every rank. perf: throughput, step and data-wait time per step, and MFU when ``cluster_peak_flops``
+    (all ranks' peak FLOP/s) is known.
+    """
+    seconds = local.step_time_s
+    train = {k: v / total.micro_batches for k, v in total.losses.items()}
+    perf = {
+        "samples_per_s": total.samples / seconds,
+        "tokens_per_s": total.tokens / seconds,
+        "samples_per_s_rank0": local.samples / seconds,
+        "tokens_per_s_rank0": local.tokens / seconds,
+        "step_time_s": seconds / steps,
+        "data_wait_s": local.data_wait_s / steps,
+    }
+    if cluster_peak_flops:
+        perf["mfu"] = flops_per_token * total.positions / seconds / cluster_peak_flops
+    return train, perf
 
 
 class Monitor:
