@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint
+.PHONY: venv demo test lint contracts
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,5 +25,9 @@ demo: venv
 test: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-lint: venv
+lint: contracts
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Layer contracts (pyproject.toml [tool.importlinter]): imports point down only, ray/argparse in launcher.
+contracts: venv
+	$(VENV)/bin/lint-imports

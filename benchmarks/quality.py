@@ -208,7 +208,9 @@ def popularity_rows(shards: Path) -> dict:
     ranks: dict[str, list] = {"unmasked": [], "masked": []}
     for recs in _eval_batches(shards, "test"):
         target = torch.tensor([rec["items"][-1] for rec in recs], dtype=torch.long)
-        seen = torch.full((len(recs), max(1, *(len(rec["seen"]) for rec in recs))), SEEN_PAD, dtype=torch.long)
+        seen = torch.full(
+            (len(recs), max(1, *(len(rec["seen"]) for rec in recs))), SEEN_PAD, dtype=torch.long
+        )
         for row, rec in enumerate(recs):
             seen[row, : len(rec["seen"])] = torch.tensor(rec["seen"], dtype=torch.long)
         batch_scores = scores.expand(len(recs), -1)

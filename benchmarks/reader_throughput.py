@@ -1,27 +1,34 @@
-"""ShardLoader throughput (records/s) in one process on the bundled ml-latest-small sample.
+"""Reader throughput (records/s) in one process on the bundled ml-latest-small sample.
 
     OMP_NUM_THREADS=1 python benchmarks/reader_throughput.py [--shards DIR] [--epochs 3] [--batch-size 256]
 
-Rows: raw records (no collate), then with a tokenizing collate: modeling's ``make_collate`` (ids and
-text prompts) when it imports, else a stand-in that pads item ids into tensors. ``num_workers=0``
-is the honest single-core figure; ``num_workers=1`` shows the DataLoader path. The last column compares
-with the training consumption rate of the tiny test model (~0.8 s per 256-record step on one core).
+Every row reads the train split through the one loader factory, ``modeling.data.build_loader``: raw
+records (no tokenizer), a stand-in collate that only pads item ids into tensors (the floor of any
+collate), then the collated batches exactly as the trainer gets them (``build_loader`` with the
+tokenizer, for the ids and the text prompt). ``num_workers=0`` is the honest single-core figure;
+``num_workers=1`` shows the DataLoader path. The last column compares with the training consumption
+rate of the tiny test model (~0.8 s per 256-record step on one core).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from data_shards.build import build_shards
-from data_shards.manifest import load_manifest, read_items
-from data_shards.reader import ShardLoader
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the project's packages, not only what the venv installed
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ml-latest-small.zip"
+from configs import RecGPTConfig, load_config  # noqa: E402
+from data_shards.manifest import load_manifest, read_items  # noqa: E402
+from data_shards.reader import ShardLoader  # noqa: E402
+from modeling.data import build_loader  # noqa: E402
+
+SAMPLE = REPO / "data" / "ml-latest-small.zip"
 TRAIN_RECORDS_PER_S = 256 / 0.8  # tiny 2-layer GPT, batch 256 x 50 tokens, one core
 
 
@@ -34,31 +41,38 @@ def standin_collate(records: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids[:, :-1].clamp(min=0), "attention_mask": ids[:, :-1] >= 0, "labels": ids[:, 1:]}
 
 
-def modeling_collates(shards: str) -> dict[str, object]:
-    """modeling's collate for the ids and text prompts, or {} when modeling is not usable yet."""
-    try:
-        from configs import load_config
-        from modeling.collate import make_collate
-        from modeling.factory import build_model_and_tokenizer
-    except ImportError:
-        return {}
-    out = {}
+def _config(shards: str, prompt: str = "ids") -> RecGPTConfig:
+    return load_config(None, [f"data.shards={shards}", f"model.prompt={prompt}"])
+
+
+def tokenizers(shards: str) -> dict[str, object]:
+    """The tokenizer ``modeling.factory`` builds for the ids and the text prompt (as training does)."""
+    from modeling.factory import build_model_and_tokenizer
+
+    return {
+        prompt: build_model_and_tokenizer(_config(shards, prompt), shards)[1] for prompt in ("ids", "text")
+    }
+
+
+def loaders(shards: str, batch_size: int, workers: int, toks: dict[str, object]) -> dict[str, ShardLoader]:
+    """The rows' train loaders, all from ``build_loader``."""
+    cfg = _config(shards)
+    out = {"none (raw records)": build_loader(cfg, "train", batch_size=batch_size, num_workers=workers)}
+    # The stand-in is deliberately not the trainer's collate: a floor for what turning records into
+    # tensors costs, so it replaces the collate of a raw-record loader.
+    standin = build_loader(cfg, "train", batch_size=batch_size, num_workers=workers)
+    standin.collate_fn = standin_collate
+    out["stand-in pad collate"] = standin
     items = read_items(shards)
-    for prompt in ("ids", "text"):
-        try:
-            cfg = load_config(None, [f"data.shards={shards}", f"model.prompt={prompt}"])
-            _, tokenizer = build_model_and_tokenizer(cfg, shards)
-            out[f"modeling make_collate ({prompt})"] = make_collate(cfg, tokenizer, items, "train")
-        except Exception as e:  # modeling is developed in parallel: report, keep measuring the rest
-            print(f"# modeling collate ({prompt}) unavailable: {type(e).__name__}: {e}")
+    for prompt, tokenizer in toks.items():
+        out[f"build_loader collate ({prompt})"] = build_loader(
+            _config(shards, prompt), "train", tokenizer, items, batch_size=batch_size, num_workers=workers
+        )
     return out
 
 
-def measure(shards: str, collate, workers: int, epochs: int, batch_size: int) -> tuple[float, float]:
+def measure(loader: ShardLoader, epochs: int) -> tuple[float, float]:
     """(records per wall second, records per CPU second of this process)."""
-    loader = ShardLoader(
-        shards, "train", batch_size=batch_size, num_workers=workers, collate_fn=collate, seed=0
-    )
     n, start, cpu = 0, time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for batch in loader:
@@ -77,25 +91,29 @@ def main() -> None:
     torch.set_num_threads(1)
     shards = args.shards
     if shards is None:
+        from launcher.cli import main as cli
+
         shards = str(Path(tempfile.mkdtemp()) / "ml-latest-small")
         t = time.perf_counter()
-        build_shards(SAMPLE, shards)
+        assert cli(["shards", "build", str(SAMPLE), "--out", shards]) == 0
         print(f"# built the sample shards in {time.perf_counter() - t:.1f} s")
     print(
         f"# train records per epoch: {load_manifest(shards)['splits']['train']['records']}, epochs {args.epochs}"
     )
-    rows = [("none (raw records)", None, 0), ("stand-in pad collate", standin_collate, 0)]
-    rows += [(name, fn, 0) for name, fn in modeling_collates(shards).items()]
-    rows += [(name, fn, 1) for name, fn, w in rows[1:]]
     # records/CPU-s is this process's CPU only: the single-core figure when workers=0, and the
     # trainer-side cost when workers=1 (the worker process does the reading and collating).
     print(f"| {'collate':<30} | workers | records/s (wall) | records/CPU-s | x training rate (wall) |")
     print(f"|{'-' * 32}|---------|------------------|---------------|------------------------|")
-    for name, fn, workers in rows:
-        wall, cpu = measure(shards, fn, workers, args.epochs, args.batch_size)
-        print(
-            f"| {name:<30} | {workers:>7} | {wall:>16,.0f} | {cpu:>13,.0f} | {wall / TRAIN_RECORDS_PER_S:>21.0f}x |"
-        )
+    toks = tokenizers(shards)
+    for workers in (0, 1):
+        for i, (name, loader) in enumerate(loaders(shards, args.batch_size, workers, toks).items()):
+            if workers and i == 0:
+                continue  # raw records are measured in this process only
+            wall, cpu = measure(loader, args.epochs)
+            print(
+                f"| {name:<30} | {workers:>7} | {wall:>16,.0f} | {cpu:>13,.0f} | {wall / TRAIN_RECORDS_PER_S:>21.0f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,11 +60,13 @@ checkpoint_dir: {saved}
 def prepare(out: Path, source: str, epochs: int) -> None:
     """Atomic interaction file in recgpt's per-user order + the RecBole config."""
     sys.path.insert(0, str(REPO))
+    from configs import ShardsConfig
     from data_shards.ingest import read_interactions
-    from data_shards.split import Filters, apply_filters, sequences
+    from data_shards.split import apply_filters, sequences
 
-    logs = read_interactions(source)
-    frame, _ = apply_filters(logs.frame, Filters())  # the filters `recgpt shards build` applies by default
+    shards = ShardsConfig()  # what `recgpt shards build` reads and filters with by default
+    logs = read_interactions(source, shards)
+    frame, _ = apply_filters(logs.frame, shards)
     seqs = sequences(frame)
     (out / "data" / DATASET).mkdir(parents=True, exist_ok=True)
     lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]

@@ -1,7 +1,7 @@
 """Training throughput: ``recgpt train`` vs a minimal hand-written DeepSpeed loop vs Hugging Face Trainer.
 
 All three train the same model (built by ``modeling.factory`` from the same config), on the same data
-(``ShardLoader`` + ``make_collate`` batches), with the same DeepSpeed settings (``deepspeed_config``),
+(``modeling.data.build_loader`` batches), with the same DeepSpeed settings (``trainer.engine.deepspeed_config``),
 on the same number of processes (torchrun). Throughput = global samples per second of wall time over
 the steps after ``--warmup`` (every step's end is timestamped; evaluation and the final checkpoint are
 outside the window).
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script (torchrun too): the project's packages
 BIN = Path(sys.executable).parent
 TINY = REPO / "configs" / "tiny.yaml"
 # The text format with a large vocabulary (the BPE learns 17,084 pieces from the sample's titles; 26,808
@@ -100,23 +101,22 @@ def run_worker(kind: str, args, overrides: list[str], work: Path) -> float:
 
 
 def _worker_setup(overrides: list[str]):
-    """(cfg, info, model, tokenizer, loader) exactly as the trainer builds them."""
+    """(cfg, info, model, tokenizer, loader) exactly as the trainer builds them (``trainer.loop``)."""
     from configs import load_config
-    from data_shards.manifest import read_items
-    from data_shards.reader import ShardLoader
-    from modeling.collate import make_collate
+    from data_shards.manifest import load_manifest, read_items
+    from modeling.data import build_loader, resolve_max_history
     from modeling.factory import build_model_and_tokenizer
     from trainer.distributed import setup_distributed
+    from trainer.engine import deepspeed_config
 
     info = setup_distributed()
     cfg = load_config(TINY, overrides)
+    cfg.data.max_history = resolve_max_history(cfg, load_manifest(cfg.data.shards), cfg.data.shards)
     items = read_items(cfg.data.shards)
-    model, tok = build_model_and_tokenizer(cfg, cfg.data.shards)
-    loader = ShardLoader(
-        cfg.data.shards, split="train", rank=info.rank, world_size=info.world_size,
-        batch_size=cfg.train.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-        collate_fn=make_collate(cfg, tok, items, "train"), drop_last=True,
-    )  # fmt: skip
+    model, tok = build_model_and_tokenizer(
+        cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size)
+    )
+    loader = build_loader(cfg, "train", tok, items, rank=info.rank, world_size=info.world_size)
     return cfg, info, model, tok, loader
 
 

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script (torchrun too): the project's packages
 BIN = Path(sys.executable).parent
 
 

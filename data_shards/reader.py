@@ -42,12 +42,12 @@ import torch.utils.data
 from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
-from configs import CorruptShardError, DataError
+from configs import CorruptShardError, DataError, one_line
 from data_shards.manifest import MEMBER_EXT, HashingReader, load_manifest, resolve
+from data_shards.records import Record
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, Any]
 STATE_KEYS = ("fingerprint", "split", "rank", "world_size", "batch_size", "seed", "epoch", "batch")
 
 
@@ -211,14 +211,6 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _one_line(e: Exception) -> str:
-    """A worker's exception re-raised by the DataLoader carries a traceback; keep its own message."""
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    prefix = f"{type(e).__module__}.{type(e).__name__}: "
-    return last[len(prefix) :] if last.startswith(prefix) else last
-
-
 class ShardLoader:
     """Batches of one split for one rank; ``len()`` is identical on every rank (see module docstring)."""
 
@@ -304,7 +296,7 @@ class ShardLoader:
                 self._batch += 1  # counted here, as the trainer receives it: prefetched batches do not count
                 yield batch
         except DataError as e:
-            raise type(e)(_one_line(e)) from None
+            raise type(e)(one_line(e)) from None
         finally:
             del batches  # shuts DataLoader workers down when the trainer stops mid-epoch
         self._epoch, self._batch = self._epoch + 1, 0

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train under DeepSpeed (one process, torchrun, or Ray Train with ray.num_workers > 0)",
-        description="Train a GPT recommender. Runs as one process, unchanged under "
+        description="Train a recommender on any Hugging Face causal LM or a preset decoder-only transformer "
+        "(GPT-2 or SASRec/BART block layout). Runs as one process, unchanged under "
         "`torchrun --no-python --nproc_per_node N recgpt train …`, or through Ray Train when "
         "ray.num_workers > 0 (connects to RAY_ADDRESS when set, else starts a local Ray).",
     )

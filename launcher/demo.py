@@ -19,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "ml-latest-small.zip"
+BASE_CONFIG = "configs/demo_base.yaml"
+ADAPT_CONFIG = "configs/demo_adapt.yaml"
 
 
 def _env() -> dict[str, str]:
@@ -67,13 +69,22 @@ def _last_json(text: str) -> dict:
 
 def _user_history_titles(shards: Path, n: int = 5) -> list[str]:
     """The last few test-split history items of the first user, as exact titles (what a person types)."""
-    items = [json.loads(line) for line in (shards / "items.jsonl").read_text().splitlines()]
-    from data_shards.reader import ShardLoader
+    from configs import load_config
+    from data_shards.manifest import read_items
+    from modeling.data import build_loader
 
-    loader = ShardLoader(str(shards), split="test", rank=0, world_size=1, batch_size=1, seed=0, num_workers=0)
-    record = next(iter(loader))[0]
+    loader = build_loader(load_config(REPO / BASE_CONFIG), "test", shards=shards, batch_size=1, num_workers=0)
+    record = next(iter(loader))[0]  # no tokenizer: lists of raw records
+    items = read_items(shards, loader.manifest)
     history = record["items"][:-1][-n:]
     return [items[i]["title"] or items[i]["item_id"] for i in history]
+
+
+def _adaptation_epsilon() -> float:
+    """The perturbation radius the adaptation trains with: both models are attacked with it at test time."""
+    from configs import load_config
+
+    return load_config(REPO / ADAPT_CONFIG).adversarial.epsilon
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             args.nproc,
             "train",
             "--config",
-            "configs/demo_base.yaml",
+            BASE_CONFIG,
             f"data.shards={shards}",
             f"train.output_dir={base}",
         ),
@@ -117,16 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             args.nproc,
             "train",
             "--config",
-            "configs/demo_adapt.yaml",
+            ADAPT_CONFIG,
             f"data.shards={shards}",
             f"model.name_or_path={base_export}",
             f"train.output_dir={adapted}",
         ),
     )
+    # Both models under the same FGM attack, of the radius the adaptation trained against: robust_* metrics.
+    attack = f"adversarial.eval_epsilon={_adaptation_epsilon()}"
     before = _last_json(
         _run(
             "evaluate base (test split)",
-            recgpt("evaluate", "--model", str(base_export), "--data", str(shards), "--split", "test"),
+            recgpt("evaluate", "--model", str(base_export), "--data", str(shards), "--split", "test", attack),
             capture=True,
         )
     )
@@ -134,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         _run(
             "evaluate adapted (test split)",
             recgpt(
-                "evaluate", "--checkpoint", str(adapted), "--best", "--data", str(shards), "--split", "test"
+                "evaluate",
+                "--checkpoint",
+                str(adapted),
+                "--best",
+                "--data",
+                str(shards),
+                "--split",
+                "test",
+                attack,
             ),
             capture=True,
         )
@@ -156,12 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             str(history_file),
             "-k",
             "10",
-            "--exclude-seen",
-        ),
+        ),  # the user's history is never recommended (recommend excludes it by default)
     )
 
     keys = [k for k in before if k.split("@")[0] in ("hr", "ndcg", "mrr") or k.startswith("robust")]
-    print("\n=== test metrics (full ranking over all items, history excluded)")
+    print(f"\n=== test metrics (full ranking over all items, history excluded; robust_*: under {attack})")
     print(f"{'metric':<18}{'base':>10}{'adapted':>10}")
     for k in keys:
         print(f"{k:<18}{before[k]:>10.4f}{after.get(k, float('nan')):>10.4f}")

@@ -179,7 +179,7 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
     try:
         result = build_trainer(cfg, train_fn).fit()
     except TrainingFailedError as e:
-        print(f"recgpt train: Ray Train run failed: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"recgpt train: Ray Train run failed: {_flat_message(e)}", file=sys.stderr, flush=True)
         return 1
     finally:
         ray.shutdown()
@@ -196,7 +196,8 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
     return 0
 
 
-def _one_line(err: BaseException) -> str:
+def _flat_message(err: BaseException) -> str:
+    """Ray's failure message on one line (its text spans lines: the worker's error is at the end)."""
     text = " ".join(str(err).split())
     return text[:2000] or type(err).__name__
 

@@ -1,7 +1,9 @@
 """Build the recommender (RecModel) and its tokenizer from the config and the shard vocabulary.
 
-* ``model.preset`` (tiny/small/base): a GPT-2 architecture with random weights and a byte-level BPE
-  tokenizer trained here on the item titles — nothing is downloaded.
+* ``model.preset`` (tiny/small/base): a decoder-only transformer with random weights, in the GPT-2
+  block layout (pre-LN, ``model.architecture=gpt2``) or the SASRec/BART one (post-LN with LayerNorm on
+  the embeddings, built from Hugging Face's BART decoder, ``bart``), and a byte-level BPE tokenizer
+  trained here on the item titles — nothing is downloaded.
 * ``model.name_or_path``: any HF causal LM (local directory, a recgpt export included, or hub name)
   through the Auto classes.
 
@@ -171,7 +173,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
     return GPT2LMHeadModel._from_config(config)  # the constructor path that honours ZeRO-3
 
 
-def _is_tied(lm: PreTrainedModel) -> bool:
+def is_tied(lm: PreTrainedModel) -> bool:
     out = lm.get_output_embeddings()
     return out is not None and out.weight is lm.get_input_embeddings().weight
 
@@ -271,7 +273,7 @@ def init_item_rows(
     ``cooccurrence``: :func:`cooccurrence_embeddings` of the training split, scaled to the existing rows' std."""
     n, how = len(items), cfg.model.item_init
     mats = [lm.get_input_embeddings().weight]
-    if not _is_tied(lm):
+    if not is_tied(lm):
         mats.append(lm.get_output_embeddings().weight)
     titles = (
         tokenizer([" " + item_title(it) for it in items], add_special_tokens=False)["input_ids"]
@@ -298,7 +300,7 @@ def init_item_rows(
             w[first_item : first_item + n] = rows.to(w.dtype)
 
 
-def _sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
+def sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
     """One set of BOS/EOS/PAD ids in tokenizer, config and generation config (else serving never stops)."""
     for c in (lm.config, getattr(lm, "generation_config", None)):
         if c is not None:
@@ -328,7 +330,7 @@ def build_model_and_tokenizer(
     with _zero3_context(ds_config):
         lm, tokenizer, source = _build_lm(cfg, shards_dir, items, levels, tokenizer_dir)
     first_item = tokenizer.convert_tokens_to_ids(item_token(0))
-    tied = _is_tied(lm)
+    tied = is_tied(lm)
     item_ids = torch.arange(first_item, first_item + len(items))
     # ZeRO-3 initialises the LM on rank 0 only: re-seed so adapters and heads start equal everywhere.
     torch.manual_seed(cfg.seed + 1)
@@ -365,7 +367,12 @@ def _build_lm(
 ) -> tuple[PreTrainedModel, Any, str]:
     """The causal LM with its item tokens added and initialised, its tokenizer, and a description."""
     m = cfg.model
-    source = str(tokenizer_dir or m.name_or_path or f"preset {m.preset}")
+    shape = m.shape()
+    preset = (
+        f"preset {m.preset} (decoder-only transformer, {m.architecture} block layout, "
+        f"{shape['n_layer']} layers x {shape['n_embd']})"
+    )
+    source = str(tokenizer_dir or m.name_or_path or preset)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -399,7 +406,7 @@ def _build_lm(
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if added and tokenizer_dir is None:
         init_item_rows(cfg, lm, tokenizer, items, first_item, shards_dir)
-    _sync_special_ids(lm, tokenizer)
+    sync_special_ids(lm, tokenizer)
     lm.config.use_cache = False
     if m.gradient_checkpointing:
         # Non-reentrant: the adversarial step calls torch.autograd.grad, which reentrant checkpointing breaks.

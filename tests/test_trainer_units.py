@@ -146,3 +146,61 @@ def test_stale_op_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     _clear_stale_op_build_lock()
     assert not lock.exists()  # left by a killed process: every later run would wait on it forever
+
+
+def test_best_metric_improvement_and_patience():
+    from trainer.loop import BestMetric
+
+    best = BestMetric()
+    assert not best.improves(None) and best.improves(0.0)
+    assert best.update(0.2, step=10) and (best.value, best.step, best.stale) == (0.2, 10, 0)
+    assert not best.update(0.2, step=20)  # equal is no improvement
+    assert not best.update(0.1, step=30) and best.stale == 2 and best.step == 10
+    assert best.update(0.3, step=40) and (best.value, best.step, best.stale) == (0.3, 40, 0)
+
+
+def test_train_state_best_checkpoint_and_round_trip():
+    from trainer.loop import BestMetric, TrainState
+
+    st = TrainState(step=30, epoch=1, consumed_samples=960, consumed_tokens=12345, metrics={"ndcg@10": 0.1})
+    assert st.best_checkpoint is None
+    for step, value in ((10, 0.05), (20, 0.2), (30, 0.1)):  # evaluated checkpoints
+        st.best_eval.update(value, step)
+        is_best = st.best_saved.update(value, step)
+        assert is_best == (step in (10, 20))
+    assert st.best_checkpoint == "step_00000020" and st.best_eval.stale == 1
+    saved = json.loads(json.dumps({**st.to_dict(), "world_size": 2, "checkpoint": "step_00000030"}))
+    assert TrainState.from_dict(saved) == st
+    assert saved["best_saved"] == {"value": 0.2, "step": 20, "stale": 1}
+    assert TrainState.from_dict({}) == TrainState() and TrainState().best_eval == BestMetric()
+
+
+def test_train_state_loads_the_old_flat_best_keys():
+    from trainer.loop import BestMetric, TrainState
+
+    old = {
+        "step": 30, "epoch": 1, "consumed_samples": 960, "consumed_tokens": 12345, "metrics": {"ndcg@10": 0.1},
+        "best_metric": 0.25, "evals_without_improvement": 2, "best_checkpoint_metric": 0.2,
+        "best_checkpoint": "step_00000020", "world_size": 2, "checkpoint": "step_00000030",
+    }  # fmt: skip
+    st = TrainState.from_dict(old)
+    assert (st.step, st.epoch, st.consumed_samples, st.consumed_tokens) == (30, 1, 960, 12345)
+    assert st.metrics == {"ndcg@10": 0.1}
+    assert st.best_eval == BestMetric(0.25, None, 2)
+    assert st.best_saved == BestMetric(0.2, 20, 0) and st.best_checkpoint == "step_00000020"
+    fresh = TrainState.from_dict(
+        {**old, "best_metric": None, "best_checkpoint_metric": None, "best_checkpoint": None}
+    )
+    assert fresh.best_saved == BestMetric() and fresh.best_eval == BestMetric(None, None, 2)
+
+
+def test_intervals_and_adversarial_start_message():
+    from configs import AdversarialConfig
+    from trainer.loop import adversarial_start_message, on_interval
+
+    assert [s for s in range(1, 8) if on_interval(s, 3, last=s == 7)] == [3, 6, 7]
+    assert not on_interval(4, 0) and on_interval(4, 0, last=True)
+    msg = adversarial_start_message(AdversarialConfig(method="pgd", warmup_steps=10, adv_weight=0.5), 10)
+    assert msg.startswith("step 11: adversarial training (pgd") and "after 10 clean steps" in msg
+    assert "clean_loss + 0.5 x adv_loss" in msg and "jumps" in msg
+    assert "FreeLB ascent path" in adversarial_start_message(AdversarialConfig(method="freelb"), 50)

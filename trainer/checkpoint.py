@@ -22,6 +22,8 @@ start a new run from consolidated weights (``recgpt export``, then ``model.name_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -33,7 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import CheckpointError, RecGPTConfig, atomic_write, save_resolved
+from configs import (
+    RESOLVED_CONFIG,
+    CheckpointError,
+    RecGPTConfig,
+    atomic_write,
+    load_config,
+    one_line,
+    save_resolved,
+)
 from trainer.distributed import barrier
 from trainer.faults import Faults
 
@@ -224,12 +234,32 @@ class CheckpointManager:
 # --------------------------------------------------------------------------- consolidated weights
 
 
+def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """``trainer_state.json`` of a complete checkpoint (step, epoch, world_size, ...)."""
+    path = Path(ckpt) / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({one_line(e)})") from None
+
+
+def read_checkpoint_config(
+    ckpt: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> RecGPTConfig:
+    """The resolved config saved in a checkpoint (older keys upgraded), with ``overrides`` applied."""
+    path = Path(ckpt) / RESOLVED_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no {RESOLVED_CONFIG} in the checkpoint")
+    return load_config(path, overrides, saved=True)
+
+
 def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Full fp32 model weights of a complete checkpoint, on CPU, for any ZeRO stage and world size.
 
     ZeRO 1-3 (and bf16/fp16, whose fp32 master copy lives in the optimizer partitions) go through
     DeepSpeed's zero_to_fp32, which also restores frozen parameters (LoRA base weights). Plain fp32
-    ZeRO-0 keeps the full weights in the module state dict.
+    ZeRO-0 keeps the full weights in the module state dict. No checks: :func:`consolidate` is the
+    checked, quiet entry point.
     """
     ds_dir = Path(ckpt) / DS_SUBDIR
     tag = (ds_dir / "latest").read_text().strip()
@@ -243,3 +273,53 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         sd = states["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def consolidate(ckpt: str | os.PathLike, world_size: int) -> dict[str, torch.Tensor]:
+    """:func:`consolidated_state_dict` of ``ckpt`` (written by ``world_size`` ranks), checked and quiet.
+
+    Missing or damaged rank files, and empty tensors (ZeRO-3 partitions saved without gathering), are
+    one :class:`CheckpointError` naming the path instead of a shape error deep inside zero_to_fp32 or
+    a merge that silently drops the training.
+    """
+    ds = Path(ckpt) / DS_SUBDIR
+    if not (ds / "latest").is_file():
+        raise CheckpointError(f"{ds}: no DeepSpeed checkpoint (ds/latest missing)")
+    tag_dir = ds / (ds / "latest").read_text().strip()
+    for pattern in ("*_optim_states.pt", "zero_pp_rank_*_model_states.pt"):
+        found = len(list(tag_dir.glob(pattern)))
+        if found and found != world_size:
+            raise CheckpointError(f"{tag_dir}: {found} files {pattern} but the run had {world_size} ranks")
+    try:
+        # zero_to_fp32 prints progress bars and per-group lines: keep the CLI output to our own lines.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = consolidated_state_dict(ckpt)
+    except Exception as e:  # torch.load/unpickling/zero_to_fp32 raise many types for a damaged checkpoint
+        raise CheckpointError(
+            f"{tag_dir}: cannot consolidate the DeepSpeed checkpoint ({one_line(e)})"
+        ) from None
+    # ZeRO-3 + LoRA can save adapters as torch.Size([0]) (peft#297): refuse any empty tensor, naming it.
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise CheckpointError(f"{ckpt}: empty tensors in the checkpoint ({', '.join(empty[:3])}); "
+                              "ZeRO-3 partitions were saved without gathering")  # fmt: skip
+    return state
+
+
+def load_consolidated(model: torch.nn.Module, ckpt: str | os.PathLike, world_size: int) -> None:
+    """Load :func:`consolidate` of ``ckpt`` into ``model`` (a RecModel rebuilt from the checkpoint's
+    config.yaml and tokenizer) strictly: another model's weights are one :class:`CheckpointError`."""
+    state = consolidate(ckpt, world_size)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches
+        raise CheckpointError(
+            f"{ckpt}: weights do not fit the model rebuilt from its config.yaml ({one_line(e)})"
+        ) from None
+    if missing or unexpected:
+        what = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(
+            unexpected
+        )
+        raise CheckpointError(
+            f"{ckpt}: weights do not fit the model rebuilt from its config.yaml ({'; '.join(what)})"
+        )

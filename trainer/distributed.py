@@ -56,6 +56,17 @@ def _pin_ninja() -> None:
         os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
 
 
+def _pin_extension_cache() -> None:
+    """Keep torch's JIT-built extension cache (DeepSpeed's CPU ops) inside this Python environment.
+
+    The default cache (``~/.cache/torch_extensions``) is shared by every install on the machine, and
+    each install's build commands differ (include paths, compiler flags), so two virtual environments
+    used in turn rebuild the op for each other — 30-65 s each time. ``TORCH_EXTENSIONS_DIR`` set by
+    the user wins.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 STALE_BUILD_LOCK_S = 900
 
 
@@ -82,6 +93,7 @@ def _clear_stale_op_build_lock() -> None:
 def setup_distributed() -> DistInfo:
     """Initialise (or adopt) the default process group and pick this rank's device."""
     _pin_ninja()
+    _pin_extension_cache()
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         # Must be set before deepspeed is imported anywhere in the process.

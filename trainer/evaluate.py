@@ -8,14 +8,15 @@ every rank and reduced by ``modeling.metrics.compute_metrics`` — so every rank
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from configs import ConfigError, RecGPTConfig
+from configs import ExportError, RecGPTConfig, load_config, one_line
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,62 +51,93 @@ def evaluate(model: torch.nn.Module, loader, cfg: RecGPTConfig, device: torch.de
 # --------------------------------------------------------------------------- recgpt evaluate
 
 
-def _model_from_checkpoint(args: argparse.Namespace):
-    """(cfg, model, tokenizer, shards, description) for ``--checkpoint RUN_DIR[/CKPT]``."""
-    from configs import load_config
-    from modeling.factory import load_model_for_eval
-    from trainer.checkpoint import CheckpointError, consolidated_state_dict, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.checkpoint, best=args.best)
-    cfg = load_config(ckpt / "config.yaml", args.overrides, saved=True)
-    shards = args.data or cfg.data.shards
-    model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{ckpt}: weights do not fit the model rebuilt from its config ({what})")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    return cfg, model, tokenizer, shards, {"checkpoint": str(ckpt), "step": state["step"]}
-
-
-def _model_from_export(args: argparse.Namespace):
-    """(cfg, model, tokenizer, shards, description) for ``--model EXPORT_DIR`` (see modeling.export)."""
-    from modeling.export import check_same_items, load_export
-
-    model, tokenizer, items, cfg = load_export(args.model, overrides=args.overrides)
-    shards = args.data or cfg.data.shards
-    check_same_items(items, shards)
-    manifest = json.loads((Path(args.model) / "export_manifest.json").read_text())
-    return cfg, model, tokenizer, shards, {"model": str(args.model), "step": manifest["step"]}
-
-
-def evaluate_main(args: argparse.Namespace) -> int:
-    """``recgpt evaluate``: print one JSON line of metrics (rank 0); runs distributed under torchrun."""
+def _score(
+    cfg: RecGPTConfig, model, tokenizer, shards: str | os.PathLike, split: str, info
+) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` of ``shards``, this rank's share, gathered (see :func:`evaluate`)."""
     from data_shards.manifest import read_items
     from modeling.data import build_loader
+
+    model.to(info.device)
+    loader = build_loader(cfg, split, tokenizer, read_items(shards), shards=shards,
+                          rank=info.rank, world_size=info.world_size)  # fmt: skip
+    metrics = evaluate(model, loader, cfg, info.device)
+    head = {"data": str(Path(shards)), "split": split, "exclude_seen": cfg.eval.exclude_seen}
+    return {**head, "ranking": "full", **metrics}
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    split: str = "test",
+    *,
+    data: str | os.PathLike | None = None,
+    best: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Full-ranking metrics of a training checkpoint on ``split`` (valid or test).
+
+    ``checkpoint``: a run directory (its latest complete checkpoint, or with ``best`` its best one) or
+    one checkpoint; its consolidated weights are scored (any ZeRO stage and world size). ``data``: a
+    shard directory (default: the run's ``data.shards``); ``overrides``: ``key=value`` applied to the
+    checkpoint's config (e.g. ``eval.exclude_seen=false``). Sets up (or adopts) the process group and
+    tears down one it created: runs as one process or under torchrun, each rank scoring its share.
+    Returns ``{"checkpoint", "step", "data", "split", "exclude_seen", "ranking", **metrics}`` — the
+    same on every rank.
+    """
     from trainer.distributed import setup_distributed, teardown_distributed
 
-    if args.config:
-        raise ConfigError(
-            "--config: evaluate uses the checkpoint's own config; pass key=value overrides only"
-        )
-    info = setup_distributed()
+    info = setup_distributed()  # first: it settles DS_ACCELERATOR before anything imports deepspeed
     try:
-        cfg, model, tokenizer, shards, source = (
-            _model_from_export if args.model else _model_from_checkpoint
-        )(args)
-        model.to(info.device)
-        loader = build_loader(cfg, args.split, tokenizer, read_items(shards), shards=shards,
-                              rank=info.rank, world_size=info.world_size)  # fmt: skip
-        metrics = evaluate(model, loader, cfg, info.device)
-        if info.is_main:
-            line = {
-                **source,
-                "data": str(Path(shards)),
-                "split": args.split,
-                "exclude_seen": cfg.eval.exclude_seen,
-            }
-            print(json.dumps({**line, "ranking": "full", **metrics}), flush=True)
+        from modeling.factory import load_model_for_eval
+        from trainer.checkpoint import (
+            load_consolidated,
+            read_checkpoint_config,
+            read_trainer_state,
+            resolve_checkpoint,
+        )
+
+        ckpt = resolve_checkpoint(checkpoint, best=best)
+        cfg = read_checkpoint_config(ckpt, overrides)
+        shards = data or cfg.data.shards
+        state = read_trainer_state(ckpt)
+        model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
+        load_consolidated(model, ckpt, int(state.get("world_size", 1)))
+        source = {"checkpoint": str(ckpt), "step": state.get("step")}
+        return {**source, **_score(cfg, model, tokenizer, shards, split, info)}
     finally:
         teardown_distributed(info)
-    return 0
+
+
+def evaluate_export(
+    model_dir: str | os.PathLike,
+    split: str = "test",
+    *,
+    data: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Full-ranking metrics of an export directory (``recgpt export``) on ``split`` (valid or test).
+
+    The export's weights are loaded as serving loads them (:func:`modeling.serving.load_export`); its
+    ``config.yaml`` (the training config, with ``overrides`` applied) decides the evaluation settings.
+    ``data`` (default: the run's ``data.shards``) must have the export's item vocabulary. Process
+    group and return value as :func:`evaluate_checkpoint`, with ``"model"`` instead of ``"checkpoint"``.
+    """
+    from trainer.distributed import setup_distributed, teardown_distributed
+
+    info = setup_distributed()
+    try:
+        from modeling.serving import MANIFEST, check_same_items, load_export
+
+        d = Path(model_dir)
+        model, tokenizer, items, _ = load_export(d)
+        cfg = load_config(d / "config.yaml", overrides, saved=True)
+        shards = data or cfg.data.shards
+        check_same_items(items, shards)
+        try:
+            step = json.loads((d / MANIFEST).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{d / MANIFEST}: cannot read the step ({one_line(e)})") from None
+        source = {"model": str(model_dir), "step": step}
+        return {**source, **_score(cfg, model, tokenizer, shards, split, info)}
+    finally:
+        teardown_distributed(info)

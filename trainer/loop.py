@@ -5,8 +5,10 @@ Ray Train worker (the launcher passes ``report``; this module never imports Ray)
 function in the nanoGPT spirit: fetch batch -> forward (adversarial inside the loss) -> one backward
 -> step -> log -> evaluate / checkpoint on their intervals. The helpers it uses live in sibling
 modules: ``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint``
-(atomic checkpoints, exact resume), ``evaluate`` (distributed full ranking), ``monitor``
-(TensorBoard, progress, JSONL log), ``faults`` (test-only crash injection).
+(atomic checkpoints, exact resume), ``evaluate`` (distributed full ranking), ``monitor`` (the
+statistics window reduced across ranks by name, TensorBoard, progress, JSONL log), ``faults``
+(test-only crash injection). :class:`TrainState` (with its two :class:`BestMetric` trackers) is what
+``trainer_state.json`` holds.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import RecGPTConfig, TrainingError, save_resolved
-from trainer.checkpoint import CheckpointManager, find_resume_checkpoint, set_rng_state
+from configs import AdversarialConfig, RecGPTConfig, TrainingError, save_resolved
+from trainer.checkpoint import CheckpointManager, checkpoint_name, find_resume_checkpoint, set_rng_state
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
 from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
-from trainer.monitor import Monitor, flops_per_token, memory_bytes, peak_flops, peak_memory_bytes
+from trainer.monitor import (
+    Monitor,
+    Reduce,
+    StepStats,
+    flops_per_token,
+    memory_bytes,
+    peak_flops,
+    peak_memory_bytes,
+)
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
@@ -38,25 +48,79 @@ class NonFiniteLossError(TrainingError):
 
 
 @dataclass
+class BestMetric:
+    """The best value of ``eval.metric`` seen so far (higher is better): the one place that decides
+    "improved". The loop keeps two: over every evaluation (early stopping) and among checkpoints (the
+    ``best`` pointer; a checkpoint whose step was not evaluated is never best)."""
+
+    value: float | None = None
+    step: int | None = None
+    """Step of the best value (of its checkpoint, for the checkpoint tracker)."""
+    stale: int = 0
+    """Updates since the last improvement (evaluations without improvement, for early stopping)."""
+
+    def improves(self, value: float | None) -> bool:
+        return value is not None and (self.value is None or value > self.value)
+
+    def update(self, value: float | None, step: int) -> bool:
+        """Record ``value`` measured at ``step``; True if it is the new best."""
+        if self.improves(value):
+            self.value, self.step, self.stale = value, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BestMetric:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
 class TrainState:
-    """What a checkpoint must carry besides DeepSpeed's state to continue exactly."""
+    """What a checkpoint must carry besides DeepSpeed's state to continue exactly (trainer_state.json)."""
 
     step: int = 0
     epoch: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-    best_metric: float | None = None
-    """Best eval.metric of any evaluation (early stopping)."""
-    best_checkpoint_metric: float | None = None
-    """Best eval.metric among checkpoints (the ``best`` pointer)."""
-    best_checkpoint: str | None = None
-    evals_without_improvement: int = 0
+    best_eval: BestMetric = field(default_factory=BestMetric)
+    """Best eval.metric of any evaluation; ``stale`` counts evaluations for early stopping."""
+    best_saved: BestMetric = field(default_factory=BestMetric)
+    """Best eval.metric among checkpoints: the ``best`` pointer."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Metrics of the last evaluation."""
 
+    @property
+    def best_checkpoint(self) -> str | None:
+        return None if self.best_saved.step is None else checkpoint_name(self.best_saved.step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        """Tolerant: unknown keys are ignored, and the flat best-metric keys of trainer_state.json files
+        written before :class:`BestMetric` (best_metric, evals_without_improvement,
+        best_checkpoint_metric, best_checkpoint) are read into the two trackers."""
+        plain = {
+            k: d[k] for k in ("step", "epoch", "consumed_samples", "consumed_tokens", "metrics") if k in d
+        }
+        st = cls(**plain)
+        if isinstance(d.get("best_eval"), dict):
+            st.best_eval = BestMetric.from_dict(d["best_eval"])
+        else:
+            st.best_eval = BestMetric(d.get("best_metric"), None, d.get("evals_without_improvement", 0))
+        if isinstance(d.get("best_saved"), dict):
+            st.best_saved = BestMetric.from_dict(d["best_saved"])
+        else:
+            name = d.get("best_checkpoint")
+            st.best_saved = BestMetric(d.get("best_checkpoint_metric"), _checkpoint_step(name))
+        return st
+
+
+def _checkpoint_step(name: str | None) -> int | None:
+    """The step of a checkpoint name (``step_00000020`` -> 20)."""
+    return None if name is None else int(name.rsplit("_", 1)[-1])
 
 
 def batch_stream(loader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
@@ -80,6 +144,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def on_interval(step: int, interval: int, last: bool = False) -> bool:
+    """True every ``interval`` steps (never for 0) and at the ``last`` step."""
+    return bool(interval and step % interval == 0) or last
+
+
+def make_reduce(device: torch.device) -> Reduce:
+    """The monitor's all-reduce of a few numbers: one float64 tensor on this rank's device."""
+
+    def reduce(values: list[float], op: str = "sum") -> list[float]:
+        return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
+
+    return reduce
+
+
+def adversarial_start_message(acfg: AdversarialConfig, step: int) -> str:
+    """The log line of the first perturbed step (``step`` completed steps so far): the loss jumps there."""
+    if acfg.method == "freelb":
+        formula = f"the mean of the {acfg.steps} losses along the FreeLB ascent path"
+    else:
+        formula = f"clean_loss + {acfg.adv_weight:g} x adv_loss"
+    after = f" after {acfg.warmup_steps} clean steps" if acfg.warmup_steps else ""
+    return (
+        f"step {step + 1}: adversarial training ({acfg.method}, epsilon {acfg.epsilon:g}) starts{after}; "
+        f"the logged loss becomes {formula} and jumps here (clean_loss stays comparable)"
+    )
 
 
 def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
@@ -128,31 +219,28 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             st = TrainState.from_dict(saved)
         if info.is_main:
             save_resolved(cfg, out_dir)
-        monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step)
+        monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
         if resume_from is not None:
             monitor.message(f"resumed from {resume_from} at step {st.step}")
             set_rng_state(rng)  # last: nothing may draw from the RNGs between here and the first step
 
         # ---------------------------------------------------------------- loop
+        acfg = cfg.adversarial
         batches = batch_stream(train_loader, info.device)
-        fpt = peak = None  # MFU terms, computed at the first log
-        log_keys: list[str] = []
-        window = None  # per-rank sums since the last log
-        window_time = 0.0
+        mfu_terms = None  # (peak FLOP/s of all ranks, FLOPs per token), computed at the first log
         bad_in_a_row = 0
         grad_norm = None
         last_ckpt_step = st.step if resume_from is not None else -1
         stop = st.step >= total_steps
         while not stop:
+            if acfg.method != "none" and st.step == acfg.warmup_steps:
+                monitor.message(adversarial_start_message(acfg, st.step))
             t_step = time.perf_counter()
-            wait = 0.0
-            micro = 0
-            sums: dict[str, float] = {}
-            samples = tokens = positions = 0
-            while micro < tc.grad_accum:
+            stats = StepStats()
+            while stats.micro_batches < tc.grad_accum:
                 t0 = time.perf_counter()
                 batch = next(batches)
-                wait += time.perf_counter() - t0
+                stats.data_wait_s += time.perf_counter() - t0
                 loss, logs = loss_fn(engine, batch, st.step)
                 if faults.nan_loss(st.step + 1):
                     loss = loss * float("nan")
@@ -173,107 +261,63 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     continue
                 bad_in_a_row = 0
                 engine.backward(loss)
-                boundary = micro == tc.grad_accum - 1
+                boundary = stats.micro_batches == tc.grad_accum - 1
                 if boundary and cfg.lora.method == "adalora" and cfg.lora.enabled:
                     adalora_update(engine, st.step)  # reads .grad: before step() zeroes it
-                log_next = (st.step + 1) % tc.log_interval == 0 or st.step + 1 == total_steps
+                log_next = on_interval(st.step + 1, tc.log_interval, st.step + 1 == total_steps)
                 if boundary and log_next and not tracks_grad_norm(cfg):
                     grad_norm = param_grad_norm(engine.module)  # fp32 ZeRO-0: before step() zeroes .grad
                 engine.step()
-                micro += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                samples += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum())
-                positions += batch["input_ids"].numel()
+                stats.add_micro_batch(logs, batch)
             st.step += 1
             st.epoch = train_loader.epoch
-            step_time = time.perf_counter() - t_step
+            stats.step_time_s = time.perf_counter() - t_step
             if tracks_grad_norm(cfg):
                 grad_norm = global_grad_norm(engine)
             # One small all-reduce per step keeps sample/token counts exact in every checkpoint.
-            log_keys = log_keys or sorted(sums)
-            local = [sums.get(k, 0.0) for k in log_keys] + [samples, tokens, positions, wait, step_time]
-            window = local if window is None else [a + b for a, b in zip(window, local)]
-            window_time += step_time
-            counts = all_reduce_tensor(
-                torch.tensor([samples, tokens], dtype=torch.float64, device=info.device)
-            )
-            st.consumed_samples += int(counts[0])
-            st.consumed_tokens += int(counts[1])
-            monitor.advance()
+            samples, tokens = monitor.reduce([stats.samples, stats.tokens], "sum")
+            st.consumed_samples += int(samples)
+            st.consumed_tokens += int(tokens)
+            monitor.add_step(stats)
 
             # ------------------------------------------------------------ log
-            if st.step % tc.log_interval == 0 or st.step == total_steps:
-                n_steps = tc.log_interval if st.step % tc.log_interval == 0 else st.step % tc.log_interval
-                total = all_reduce_tensor(
-                    torch.tensor(window, dtype=torch.float64, device=info.device)
-                ).tolist()
-                mem = all_reduce_tensor(
-                    torch.tensor(
-                        [peak_memory_bytes(info.device), memory_bytes(info.device)],
-                        dtype=torch.float64,
-                        device=info.device,
-                    ),
-                    "max",
+            if on_interval(st.step, tc.log_interval, st.step == total_steps):
+                if mfu_terms is None:
+                    cluster_peak = (peak_flops(info.device) or 0.0) * info.world_size
+                    mfu_terms = cluster_peak, flops_per_token(engine.module, batch["input_ids"].shape[1])
+                monitor.log_train(
+                    st.step,
+                    lr=engine.get_lr()[0],
+                    grad_norm=grad_norm,  # of this step (clipping happens after measuring)
+                    peak_memory_bytes=peak_memory_bytes(info.device),
+                    memory_bytes=memory_bytes(info.device),
+                    cluster_peak_flops=mfu_terms[0],
+                    flops_per_token=mfu_terms[1],
                 )
-                n_micro = n_steps * tc.grad_accum * info.world_size
-                train_scalars = {k: total[i] / n_micro for i, k in enumerate(log_keys)}
-                train_scalars["lr"] = engine.get_lr()[0]
-                train_scalars["grad_norm"] = grad_norm  # of this step (clipping happens after measuring)
-                g_samples, g_tokens, g_positions = total[len(log_keys) : len(log_keys) + 3]
-                r_samples, r_tokens = window[len(log_keys)], window[len(log_keys) + 1]
-                perf = {
-                    "samples_per_s": g_samples / window_time * 1.0,
-                    "tokens_per_s": g_tokens / window_time,
-                    "samples_per_s_rank0": r_samples / window_time,
-                    "tokens_per_s_rank0": r_tokens / window_time,
-                    "step_time_s": window_time / n_steps,
-                    "data_wait_s": window[-2] / n_steps,
-                    "peak_memory_gb": float(mem[0]) / 2**30,
-                    "peak_memory_gb_rank0": peak_memory_bytes(info.device) / 2**30,
-                    "memory_gb": float(mem[1]) / 2**30,  # held now (after the step), max over ranks
-                }
-                if peak is None:
-                    peak = peak_flops(info.device) or 0.0
-                    fpt = flops_per_token(engine.module, batch["input_ids"].shape[1])
-                if peak:
-                    perf["mfu"] = fpt * g_positions / window_time / (peak * info.world_size)
-                monitor.train_step(st.step, train_scalars, perf)
-                window, window_time = None, 0.0
 
             # ------------------------------------------------------------ evaluate
             last = st.step >= total_steps
-            evaluated = False
-            if (tc.eval_interval and st.step % tc.eval_interval == 0) or last:
+            evaluated = on_interval(st.step, tc.eval_interval, last)
+            if evaluated:
                 st.metrics = evaluate(engine, valid_loader, cfg, info.device)
-                evaluated = True
                 monitor.eval(st.step, st.metrics)
-                value = st.metrics[cfg.eval.metric]
-                if st.best_metric is None or value > st.best_metric:
-                    st.best_metric, st.evals_without_improvement = value, 0
-                else:
-                    st.evals_without_improvement += 1
-                if tc.early_stopping_patience and st.evals_without_improvement >= tc.early_stopping_patience:
+                st.best_eval.update(st.metrics[cfg.eval.metric], st.step)
+                patience = tc.early_stopping_patience
+                if patience and st.best_eval.stale >= patience:
                     monitor.message(
                         f"early stopping at step {st.step}: {cfg.eval.metric} did not improve for "
-                        f"{st.evals_without_improvement} evaluations (best {st.best_metric:.4f})"
+                        f"{st.best_eval.stale} evaluations (best {st.best_eval.value:.4f})"
                     )
                     last = True
             stop = last
 
             # ------------------------------------------------------------ checkpoint
-            if (tc.checkpoint_interval and st.step % tc.checkpoint_interval == 0) or last:
-                value = st.metrics.get(cfg.eval.metric) if evaluated else None
-                is_best = value is not None and (
-                    st.best_checkpoint_metric is None or value > st.best_checkpoint_metric
-                )
-                if is_best:
-                    st.best_checkpoint_metric = value
-                    st.best_checkpoint = f"step_{st.step:08d}"
+            if on_interval(st.step, tc.checkpoint_interval, last):
+                # Only an evaluated checkpoint can be the best one.
+                is_best = evaluated and st.best_saved.update(st.metrics[cfg.eval.metric], st.step)
                 ckpt_metrics = {**(st.metrics if evaluated else {}), "step": st.step, "epoch": st.epoch}
                 path = ckpts.save(
-                    engine, st.step, train_loader, asdict(st), cfg, ckpt_metrics, tokenizer, is_best
+                    engine, st.step, train_loader, st.to_dict(), cfg, ckpt_metrics, tokenizer, is_best
                 )
                 last_ckpt_step = st.step
                 if report is not None:
@@ -290,7 +334,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             "consumed_samples": st.consumed_samples,
             "consumed_tokens": st.consumed_tokens,
             "best_checkpoint": st.best_checkpoint,
-            f"best_{cfg.eval.metric}": st.best_checkpoint_metric,
+            f"best_{cfg.eval.metric}": st.best_saved.value,
             "trainable_parameters": n_trainable,
             "parameters": n_params,
         }

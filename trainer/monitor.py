@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,7 @@ def window_scalars(
     local: StepStats,
     total: StepStats,
     steps: int,
+    memory_gb: dict[str, float] | None = None,
     cluster_peak_flops: float = 0.0,
     flops_per_token: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -159,8 +160,8 @@ def window_scalars(
 
     ``local``: this rank's sums (its wall time is the window's time; ``*_rank0`` are its rates),
     ``total``: the sums over all ranks. train: the mean of each loss term over every micro-batch of
-    every rank. perf: throughput, step and data-wait time per step, and MFU when ``cluster_peak_flops``
-    (all ranks' peak FLOP/s) is known.
+    every rank. perf: throughput, step and data-wait time per step, ``memory_gb`` as given, and MFU
+    when ``cluster_peak_flops`` (all ranks' peak FLOP/s together) is known.
     """
     seconds = local.step_time_s
     train = {k: v / total.micro_batches for k, v in total.losses.items()}
@@ -171,6 +172,7 @@ def window_scalars(
         "tokens_per_s_rank0": local.tokens / seconds,
         "step_time_s": seconds / steps,
         "data_wait_s": local.data_wait_s / steps,
+        **(memory_gb or {}),
     }
     if cluster_peak_flops:
         perf["mfu"] = flops_per_token * total.positions / seconds / cluster_peak_flops
@@ -178,14 +180,27 @@ def window_scalars(
 
 
 class Monitor:
-    """Rank-0 sink for scalars; ``enabled=False`` makes every call a no-op."""
+    """Telemetry of one rank. The statistics window works on every rank; with ``enabled=False`` (every
+    rank but 0) the writing calls are no-ops."""
 
-    def __init__(self, cfg, output_dir: Path, enabled: bool, total_steps: int, start_step: int):
+    def __init__(
+        self,
+        cfg,
+        output_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        reduce: Reduce = no_reduce,
+    ):
         self.enabled = enabled
         self.writer = None
         self.bar = None
         self.plain = False
         self.total_steps = total_steps
+        self.reduce = reduce
+        self.window = StepStats()
+        """This rank's sums since the last log."""
+        self.window_steps = 0
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +221,48 @@ class Monitor:
             )
         self.plain = mode == "plain"
 
+    # ------------------------------------------------------------------ the statistics window
+    def add_step(self, stats: StepStats) -> None:
+        """One optimizer step done on this rank: add its numbers to the window, move the progress bar."""
+        self.window.add(stats)
+        self.window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_train(
+        self,
+        step: int,
+        *,
+        lr: float,
+        grad_norm: float | None,
+        peak_memory_bytes: float,
+        memory_bytes: float,
+        cluster_peak_flops: float = 0.0,
+        flops_per_token: float = 0.0,
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Reduce the window over the ranks, log it (rank 0) and start a new one; returns ``(train, perf)``.
+
+        Every rank calls it at the same steps (two all-reduces: the window's sums by name, then this
+        rank's peak and current memory, max over ranks). ``grad_norm`` is the last step's (measured
+        before clipping); the ``*_rank0`` scalars are this rank's.
+        """
+        total = self.window.reduced(self.reduce)
+        peak_max, held_max = self.reduce([peak_memory_bytes, memory_bytes], "max")
+        memory_gb = {
+            "peak_memory_gb": float(peak_max) / 2**30,
+            "peak_memory_gb_rank0": peak_memory_bytes / 2**30,
+            "memory_gb": float(held_max) / 2**30,  # held now (after the step), max over ranks
+        }
+        train, perf = window_scalars(
+            self.window, total, self.window_steps, memory_gb, cluster_peak_flops, flops_per_token
+        )
+        train["lr"] = lr
+        train["grad_norm"] = grad_norm
+        self.window, self.window_steps = StepStats(), 0
+        self.train_step(step, train, perf)
+        return train, perf
+
+    # ------------------------------------------------------------------ writing (rank 0)
     def _scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in values.items():
@@ -234,10 +291,6 @@ class Monitor:
                 + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else ""),
                 flush=True,
             )
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,0 +1,97 @@
+"""A training checkpoint -> an export directory (``recgpt export``).
+
+The checkpoint side of exporting: resolve the checkpoint (run directory -> ``latest``/``best``,
+``COMPLETE`` required), read its ``config.yaml``, consolidate the ZeRO shards of any stage and world
+size (:func:`trainer.checkpoint.consolidate`), rebuild the *unmerged* model (base + adapters) around
+the checkpoint's tokenizer and load the weights strictly, take the first ``export.parity_batches``
+batches of the valid split, and hand all of it to :func:`modeling.export.write_export`, which merges,
+writes, checks parity and publishes. Runs on CPU and never initialises DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs import DataError, RecGPTConfig, one_line
+from modeling.data import build_loader
+from modeling.export import ExportSource, check_dtype, check_out, write_export
+from modeling.factory import load_model_for_eval, read_vocabulary
+from trainer.checkpoint import (
+    CHECKPOINTS,
+    load_consolidated,
+    read_checkpoint_config,
+    read_trainer_state,
+    resolve_checkpoint,
+)
+
+log = logging.getLogger("recgpt.export")
+
+
+def parity_batches(cfg: RecGPTConfig, tokenizer, items: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """The first ``export.parity_batches`` batches of the valid split (held out from training)."""
+    if cfg.export.parity_batches == 0:
+        return []
+    batches = []
+    for batch in build_loader(cfg, "valid", tokenizer, items, num_workers=0):
+        batches.append(batch)
+        if len(batches) == cfg.export.parity_batches:
+            break
+    return batches
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    best: bool = False,
+    dtype: str | None = None,
+    save_adapter: bool = False,
+    force: bool = False,
+    max_shard_size: str | None = None,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` (a run directory — its latest, or with ``best`` its best checkpoint — or
+    one checkpoint) to ``out``; returns the manifest.
+
+    ``dtype`` defaults to the run's ``export.dtype``, ``max_shard_size`` to its ``export.max_shard_size``;
+    ``save_adapter`` also writes the PEFT adapter, before merging, to ``adapter/``; ``force`` replaces
+    an existing ``out``. Raises :class:`CheckpointError` (a missing, incomplete, damaged or
+    mismatching checkpoint), :class:`DataError` (the run's ``data.shards``) or :class:`ExportError`
+    (writing, parity), each one line; ``out`` is then left untouched.
+    """
+    out = check_out(out, force)
+    if dtype is not None:
+        check_dtype(dtype)
+    ckpt = resolve_checkpoint(checkpoint, best=best).absolute()
+    state = read_trainer_state(ckpt)
+    cfg = read_checkpoint_config(ckpt)
+    world_size = int(state.get("world_size", 1))
+    log.info("export %s (step %s, %d ranks, zero stage %d) -> %s", ckpt, state.get("step"), world_size,
+             cfg.zero.stage, out)  # fmt: skip
+    try:
+        _, items = read_vocabulary(cfg.data.shards)
+        model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", cfg.data.shards)
+        load_consolidated(model, ckpt, world_size)
+        model = model.float().eval()
+        batches = parity_batches(cfg, tokenizer, items)
+    except DataError as e:  # the run's shard directory (item vocabulary, parity batches)
+        raise type(e)(f"data.shards: {one_line(e)}") from None
+    source = ExportSource(
+        checkpoint=str(ckpt),
+        step=state.get("step"),
+        trainer_state=state,
+        metrics=_read_json(ckpt / "metrics.json"),
+        world_size=world_size,
+        run_dir=str(ckpt.parent.parent) if ckpt.parent.name == CHECKPOINTS else None,
+    )
+    return write_export(out, model, tokenizer, items, cfg, batches, source, dtype=dtype,
+                        save_adapter=save_adapter, force=force, max_shard_size=max_shard_size)  # fmt: skip
