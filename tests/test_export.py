@@ -1,7 +1,7 @@
 """recgpt export: ZeRO-2/3 checkpoints of LoRA and full runs (2 processes) -> plain HF directories.
 
 One small shard set (60 MovieLens users, 300 items) and four 3-step training runs are shared by every
-test here and by tests/test_recommend.py (session fixtures).
+test here (session fixtures); tests/test_recommend.py covers recommend on an untrained export.
 """
 
 from __future__ import annotations
@@ -21,16 +21,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from configs import ExportError, load_config
 from launcher.cli import main
-from modeling.export import (
-    MANIFEST,
-    WRAPPER_KEY_PARTS,
-    ExportError,
-    export_checkpoint,
-    load_export,
-    score_batch,
-    verify_export,
-)
+from modeling.export import WRAPPER_KEY_PARTS
+from modeling.serving import MANIFEST, load_export, score_batch, verify_export
+from trainer.export import export_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,7 +100,7 @@ def export_of(small_shards, tmp_path_factory):
         if name not in cache:
             run = _train(small_shards, tmp_path_factory.mktemp(f"run-{name}") / "run", RUNS[name])
             out = tmp_path_factory.mktemp(f"export-{name}") / "model"
-            export_checkpoint(run, out, adapter=name.startswith("lora"), max_shard_size="200KB")
+            export_checkpoint(run, out, save_adapter=name.startswith("lora"), max_shard_size="200KB")
             cache[name] = (run, out)
         return cache[name]
 
@@ -168,7 +163,7 @@ def test_item_rows_trained_and_merged(export_of, name):
 @pytest.mark.parametrize("name", ["lora-z3", "full-z2"])
 def test_loads_with_plain_transformers_without_recgpt(export_of, name, tmp_path):
     _, out = export_of(name)
-    model, tok, items, cfg = load_export(out)
+    model, tok, items, _ = load_export(out)
     ids = [tok.bos_token_id, *model.item_token_ids[[3, 1, 4]].tolist()]
     with torch.no_grad():
         want = model.item_logits(model(input_ids=torch.tensor([ids]))[:, -1])[0]
@@ -299,12 +294,13 @@ def test_force_replaces_and_scores_match(export_of, small_shards, tmp_path, caps
     # The same valid batch scores the same through load_export of either export.
     from modeling.data import build_loader
 
-    m1, tok, items, cfg = load_export(out)
+    m1, tok, items, spec = load_export(out)
     m2, *_ = load_export(target)
+    cfg = load_config(out / "config.yaml", saved=True)
     batch = next(
         iter(build_loader(cfg, "valid", tok, items, shards=small_shards, batch_size=8, num_workers=0))
     )
-    assert torch.equal(score_batch(m1, batch, cfg.task), score_batch(m2, batch, cfg.task))
+    assert torch.equal(score_batch(m1, batch, spec.task), score_batch(m2, batch, spec.task))
 
 
 # --------------------------------------------------------------------------- recommend from an export
@@ -313,7 +309,7 @@ def test_force_replaces_and_scores_match(export_of, small_shards, tmp_path, caps
 
 def test_recommend_cli(export_of, small_shards, tmp_path, capsys):
     _, out = export_of("lora-z2")
-    model, tok, items, cfg = load_export(out)
+    _, _, items, _ = load_export(out)
     ids = [it["item_id"] for it in items]
 
     assert main(["recommend", "--model", str(out), "--history", ",".join(ids[:3]), "-k", "4", "--json"]) == 0
@@ -323,12 +319,19 @@ def test_recommend_cli(export_of, small_shards, tmp_path, capsys):
     assert all(r["score"] >= s["score"] for r, s in zip(recs, recs[1:]))
     assert {"item_id", "title", "score", "prob"} <= set(recs[0])
 
-    # --exclude-seen never returns a history item; k counts what is left.
+    # By default (as eval.exclude_seen) a history item is never returned; k counts what is left.
     history = [r["item_id"] for r in recs[:2]]
-    assert main(["recommend", "--model", str(out), "--history", ",".join(history), "-k", "3", "--json",
-                 "--exclude-seen"]) == 0  # fmt: skip
-    recs2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recommendations"]
+    assert main(["recommend", "--model", str(out), "--history", ",".join(history), "-k", "3", "--json"]) == 0
+    got2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recs2 = got2["recommendations"]
+    assert got2["exclude_seen"] is True
     assert len(recs2) == 3 and not {r["item_id"] for r in recs2} & set(history)
+    # --include-seen ranks every item, the history too.
+    assert main(["recommend", "--model", str(out), "--history", ",".join(history), "-k", str(len(ids)),
+                 "--json", "--include-seen"]) == 0  # fmt: skip
+    got3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got3["exclude_seen"] is False and len(got3["recommendations"]) == len(ids)
+    assert set(history) <= {r["item_id"] for r in got3["recommendations"]}
 
     # Titles from a JSON file, table output.
     hist = tmp_path / "h.json"
@@ -346,15 +349,16 @@ def test_recommend_cli(export_of, small_shards, tmp_path, capsys):
 def test_recommend_scores_equal_evaluation_prompt(export_of, small_shards):
     """recommend builds the prompt exactly as evaluation does: same logits for a valid record's history."""
     from modeling.data import build_loader
-    from modeling.recommend import recommend
+    from modeling.serving import recommend
 
     _, out = export_of("lora-z2")
-    model, tok, items, cfg = load_export(out)
+    model, tok, items, spec = load_export(out)
+    cfg = load_config(out / "config.yaml", saved=True)
     record = next(iter(build_loader(cfg, "valid", shards=small_shards, batch_size=1, num_workers=0)))[0]
     batch = build_loader(cfg, "valid", tok, items, shards=small_shards).collate_fn([record])
-    want = score_batch(model, batch, cfg.task)[0]
+    want = score_batch(model, batch, spec.task)[0]
     history = record["items"][:-1]
-    top = recommend(model, tok, items, cfg, history, k=5, exclude_seen=False)
+    top = recommend(model, tok, items, spec, history, k=5, exclude_seen=False)
     best = want.topk(5)
     assert [r["item_id"] for r in top] == [items[i]["item_id"] for i in best.indices.tolist()]
     assert torch.allclose(torch.tensor([r["score"] for r in top]), best.values, atol=1e-5)

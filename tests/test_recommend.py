@@ -1,15 +1,28 @@
-"""recgpt recommend: resolving a history (ids, titles with commas, repeated titles, unknown items).
+"""recgpt recommend and the model commands' surface, without training.
 
-The end-to-end recommend tests (top-K, --exclude-seen, --json, same prompt as evaluation) live in
-tests/test_export.py next to the session runs whose exports they use.
+Resolving a history (ids, titles with commas, repeated titles, unknown items); serving imports no
+training schema; a small export written by ``modeling.export.write_export`` from an untrained model
+(recommend leaves the history out by default, ``--include-seen`` keeps it; an existing directory is
+replaced only with ``force``); removed flags are argparse errors. The end-to-end recommend tests on
+trained exports (top-K, --json, same prompt as evaluation) live in tests/test_export.py next to the
+session runs whose exports they use.
 """
 
 from __future__ import annotations
 
-import pytest
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-from configs import ExportError
-from modeling.recommend import resolve_history
+import pytest
+import torch
+
+from configs import ExportError, load_config
+from launcher.cli import build_parser, main
+from modeling.serving import load_export, recommend, resolve_history, verify_export
+
+REPO = Path(__file__).resolve().parent.parent
 
 ITEMS = [
     {"index": 0, "item_id": "10", "title": "Emma (1996)"},
@@ -36,3 +49,124 @@ def test_unknown_items_are_all_listed():
         resolve_history(["20", "99", "Nope"], ITEMS, "--history")
     with pytest.raises(ExportError, match="empty"):
         resolve_history([], ITEMS, "--history")
+
+
+def test_serving_does_not_import_the_training_schema():
+    code = (
+        "import sys, modeling.serving; "
+        "bad = [m for m in ('configs.schema', 'configs.load', 'trainer', 'modeling.factory') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "--checkpoint", "run", "--out", "o", "--latest"],
+        ["export", "--checkpoint", "run", "--out", "o", "--adapter-only"],
+        ["evaluate", "--checkpoint", "run", "--config", "x.yaml"],
+        ["recommend", "--model", "m", "--history", "1", "--exclude-seen"],
+    ],
+    ids=["export --latest", "export --adapter-only", "evaluate --config", "recommend --exclude-seen"],
+)
+def test_removed_flags_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a small export, untrained
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory) -> Path:
+    """``write_export`` of an untrained 1-layer GPT-2 over 6 items (no shards, no training, no parity
+    batches): a real export directory in a second or two."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling.export import ExportSource, write_export
+    from modeling.factory import add_item_tokens, item_token, train_tokenizer
+    from modeling.model import RecModel
+
+    items = [{"index": i, "item_id": str(100 + i), "title": f"Movie {i} (199{i})"} for i in range(6)]
+    levels = [1.0, 2.0, 3.0, 4.0, 5.0]
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(items, levels, vocab_size=300)
+    add_item_tokens(tokenizer, items, levels, "test")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=1, n_embd=16, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    lm = GPT2LMHeadModel(config).eval()
+    first = tokenizer.convert_tokens_to_ids(item_token(0))
+    model = RecModel(lm, torch.arange(first, first + len(items)), tied=True).eval()
+    cfg = load_config(None, ["data.max_history=5"])
+    out = tmp_path_factory.mktemp("recommend") / "model"
+    source = ExportSource(checkpoint="none", step=0, trainer_state={"step": 0}, metrics=None, world_size=1)
+    manifest = write_export(out, model, tokenizer, items, cfg, [], source)
+    assert manifest["parity"]["batches"] == 0 and manifest["lora"]["adapter_dir"] is None
+    return out
+
+
+def test_small_export_loads_and_verifies(small_export):
+    verify_export(small_export)
+    model, tokenizer, items, spec = load_export(small_export, verify=True)
+    assert spec.task == "next_item" and spec.prompt == "ids" and spec.max_history == 5 and spec.exclude_seen
+    assert model.num_items == len(items) == 6 and model.tied
+    # Editing a file is noticed.
+    with open(small_export / "items.jsonl", "a") as f:
+        f.write("\n")
+    try:
+        with pytest.raises(ExportError, match="items.jsonl"):
+            verify_export(small_export)
+    finally:
+        (small_export / "items.jsonl").write_text((small_export / "items.jsonl").read_text()[:-1])
+    verify_export(small_export)
+
+
+def test_recommend_excludes_history_by_default(small_export, capsys):
+    _, _, items, _ = load_export(small_export)
+    ids = [it["item_id"] for it in items]
+    history = ids[:2]
+
+    def run(*extra: str) -> dict:
+        argv = [
+            "recommend",
+            "--model",
+            str(small_export),
+            "--history",
+            ",".join(history),
+            "-k",
+            "6",
+            "--json",
+        ]
+        assert main([*argv, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    default = run()
+    got = [r["item_id"] for r in default["recommendations"]]
+    assert default["exclude_seen"] is True and len(got) == 4 and not set(got) & set(history)
+    included = run("--include-seen")
+    got = [r["item_id"] for r in included["recommendations"]]
+    assert included["exclude_seen"] is False and sorted(got) == sorted(ids)
+
+
+def test_recommend_library_default_excludes(small_export):
+    model, tokenizer, items, spec = load_export(small_export)
+    rows = recommend(model, tokenizer, items, spec, [0, 1, 2], k=6)
+    assert {r["item_id"] for r in rows} == {"103", "104", "105"}
+    rows = recommend(model, tokenizer, items, spec, [0, 1, 2], k=6, exclude_seen=False)
+    assert len(rows) == 6
+
+
+def test_existing_directory_replaced_only_with_force(small_export, tmp_path, capsys):
+    from modeling.export import check_out
+
+    with pytest.raises(ExportError, match="exists"):
+        check_out(small_export, force=False)
+    assert check_out(small_export, force=True) == small_export.absolute()
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(small_export)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and "--force" not in err[0], err
