@@ -1,6 +1,6 @@
 """Recommendation quality on the bundled MovieLens sample, side by side with baselines.
 
-Protocol (docs/RESULTS.md, ../shared/BASELINES.md): leave-one-out by time per user, full ranking over
+Protocol (docs/RESULTS.md, "Reference figures"): leave-one-out by time per user, full ranking over
 every item, HR@10 / NDCG@10 / MRR@10 on the test split at the checkpoint with the best validation
 NDCG@10; reported with seen items excluded and (for the SASRec comparison) not excluded.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 SASREC_NDCG10 = 0.0313  # HR@10 0.0689, MRR@10 0.0197; best validation NDCG@10 0.0441
 SASREC_EPOCHS = 11  # the best validation epoch (of 14 run)
 SASREC_MINUTES_TO_BEST = 58.0  # 11 epochs of 5.3 minutes on one thread
-# ../shared/BASELINES.md's figure: RecBole read the timestamps as float32 (64 s resolution), which
+# The reference SASRec figure first given (docs/RESULTS.md, "Reference figures"): RecBole read the timestamps as float32 (64 s resolution), which
 # reorders each user's events within about a minute by movieId — other, easier sequences (not compared).
 SASREC_FLOAT32_NDCG10 = 0.0702
 

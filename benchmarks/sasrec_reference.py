@@ -4,7 +4,7 @@ RecBole loads ``timestamp:float`` columns as float32, whose resolution near 1e9 
 of a user less than about a minute apart collapse to one timestamp and RecBole's stable sort then orders
 them by file order (MovieLens: ascending movieId). That is a different, easier sequence than the
 protocol's (timestamp, ties in file order) — e.g. user 1's validation target becomes movie 2478 instead
-of 2012 — and it is what ``../shared/BASELINES.md``'s 0.0702 was measured on. This script writes the
+of 2012 — and it is what the 0.0702 of docs/RESULTS.md's reference figures was measured on. This script writes the
 interactions with each event's position in recgpt's order as its timestamp (exact in float32), so
 RecBole trains and evaluates on the very sequences recgpt does.
 

@@ -244,9 +244,10 @@ def test_bf16_export_and_parity_failure(export_of, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]
 
 
-def test_bad_checkpoints_are_one_line_errors(export_of, tmp_path, capsys):
+def test_bad_checkpoints_are_one_line_errors(export_of, small_shards, tmp_path, capsys):
     run, out = export_of("full-z3")
     ckpt = run / "checkpoints" / "step_00000003"
+    capsys.readouterr()  # the fixture's own output, when the export was made for this test
 
     def err(*args: str) -> str:
         assert main(["export", *args]) == 2
@@ -279,6 +280,13 @@ def test_bad_checkpoints_are_one_line_errors(export_of, tmp_path, capsys):
     cfg = (other / "config.yaml").read_text()
     (other / "config.yaml").write_text(cfg.replace("n_layer: 2", "n_layer: 3"))
     assert "do not fit" in err("--checkpoint", str(other), "--out", str(tmp_path / "o"))
+
+    # The run's shard directory is gone: the error names the config key, not a flag.
+    moved = tmp_path / "moved_shards"
+    shutil.copytree(ckpt, moved)
+    cfg = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(cfg.replace(str(small_shards), str(tmp_path / "no-shards")))
+    assert "data.shards" in err("--checkpoint", str(moved), "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from configs import ExportError, load_config
-from launcher.cli import build_parser, main
+from launcher.cli import main
 from modeling.serving import load_export, recommend, resolve_history, verify_export
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_serving_does_not_import_the_training_schema():
 )
 def test_removed_flags_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(argv)
+        main(argv)
     assert e.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
 
