@@ -34,6 +34,8 @@ TrainFn = Callable[..., Any]  # train(cfg, report=None) -> dict, see docs/DESIGN
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # train() writes its final metrics here (rank 0, last); Ray's Result only has the last checkpoint's.
 FINAL_METRICS = "metrics.json"
+# Ray Train V2's switch for redirecting print() in workers to its logger (see _connect).
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def _log(msg: str) -> None:
@@ -117,9 +119,16 @@ def _connect() -> None:
     _log(
         f"connecting to Ray at {address}" if address else "RAY_ADDRESS not set: starting a local Ray instance"
     )
+    # Ray Train V2 replaces print() in its workers with a logging call that also tees to the original
+    # print when stdout is wrapped, as it is in a Ray worker: every progress line reached the driver
+    # twice. recgpt's lines are plain text already, so its workers keep the builtin print (a value the
+    # user or the job's runtime env set wins; the same key in both would be a runtime-env conflict).
+    runtime_env = None
+    if PRINT_PATCH_ENV not in os.environ:
+        runtime_env = {"env_vars": {PRINT_PATCH_ENV: "0"}}
     # "local", not None: None would silently join whatever `ray start` cluster this machine last ran.
     # log_to_driver: the workers' progress lines end up in this process's output (and the job's logs).
-    ray.init(address=address or "local", log_to_driver=True)
+    ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
 
 
 def build_trainer(cfg: RecGPTConfig, train_fn: TrainFn | None = None):
