@@ -37,7 +37,7 @@ from transformers import (
 from configs import ConfigError, RecGPTConfig
 from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
 from modeling.lora import apply_lora, trainable_parameters
-from modeling.model import RecModel
+from modeling.model import RecModel, is_tied
 
 log = logging.getLogger("recgpt.modeling")
 
@@ -171,11 +171,6 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
         **shape,
     )
     return GPT2LMHeadModel._from_config(config)  # the constructor path that honours ZeRO-3
-
-
-def is_tied(lm: PreTrainedModel) -> bool:
-    out = lm.get_output_embeddings()
-    return out is not None and out.weight is lm.get_input_embeddings().weight
 
 
 @contextlib.contextmanager

@@ -12,6 +12,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
+def is_tied(lm: PreTrainedModel) -> bool:
+    """Whether the LM's output head shares the input-embedding matrix (then item logits come from the
+    item tokens' input embeddings)."""
+    out = lm.get_output_embeddings()
+    return out is not None and out.weight is lm.get_input_embeddings().weight
+
+
 class RecModel(nn.Module):
     """``forward`` returns the final hidden states; ``item_logits`` / ``rating_output`` score them.
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from configs.errors import ExportError, one_line
 from configs.files import sha256_file
 from modeling.collate import RATING_LEVELS_KEY, PromptSpec, make_collate
-from modeling.model import RecModel
+from modeling.model import RecModel, is_tied
 
 MANIFEST = "export_manifest.json"
 ITEMS_FILE = "items.jsonl"
@@ -178,10 +178,7 @@ def load_export(directory: str | os.PathLike, verify: bool = False) -> LoadedExp
     if not ids or ids != list(range(ids[0], ids[0] + len(items))):
         raise ExportError(f"{d}: the tokenizer lacks contiguous <item_i> tokens for the {len(items)} items")
     levels = tokenizer.init_kwargs.get(RATING_LEVELS_KEY) or []
-    # The output head shares the input-embedding matrix (what modeling.factory.is_tied checks).
-    head = lm.get_output_embeddings()
-    tied = head is not None and head.weight is lm.get_input_embeddings().weight
-    model = RecModel(lm, torch.tensor(ids), tied=tied,
+    model = RecModel(lm, torch.tensor(ids), tied=is_tied(lm),
                      rating_levels=[float(x) for x in levels] if spec.task == "rating" else None,
                      rating_head=spec.rating_head)  # fmt: skip
     if model.rating_head is not None:
