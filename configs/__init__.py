@@ -16,7 +16,7 @@ _WHERE = {
         "CheckpointError", "ConfigError", "CorruptShardError", "DataError", "ExportError", "RecgptError",
         "TrainingError", "one_line",
     ),
-    "configs.files": ("atomic_write", "sha256_bytes", "sha256_file"),
+    "configs.files": ("atomic_write", "publish_dir", "sha256_bytes", "sha256_file"),
     "configs.load": (
         "RESOLVED_CONFIG", "config_from_dict", "load_config", "load_shards_config", "save_resolved", "to_dict",
         "to_yaml", "upgrade_saved",

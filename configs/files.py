@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -33,6 +34,25 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = Tr
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Rename the finished directory ``tmp`` to ``out`` (same filesystem); returns ``out``.
+
+    An existing ``out`` is first renamed aside and deleted only once the new one is in place, so a
+    reader sees the old directory or the new one, never a half-written one (the caller decides
+    whether replacing is allowed). Directories are written under a temporary name beside ``out``
+    (``.<name>.tmp-<pid>``) and published with this.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:

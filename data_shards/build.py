@@ -21,7 +21,7 @@ from typing import Any
 
 from webdataset import TarWriter
 
-from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
+from configs import DataError, ShardsConfig, publish_dir, sha256_bytes, sha256_file
 from data_shards.ingest import read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
 from data_shards.records import Record
@@ -187,13 +187,7 @@ def build_shards(
         }
         # The manifest is written last and the directory renamed whole: readers never see a partial build.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,6 @@
 """The main job end to end on the bundled MovieLens sample (``make demo`` / ``python -m launcher.demo``).
 
-build shards -> train a small GPT (full tuning, 2 processes) -> export -> LoRA + adversarial adaptation
+build shards -> train a small decoder-only transformer (SASRec/BART block layout; full tuning, 2 processes) -> export -> LoRA + adversarial adaptation
 starting from that export -> evaluate before/after -> export merged weights -> recommend for one user.
 Every step is the public CLI, so this file doubles as a worked example. Local disk plays the shared
 storage; everything lands under ``--root`` (default ``runs/demo``).
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     _run("inspect shards", recgpt("shards", "inspect", str(shards)))
 
     _run(
-        "train a small GPT from scratch (full tuning, DeepSpeed, 2 processes)",
+        "train a small decoder-only transformer (SASRec/BART layout) from scratch (full tuning, DeepSpeed, 2 processes)",
         torchrun(
             args.nproc,
             "train",

@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from configs import ExportError, RecGPTConfig, save_resolved, to_dict
+from configs import ExportError, RecGPTConfig, publish_dir, save_resolved, to_dict
 from modeling.factory import item_token, sync_special_ids
 from modeling.model import RecModel
 from modeling.serving import (
@@ -180,12 +180,9 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     for p in tmp.rglob("*"):
         if p.is_file():
             p.chmod(0o666 & ~umask)
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         check_out(out, force)  # appeared while we were writing
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out)
 
 
 def check_parity(

@@ -65,3 +65,18 @@ def test_python_dash_m_launcher_without_install():
         [sys.executable, "-m", "launcher", "train", "zero.stage=7"], capture_output=True, text=True
     )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "zero.stage" in res.stderr
+
+
+def test_output_cut_short_by_head_ends_quietly(sample_shards):
+    """`recgpt shards inspect --json | head`: when the reader goes away, no BrokenPipeError traceback.
+
+    The pipe's read end is closed before the child (still importing) writes its first byte, so every
+    write fails with EPIPE — what `head` does to a long output."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "shards", "inspect", str(sample_shards), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import AdversarialConfig, RecGPTConfig, TrainingError, save_resolved
+from configs import AdversarialConfig, RecGPTConfig, TrainingError, atomic_write, save_resolved
 from trainer.checkpoint import CheckpointManager, checkpoint_name, find_resume_checkpoint, set_rng_state
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
@@ -339,9 +339,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             "parameters": n_params,
         }
         if info.is_main:
-            tmp = out_dir / ".metrics.json.tmp"
-            tmp.write_text(json.dumps(final, indent=2, sort_keys=True))
-            tmp.replace(out_dir / "metrics.json")
+            atomic_write(out_dir / "metrics.json", json.dumps(final, indent=2, sort_keys=True))
             monitor.message("final: " + json.dumps(final, sort_keys=True))
         return final
     finally:
