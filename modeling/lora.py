@@ -7,6 +7,8 @@ With a tied head PEFT ties the head's wrapper to the same rows; an untied head g
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -48,10 +50,12 @@ def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int]
             _module_name(lm, lm.get_input_embeddings()): list(item_token_ids),
             _module_name(lm, lm.get_output_embeddings()): list(item_token_ids),
         }
+    # A decoder-only BART never runs its cross-attention (no encoder states): no adapters there. Only
+    # passed when such modules exist (PEFT warns about an exclusion that matches nothing).
+    has_cross_attention = any(".encoder_attn." in f"{n}." for n, _ in lm.named_modules())
     common = dict(
         target_modules=targets,
-        # A decoder-only BART never runs its cross-attention (no encoder states): no adapters there.
-        exclude_modules=r".*\.encoder_attn\..*",
+        exclude_modules=r".*\.encoder_attn\..*" if has_cross_attention else None,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         fan_in_fan_out=conv1d,  # GPT-2 stores Conv1D weights transposed
@@ -74,7 +78,11 @@ def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int]
         )
     else:
         peft_cfg = LoraConfig(r=lc.r, **common)
-    return get_peft_model(lm, peft_cfg)
+    with warnings.catch_warnings():
+        # PEFT reads the model's deprecated `is_gradient_checkpointing` attribute (transformers >= 5.24
+        # renamed it is_activation_checkpointing): a FutureWarning that no setting of ours avoids.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(lm, peft_cfg)
 
 
 def adalora_update(model: nn.Module, global_step: int) -> None:

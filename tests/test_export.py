@@ -155,7 +155,7 @@ def test_item_rows_trained_and_merged(export_of, name):
     _, out = export_of(name)
     model, *_ = load_export(out)
     rows = model.causal_lm.get_input_embeddings().weight[model.item_token_ids]
-    assert float((rows - rows[0]).abs().max()) > 1e-3, name
+    assert float((rows - rows[0]).detach().abs().max()) > 1e-3, name
 
 
 # --------------------------------------------------------------------------- serving without recgpt
