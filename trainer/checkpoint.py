@@ -1,4 +1,4 @@
-"""Atomic checkpoints on shared storage (layout: docs/DESIGN.md, "Run directory").
+"""Atomic, verifiable checkpoints on shared storage (layout: docs/DESIGN.md, "Run directory").
 
 Write protocol (every rank runs :meth:`CheckpointManager.save`):
 
@@ -6,14 +6,42 @@ Write protocol (every rank runs :meth:`CheckpointManager.save`):
 2. every rank calls ``engine.save_checkpoint`` into ``.tmp-step_N/ds`` (a collective: DeepSpeed hangs
    when only rank 0 calls it) and writes its own reader state and RNG state;
 3. barrier — after it, every rank's files are on disk;
-4. rank 0 writes trainer_state.json, config.yaml, metrics.json, the tokenizer and ``COMPLETE``, renames
+4. rank 0 writes trainer_state.json, config.yaml, metrics.json, the tokenizer and, last, ``COMPLETE``:
+   a JSON document listing every file of the checkpoint with its size and sha256 (below); renames
    ``.tmp-step_N`` to ``step_N``, replaces ``latest`` (and ``best``) atomically, and only then prunes
-   older complete checkpoints (never the best);
+   older complete checkpoints (never latest, best, or anything newer than latest);
 5. barrier — every rank sees the published checkpoint before ``report`` is called.
 
 A crash anywhere before the rename leaves a ``.tmp-*`` directory that nothing reads and ``latest``
-pointing at the previous complete checkpoint. Resume (``train.resume=auto``) follows ``latest`` and
-checks ``COMPLETE``; it never picks "the highest-numbered directory".
+pointing at the previous complete checkpoint. Resume (``train.resume=auto``) follows ``latest``; it
+never picks "the highest-numbered directory".
+
+``COMPLETE`` (format_version 1)::
+
+    {"format_version": 1, "checkpoint": "step_00000020", "step": 20, "world_size": 2,
+     "files": {"ds/step_00000020/mp_rank_00_model_states.pt": {"bytes": 123, "sha256": "…"}, …}}
+
+``files`` holds every file under the checkpoint directory except ``COMPLETE`` itself (paths relative,
+``/``-separated). :func:`verify_checkpoint` checks that each is present with its size, then its sha256.
+Checkpoints of earlier versions have the one text line ``step_N`` there: complete but unverifiable;
+they are used as they are, with one line saying so.
+
+Damage (a missing file, another size, another sha256 — bit rot, a half-copied directory):
+
+* ``train.resume=auto`` (:func:`find_resume_checkpoint`) verifies ``latest``'s target, then the older
+  complete checkpoints newest first, and resumes from the first that verifies, with one stderr line
+  naming every checkpoint skipped and its bad file; when none verifies, :class:`CheckpointError`
+  naming the newest one's bad file (never a silent start from scratch). Rank 0 decides and broadcasts
+  the decision (or the error) to the other ranks, so every rank resumes from the same checkpoint and
+  only one process reads the checkpoint's bytes.
+* An explicit checkpoint (``train.resume=PATH``, ``recgpt export``, ``recgpt evaluate --checkpoint``,
+  :func:`resolve_checkpoint`) that does not verify is a :class:`CheckpointError` naming the file —
+  no fallback.
+
+Cost: one sha256 pass over the checkpoint's bytes at save (rank 0, after the barrier, reading back
+what every rank wrote) and at resume/export/evaluate (``recgpt evaluate`` under torchrun: every rank
+verifies on its own). sha256 runs at several hundred MB/s to ~2 GB/s per core, so a checkpoint of
+a few GB adds seconds to each save and each resume; the tiny test model's ~6 MB take milliseconds.
 
 Resuming with a different world size is refused (plain ZeRO optimizer partitions are per rank, and
 each rank's data cursor is saved for its own shard plan). To continue on another number of processes,
@@ -29,6 +57,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +71,9 @@ from configs import (
     atomic_write,
     load_config,
     one_line,
+    publish_dir,
     save_resolved,
+    sha256_file,
 )
 from trainer.distributed import barrier
 from trainer.faults import Faults
@@ -53,12 +84,133 @@ DS_SUBDIR = "ds"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
+COMPLETE_FORMAT_VERSION = 1
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _step_of(name: str) -> int | None:
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def is_complete(ckpt: Path) -> bool:
+    """Published (has its ``COMPLETE`` marker and trainer state); says nothing about damage."""
     return (ckpt / COMPLETE).is_file() and (ckpt / "trainer_state.json").is_file()
+
+
+def _is_main() -> bool:
+    """Rank 0 of the process group (or of torchrun's environment before one exists)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _notice(text: str) -> None:
+    """One line on stderr, from rank 0 only."""
+    if _is_main():
+        print(f"recgpt: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- COMPLETE: list and verify
+
+
+def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``ckpt`` except ``COMPLETE``."""
+    ckpt = Path(ckpt)
+    files = {}
+    for path in sorted(ckpt.rglob("*")):
+        rel = path.relative_to(ckpt).as_posix()
+        if rel == COMPLETE or path.is_symlink() or not path.is_file():
+            continue
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def write_complete(ckpt: str | os.PathLike, name: str, step: int, world_size: int) -> dict[str, Any]:
+    """Write ``ckpt/COMPLETE`` (atomically, last): the file list with sizes and sha256; returns it."""
+    doc = {
+        "format_version": COMPLETE_FORMAT_VERSION,
+        "checkpoint": name,
+        "step": step,
+        "world_size": world_size,
+        "files": checkpoint_files(ckpt),
+    }
+    atomic_write(Path(ckpt) / COMPLETE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return doc
+
+
+def _read_complete(ckpt: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(document, None)``; ``(None, None)`` for an old one-line ``step_N`` marker; ``(None, problem)``
+    when the marker is missing or unreadable."""
+    try:
+        text = (ckpt / COMPLETE).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{COMPLETE}: {'missing' if isinstance(e, FileNotFoundError) else one_line(e)}"
+    if re.fullmatch(r"step_\d+", text.strip()):
+        return None, None
+    try:
+        doc = json.loads(text)
+        files = doc["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        ):
+            raise ValueError("'files' is not {path: {bytes, sha256}}")
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"{COMPLETE}: unreadable ({one_line(e)})"
+    return doc, None
+
+
+def checkpoint_damage(ckpt: str | os.PathLike) -> tuple[str | None, bool]:
+    """``(problem, verified)`` of a checkpoint: ``problem`` is ``"<file>: <what>"`` for the first bad
+    file (``None`` when every listed file is present with its size and sha256); ``verified`` is False
+    for an old-format ``COMPLETE`` that lists no files (nothing could be checked).
+
+    Sizes are checked for every file before any is hashed, so a missing or truncated file is found
+    without reading gigabytes."""
+    ckpt = Path(ckpt)
+    doc, problem = _read_complete(ckpt)
+    if doc is None:
+        if problem is None and not (ckpt / "trainer_state.json").is_file():
+            problem = "trainer_state.json: missing"
+        return problem, False
+    files = doc["files"]
+    for rel, want in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel}: missing", True
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{rel}: {size} bytes, {COMPLETE} lists {want['bytes']}", True
+    for rel, want in files.items():
+        try:
+            digest = sha256_file(ckpt / rel)
+        except OSError as e:
+            return f"{rel}: unreadable ({one_line(e)})", True
+        if digest != want["sha256"]:
+            return f"{rel}: sha256 differs", True
+    return None, True
+
+
+_UNVERIFIABLE = f"has an old-format {COMPLETE} marker (no file list) and cannot be verified"
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> bool:
+    """Check every file ``COMPLETE`` lists (presence, size, sha256); returns True when verified, False
+    for an old-format checkpoint (usable, unverifiable — the caller says so once). Raises
+    :class:`CheckpointError` naming the checkpoint and its first bad file."""
+    problem, verified = checkpoint_damage(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{ckpt}: damaged checkpoint ({problem}); use an earlier checkpoint")
+    return verified
+
+
+# --------------------------------------------------------------------------- find a checkpoint
 
 
 def _read_pointer(root: Path, name: str) -> Path | None:
@@ -69,10 +221,23 @@ def _read_pointer(root: Path, name: str) -> Path | None:
     return target if is_complete(target) else None
 
 
-def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
+def _complete_checkpoints(root: Path, marker_only: bool = False) -> list[Path]:
+    """Complete checkpoints under ``root`` (with ``marker_only``: every one with a ``COMPLETE``, even
+    if other files are gone — damaged, for :func:`checkpoint_damage` to name), oldest first."""
+    if not root.is_dir():
+        return []
+    done = (lambda p: (p / COMPLETE).is_file()) if marker_only else is_complete
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and done(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: str | os.PathLike, best: bool = False, *, verify: bool = True) -> Path:
     """A complete checkpoint directory from a run directory (latest or best) or a checkpoint path.
 
-    Raises :class:`CheckpointError` naming the path when there is none or it is incomplete.
+    With ``verify`` (the default) every file its ``COMPLETE`` lists is checked (:func:`verify_checkpoint`;
+    an old-format checkpoint is used with one line saying it cannot be verified). Raises
+    :class:`CheckpointError` naming the path when there is none, it is incomplete, or it is damaged
+    (naming the file) — an explicit checkpoint never falls back to another one.
     """
     p = Path(path)
     if not p.exists():
@@ -80,24 +245,90 @@ def resolve_checkpoint(path: str | os.PathLike, best: bool = False) -> Path:
     if (p / "trainer_state.json").exists() or (p / DS_SUBDIR).exists():
         if not is_complete(p):
             raise CheckpointError(f"{p}: incomplete checkpoint (no {COMPLETE} marker); use an earlier one")
-        return p
-    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    which = "best" if best else "latest"
-    ckpt = _read_pointer(root, which)
-    if ckpt is None:
-        raise CheckpointError(
-            f"{p}: no complete checkpoint ({root / which} missing or points at an incomplete one)"
-        )
+        ckpt = p
+    else:
+        root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+        which = "best" if best else "latest"
+        ckpt = _read_pointer(root, which)
+        if ckpt is None:
+            raise CheckpointError(
+                f"{p}: no complete checkpoint ({root / which} missing or points at an incomplete one)"
+            )
+    if verify and not verify_checkpoint(ckpt):
+        _notice(f"checkpoint {ckpt} {_UNVERIFIABLE}; using it as it is")
     return ckpt
 
 
+def _auto_resume(output_dir: Path) -> Path | None:
+    """``train.resume=auto`` on one process: the newest checkpoint that verifies, starting at
+    ``latest``'s target (see the module docstring); None for a run directory without checkpoints."""
+    root = output_dir / CHECKPOINTS
+    published = _complete_checkpoints(root, marker_only=True)[::-1]  # newest first
+    pointer = root / "latest"
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    skipped: list[tuple[str, str]] = []  # (checkpoint, "<file>: <what>")
+    if latest is not None:
+        if not (root / latest / COMPLETE).is_file():
+            gone = "directory missing" if not (root / latest).is_dir() else f"{COMPLETE}: missing"
+            skipped.append((latest, gone))
+        latest_step = _step_of(latest)
+        if latest_step is not None:  # newer ones belong to a timeline a resume has abandoned
+            published = [c for c in published if _step_of(c.name) <= latest_step]
+    for ckpt in published:
+        problem, verified = checkpoint_damage(ckpt)
+        if problem is not None:
+            skipped.append((ckpt.name, problem))
+            continue
+        if skipped or not verified:
+            damaged = [f"checkpoint {name} is damaged ({what})" for name, what in skipped]
+            tail = "" if verified else f", which {_UNVERIFIABLE}"
+            _notice("; ".join([*damaged, f"resuming from {ckpt.name}{tail}"]))
+        return ckpt
+    if skipped:
+        name, what = skipped[0]
+        older = f" (nor do the {len(skipped) - 1} older ones)" if len(skipped) > 1 else ""
+        raise CheckpointError(
+            f"{root / name}: damaged checkpoint ({what}) and no earlier complete checkpoint verifies{older}; "
+            "repair or remove it, or start over with train.resume=never"
+        )
+    return None
+
+
 def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """Apply ``train.resume``: auto (latest complete in output_dir, if any), never, or a path."""
+    """Apply ``train.resume``: auto (the newest checkpoint of output_dir that verifies, falling back
+    past damaged ones with one line; None when there is none), never, or a path (verified, no fallback).
+
+    In a process group, rank 0 decides (hashing the checkpoint once) and broadcasts the decision or
+    its error: every rank resumes from the same checkpoint or raises the same :class:`CheckpointError`.
+    """
     if resume == "never":
         return None
-    if resume == "auto":
-        return _read_pointer(Path(output_dir) / CHECKPOINTS, "latest")
-    return resolve_checkpoint(resume)
+
+    def decide() -> Path | None:
+        return _auto_resume(Path(output_dir)) if resume == "auto" else resolve_checkpoint(resume)
+
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return decide()
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            found = decide()
+            outcome[0] = {"path": None if found is None else str(found)}
+        except Exception as e:  # every rank must leave the broadcast, then raise the same error
+            error = e
+            why = str(e)
+            if not isinstance(e, CheckpointError):
+                why = f"rank 0 could not choose the checkpoint to resume from ({type(e).__name__}: {one_line(e)})"
+            outcome[0] = {"error": why}
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if "error" in outcome[0]:
+        raise CheckpointError(outcome[0]["error"])
+    return None if outcome[0]["path"] is None else Path(outcome[0]["path"])
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -178,10 +409,10 @@ class CheckpointManager:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             save_resolved(cfg, tmp)
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            atomic_write(tmp / COMPLETE, f"{name}\n")
-            if final.exists():  # the same step written again by a run restarted from an earlier one
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            write_complete(tmp, name, step, self.world_size)  # last: lists (and hashes) every file above
+            # The same step may be written again by a run resumed from an earlier checkpoint: the old
+            # directory is renamed aside and deleted only once the new one is in place.
+            publish_dir(tmp, final)
             atomic_write(self.root / "latest", name)
             if is_best:
                 atomic_write(self.root / "best", name)
@@ -191,21 +422,34 @@ class CheckpointManager:
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and is_complete(p)]
-        return sorted(found, key=lambda p: p.name)
+        return _complete_checkpoints(self.root)
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond keep_last (never best or latest) and stale temp dirs."""
-        keep = {p.name for p in self.complete_checkpoints()[-self.keep_last :]}
+        """Delete complete checkpoints beyond keep_last and stale temp dirs.
+
+        Never deleted: ``latest``, ``best``, and checkpoints newer than ``latest`` (left by a timeline a
+        resume abandoned — e.g. the damaged one it fell back from; the run overwrites them when it gets
+        there). keep_last counts the checkpoints up to ``latest`` only, so such leftovers never push
+        out the checkpoints this run can still fall back to.
+        """
+        complete = self.complete_checkpoints()
+        pointers = {}
         for pointer in ("latest", "best"):
-            target = _read_pointer(self.root, pointer)
-            if target is not None:
-                keep.add(target.name)
+            p = self.root / pointer
+            if p.is_file():
+                pointers[pointer] = p.read_text().strip()
+        latest_step = _step_of(pointers.get("latest", ""))
+        if latest_step is not None:
+            newer = {p.name for p in complete if _step_of(p.name) > latest_step}
+            complete = [p for p in complete if p.name not in newer]
+        else:
+            newer = set()
+        keep = {p.name for p in complete[-self.keep_last :]} | newer | set(pointers.values())
         for p in self.root.iterdir():
-            stale_tmp = p.name.startswith(".tmp-step_")  # only called between saves: no write is in flight
-            if (_NAME.match(p.name) and p.name not in keep) or stale_tmp:
+            # Only called between saves, so no write is in flight: temp dirs and the old copy a
+            # publish_dir renamed aside (a crash right before deleting it) are stale.
+            stale = p.name.startswith(".tmp-step_") or (p.name.startswith(".step_") and ".old-" in p.name)
+            if (_NAME.match(p.name) and p.name not in keep) or stale:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ read

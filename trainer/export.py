@@ -1,7 +1,8 @@
 """A training checkpoint -> an export directory (``recgpt export``).
 
 The checkpoint side of exporting: resolve the checkpoint (run directory -> ``latest``/``best``,
-``COMPLETE`` required), read its ``config.yaml``, consolidate the ZeRO shards of any stage and world
+``COMPLETE`` required) and verify every file its ``COMPLETE`` lists (size and sha256: a damaged
+checkpoint is refused naming the file, never exported from another one), read its ``config.yaml``, consolidate the ZeRO shards of any stage and world
 size (:func:`trainer.checkpoint.consolidate`), rebuild the *unmerged* model (base + adapters) around
 the checkpoint's tokenizer and load the weights strictly, take the first ``export.parity_batches``
 batches of the valid split, and hand all of it to :func:`modeling.export.write_export`, which merges,
@@ -71,7 +72,7 @@ def export_checkpoint(
     out = check_out(out, force)
     if dtype is not None:
         check_dtype(dtype)
-    ckpt = resolve_checkpoint(checkpoint, best=best).absolute()
+    ckpt = resolve_checkpoint(checkpoint, best=best, verify=True).absolute()  # one sha256 pass
     state = read_trainer_state(ckpt)
     cfg = read_checkpoint_config(ckpt)
     world_size = int(state.get("world_size", 1))
