@@ -48,14 +48,18 @@ def build_loader(
     world_size: int = 1,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    seed: int | None = None,
+    drop_last: bool | None = None,
 ) -> ShardLoader:
     """The reader of ``split`` for one rank, yielding :class:`~data_shards.records.Batch` es.
 
     train: ``train.micro_batch_size`` records per batch, shuffled by ``seed``, the remainder dropped
     so every rank has the same number of batches; valid/test: ``eval.batch_size``, written order, the
     last batches padded with ``pad`` rows. ``tokenizer`` None yields lists of raw
-    :class:`~data_shards.records.Record` instead of batches. ``shards`` defaults to ``data.shards``,
-    ``items`` to its vocabulary, ``num_workers`` to ``data.num_workers``.
+    :class:`~data_shards.records.Record` instead of batches, covering the whole split: nothing is
+    dropped, the last batch is completed with ``pad`` copies (skip them). ``shards`` defaults to ``data.shards``,
+    ``items`` to its vocabulary, ``num_workers`` to ``data.num_workers``, ``seed`` to the run's ``seed``;
+    ``drop_last`` overrides the rule above (the co-occurrence initialisation keeps its historical sample).
     Raises ConfigError (``data.max_history`` longer than the shards' window) or DataError (shards).
     """
     location = str(shards if shards is not None else cfg.data.shards)
@@ -66,11 +70,11 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         batch_size=batch_size or (cfg.train.micro_batch_size if train else cfg.eval.batch_size),
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         # Equal batch counts on every rank come from the plan: a rank with fewer batches would hang the
         # others at the next collective (PITFALLS "Data streaming").
-        drop_last=train,
+        drop_last=(train and tokenizer is not None) if drop_last is None else drop_last,
         corrupt_tolerance=cfg.data.corrupt_shard_tolerance,
         prefetch_factor=cfg.data.prefetch_factor,
     )

@@ -223,7 +223,11 @@ def cooccurrence_embeddings(
     from modeling.data import build_loader
 
     pairs: dict[tuple[int, int], float] = {}
-    loader = build_loader(cfg, "train", shards=shards_dir, batch_size=256, num_workers=0)
+    # Seed 0 and whole batches of 256, independent of the run's seed: the sample of windows counted
+    # (all but the last partial batch) is the one every recgpt version has used, so runs stay comparable.
+    loader = build_loader(
+        cfg, "train", shards=shards_dir, batch_size=256, num_workers=0, seed=0, drop_last=True
+    )
     for batch in loader:
         for rec in batch:
             seq = rec["items"]

@@ -22,10 +22,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from configs import ExportError, load_config
+from configs import CheckpointError, ExportError, load_config
 from launcher.cli import main
 from modeling.export import WRAPPER_KEY_PARTS
 from modeling.serving import MANIFEST, load_export, score_batch, verify_export
+from trainer.checkpoint import write_complete
 from trainer.export import export_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,23 +265,41 @@ def test_bad_checkpoints_are_one_line_errors(export_of, small_shards, tmp_path, 
     (incomplete / "COMPLETE").unlink()
     assert "COMPLETE" in err("--checkpoint", str(incomplete), "--out", str(tmp_path / "o"))
 
+    # COMPLETE lists every file with its size and sha256: a damaged checkpoint is refused naming the file.
     corrupt = tmp_path / "corrupt"
     shutil.copytree(ckpt, corrupt)
     optim = sorted(corrupt.glob("ds/*/*optim_states.pt"))[-1]
     optim.write_bytes(optim.read_bytes()[:1000])
-    assert "cannot consolidate" in err("--checkpoint", str(corrupt), "--out", str(tmp_path / "o"))
+    rel = optim.relative_to(corrupt).as_posix()
+    assert f"damaged checkpoint ({rel}: 1000 bytes" in err(
+        "--checkpoint", str(corrupt), "--out", str(tmp_path / "o")
+    )
 
     missing_rank = tmp_path / "missing_rank"
     shutil.copytree(ckpt, missing_rank)
     optim = sorted(missing_rank.glob("ds/*/*optim_states.pt"))[-1]
     optim.unlink()
-    assert "2 ranks" in err("--checkpoint", str(missing_rank), "--out", str(tmp_path / "o"))
+    rel = optim.relative_to(missing_rank).as_posix()
+    assert f"({rel}: missing)" in err("--checkpoint", str(missing_rank), "--out", str(tmp_path / "o"))
+
+    # An old-format COMPLETE (one line, no file list) cannot be verified: consolidation's own checks.
+    for d in (corrupt, missing_rank):
+        (d / "COMPLETE").write_text("step_00000003\n")
+    with pytest.raises(CheckpointError, match="cannot consolidate"):
+        export_checkpoint(corrupt, tmp_path / "o")
+    with pytest.raises(CheckpointError, match="2 ranks"):
+        export_checkpoint(missing_rank, tmp_path / "o")
+    capsys.readouterr()  # their "cannot be verified" lines
 
     other = tmp_path / "other_model"
     shutil.copytree(ckpt, other)
     cfg = (other / "config.yaml").read_text()
     # tiny has 2 layers (saved as null = the preset's, or as 2 by older versions)
     (other / "config.yaml").write_text(re.sub(r"n_layer: \S+", "n_layer: 3", cfg))
+    assert "damaged checkpoint (config.yaml: " in err(
+        "--checkpoint", str(other), "--out", str(tmp_path / "o")
+    )
+    write_complete(other, "step_00000003", 3, 2)  # as if written so: the weights do not fit
     assert "do not fit" in err("--checkpoint", str(other), "--out", str(tmp_path / "o"))
 
     # The run's shard directory is gone: the error names the config key, not a flag.
@@ -288,6 +307,7 @@ def test_bad_checkpoints_are_one_line_errors(export_of, small_shards, tmp_path, 
     shutil.copytree(ckpt, moved)
     cfg = (moved / "config.yaml").read_text()
     (moved / "config.yaml").write_text(cfg.replace(str(small_shards), str(tmp_path / "no-shards")))
+    write_complete(moved, "step_00000003", 3, 2)
     assert "data.shards" in err("--checkpoint", str(moved), "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
