@@ -27,7 +27,19 @@ PRESET_SHAPES: dict[str, dict[str, int]] = {
 }
 # Leave-one-out needs one training item, the valid target and the test target.
 MIN_USER_INTERACTIONS = 3
-INPUT_FORMATS = ("auto", "ml-100k", "ml-1m", "ml-latest", "amazon-2018", "amazon-2023", "csv", "parquet")
+TIME_UNITS = ("s", "ms", "us", "ns")  # epoch units, coarsest first
+DUPLICATES = ("drop", "keep", "error")
+INPUT_FORMATS = (
+    "auto",
+    "ml-100k",
+    "ml-1m",
+    "ml-latest",
+    "amazon-2018",
+    "amazon-2023",
+    "csv",
+    "parquet",
+    "jsonl",
+)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -69,19 +81,27 @@ class ShardsConfig:
     """How ``recgpt shards build`` turns interaction logs into a leave-one-out split of WebDataset shards."""
 
     format: str = "auto"
-    """Input format: auto (detected from file names), ml-100k, ml-1m, ml-latest, amazon-2018, amazon-2023, csv, parquet."""
+    """Input format: auto (detected from file names), ml-100k, ml-1m, ml-latest, amazon-2018, amazon-2023,
+    csv, parquet, jsonl (JSON lines with the generic column mapping)."""
     meta: str | None = None
     """Item metadata file (Amazon meta JSONL; titles) when it is not next to the input."""
     user_col: str = "user_id"
-    """Generic CSV/Parquet: the user column."""
+    """Generic CSV/Parquet/JSONL: the user column."""
     item_col: str = "item_id"
-    """Generic CSV/Parquet: the item column."""
+    """Generic CSV/Parquet/JSONL: the item column."""
     rating_col: str | None = None
-    """Generic CSV/Parquet: the rating column (null: every rating is 1)."""
+    """Generic CSV/Parquet/JSONL: the rating column (null: every rating is 1)."""
     time_col: str = "timestamp"
-    """Generic CSV/Parquet: the timestamp column."""
+    """Generic CSV/Parquet/JSONL: the timestamp column: epoch numbers (decimals kept exactly), ISO 8601
+    strings (UTC offsets applied; none = UTC) or a Parquet timestamp column."""
+    time_unit: str = "auto"
+    """Unit of numeric timestamps: s, ms, us, ns, or auto: the format's (MovieLens and Amazon 2018 s,
+    Amazon 2023 ms), else from the largest value (< 1e11 s, < 1e14 ms, < 1e17 us, else ns)."""
     title_col: str | None = None
-    """Generic CSV/Parquet: the item title column (optional)."""
+    """Generic CSV/Parquet/JSONL: the item title column (optional)."""
+    duplicates: str = "drop"
+    """Rows repeating an earlier row's user, item and timestamp: drop (counted; the first is kept),
+    keep (each row is an interaction), or error (stop naming the first one)."""
     min_user_interactions: int = 5
     """k-core: users with fewer interactions are dropped (repeated until stable with the item minimum)."""
     min_item_interactions: int = 1
@@ -100,10 +120,12 @@ class ShardsConfig:
     max_shard_mb: float = 16.0
     """Size cap of one shard file in MiB."""
     skip_bad_lines: bool = False
-    """Count and report malformed input lines instead of stopping at the first."""
+    """Count and report malformed input lines and lines missing a value instead of stopping at the first."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "shards.format", INPUT_FORMATS)
+        _choice(self.time_unit, "shards.time_unit", ("auto", *TIME_UNITS))
+        _choice(self.duplicates, "shards.duplicates", DUPLICATES)
         _check(
             self.min_user_interactions >= MIN_USER_INTERACTIONS,
             "shards.min_user_interactions",
@@ -331,7 +353,7 @@ class ScheduleConfig:
     decay: str = "cosine"
     """Decay after warm-up until the last step: cosine, linear or constant."""
     min_lr_ratio: float = 0.1
-    """Learning rate at the last step as a fraction of optim.lr."""
+    """Learning rate the schedule decays to (reached after the last step) as a fraction of optim.lr."""
 
     def __post_init__(self) -> None:
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from webdataset import TarWriter
 
 from configs import DataError, ShardsConfig, publish_dir, sha256_bytes, sha256_file
-from data_shards.ingest import read_interactions
+from data_shards.ingest import REMOVAL_REASONS, Interactions, read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
 from data_shards.records import Record
 from data_shards.split import apply_filters, eval_records, sequences, train_records
@@ -109,6 +110,24 @@ def write_split(
     return sink.close()
 
 
+def row_counts(
+    logs: Interactions, removed_by: dict[str, int], kept: pd.DataFrame, keep: bool = False
+) -> dict[str, Any]:
+    """What happened to every row of the interaction log: ``read`` = ``kept`` + sum of ``removed`` by
+    reason (in the order they apply); ``duplicates_kept``: kept rows repeating an earlier one (only
+    ``keep``: shards.duplicates=keep; other modes leave none)."""
+    removed = {**logs.removed, **removed_by}
+    rows = {
+        "read": logs.rows_read,
+        "kept": len(kept),
+        "removed": {reason: int(removed.get(reason, 0)) for reason in REMOVAL_REASONS},
+        "duplicates_kept": int(kept.duplicated(["user", "item", "timestamp"]).sum()) if keep else 0,
+    }
+    if rows["read"] != rows["kept"] + sum(rows["removed"].values()):  # a reader forgot to count something
+        raise AssertionError(f"row counts do not reconcile: {rows}")
+    return rows
+
+
 def build_shards(
     input_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -133,6 +152,7 @@ def build_shards(
     logs = read_interactions(input_path, cfg)
     frame, filter_stats = apply_filters(logs.frame, cfg)
     seqs = sequences(frame)
+    rows = row_counts(logs, filter_stats.pop("removed_by"), frame, keep=cfg.duplicates == "keep")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -168,10 +188,13 @@ def build_shards(
                 "files": logs.files,
                 "skipped_lines": logs.skipped_lines,
                 "metadata_items": len(logs.titles),
+                **logs.time,
+                "notices": logs.notices,
             },
             "command": command,
             "shards_config": dataclasses.asdict(cfg),
             "filters": filter_stats,
+            "rows": rows,
             "max_history": max_history,
             "train_records": "prefix" if prefix_records else "windows",
             "window_stride": None if prefix_records else (window_stride or max_history),
@@ -179,6 +202,7 @@ def build_shards(
             "num_users": len(seqs.users),
             "num_items": len(seqs.items),
             "num_interactions": len(seqs.item_idx),
+            "timestamp_unit": logs.timestamp_unit,
             "rating_levels": sorted(set(seqs.ratings.tolist())),
             "items_file": ITEMS,
             "items_sha256": items_sha,

@@ -1,15 +1,26 @@
 """Interaction-log readers: MovieLens (100K, 1M/10M, ml-latest), Amazon reviews JSONL (2018, 2023) and
-generic CSV/Parquet with a column mapping.
+generic CSV/Parquet/JSON lines with a column mapping.
 
 Every reader returns :class:`Interactions`: one row per interaction in **original file order** (the
 leave-one-out tie-break needs it) plus item titles/metadata when the source has them. Input may be a
-directory, a single file or a ``.zip``; the format is detected from file names. A malformed line raises
-:class:`DataError` naming the file, line and field, or is counted and skipped with ``skip_bad_lines``.
+directory, a single file or a ``.zip``; the format is detected from file names. Every read or decode
+failure (zip, gzip, text encoding, CSV, JSON, Parquet) is a :class:`DataError` naming the file (and line).
+A line that cannot be parsed or lacks a value raises a DataError naming the file, line and field, or is
+counted and skipped with ``skip_bad_lines``; exact duplicates (user, item, timestamp) are dropped and
+counted, kept or refused (``shards.duplicates``). ``Interactions.rows`` says what happened to every row.
+
+Timestamps keep their full resolution: epoch numbers are parsed from their text exactly (a decimal
+``1700000040.900`` is 1700000040900 ms, never a float), ISO 8601 strings and Parquet timestamp columns
+become integers of their own unit (UTC; a time without an offset is read as UTC). The frame holds int64
+in the coarsest of s/ms/us/ns that represents every time exactly (``Interactions.timestamp_unit``): the
+same events give the same integers whichever way they are written, and MovieLens seconds stay seconds.
+Digits finer than a nanosecond are cut.
 """
 
 from __future__ import annotations
 
 import csv
+import decimal
 import gzip
 import io
 import json
@@ -17,24 +28,34 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from configs import DataError, ShardsConfig
-from configs.schema import INPUT_FORMATS
+from configs import DataError, ShardsConfig, one_line
+from configs.schema import INPUT_FORMATS, TIME_UNITS
 
 FORMATS = tuple(f for f in INPUT_FORMATS if f != "auto")
+GZIP_MAGIC = b"\x1f\x8b"
 
 # ML-100K u.item: 5 descriptive columns, then one 0/1 flag per genre in this order.
 ML100K_GENRES = (
     "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy Film-Noir "
     "Horror Musical Mystery Romance Sci-Fi Thriller War Western"
 ).split()
+
+# The unit of epoch numbers each format documents (generic formats: from the magnitude).
+FORMAT_TIME_UNIT = {"ml-100k": "s", "ml-1m": "s", "ml-latest": "s", "amazon-2018": "s", "amazon-2023": "ms"}
+_EXP = {u: 3 * i for i, u in enumerate(TIME_UNITS)}  # s 0, ms 3, us 6, ns 9 (digits after the second)
+# Row removal reasons in the order they apply (ingest: the first three; split: the rest).
+REMOVAL_REASONS = ("bad_line", "missing_value", "duplicate", "rating_threshold", "too_short", "k_core")
 
 
 @dataclass(frozen=True)
@@ -49,25 +70,73 @@ class InputFile:
     def basename(self) -> str:
         return os.path.basename(self.member or self.path)
 
+    def _raw(self, n: int = -1) -> bytes:
+        """The stored bytes (all, or the first ``n``), errors as one DataError line."""
+        try:
+            if self.member is not None:
+                with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as stream:
+                    return stream.read(n)
+            with open(self.path, "rb") as stream:
+                return stream.read(n)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+            raise DataError(f"{self.name}: cannot read ({one_line(e)})") from None
+
+    @property
+    def gzip_mislabelled(self) -> bool:
+        """Named ``.gz`` but without the gzip magic bytes (already decompressed): read as it is."""
+        return self.basename.endswith(".gz") and self._raw(2) != GZIP_MAGIC
+
+    def _gunzip(self, read: Callable[[], bytes]) -> bytes:
+        try:
+            return read()
+        except EOFError as e:
+            raise DataError(f"{self.name}: truncated gzip data ({one_line(e)})") from None
+        except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{self.name}: damaged gzip data ({one_line(e)})") from None
+
     def read_bytes(self) -> bytes:
-        if self.member is not None:
-            with zipfile.ZipFile(self.path) as zf:
-                data = zf.read(self.member)
+        data = self._raw()
+        if not self.basename.endswith(".gz") or not data.startswith(GZIP_MAGIC):
+            return data
+        return self._gunzip(lambda: gzip.decompress(data))
+
+    def first_line(self) -> tuple[int, bytes] | None:
+        """(line number, bytes) of the first non-blank line, read without decompressing the whole file."""
+        size = 1 << 20
+        if self.basename.endswith(".gz") and not self.gzip_mislabelled:
+
+            def head() -> bytes:
+                with gzip.GzipFile(fileobj=io.BytesIO(self._raw())) as stream:
+                    return stream.read(size)
+
+            data = self._gunzip(head)
         else:
-            data = Path(self.path).read_bytes()
-        return gzip.decompress(data) if self.basename.endswith(".gz") else data
+            data = self._raw(size)
+        lines = data.splitlines()[:-1] if len(data) == size else data.splitlines()  # the last may be cut
+        found = next(((n, line) for n, line in enumerate(lines, start=1) if line.strip()), None)
+        if found is None and len(data) == size:
+            lines = self.read_bytes().splitlines()
+            found = next(((n, line) for n, line in enumerate(lines, start=1) if line.strip()), None)
+        return found
 
 
 @dataclass
 class Interactions:
     """Parsed interactions (file order) and item metadata."""
 
-    frame: pd.DataFrame  # columns: user (str), item (str), rating (float64), timestamp (int64)
+    # columns: user (str), item (str), rating (float64), timestamp (int64, in timestamp_unit),
+    # line (int64: the line, or Parquet row, of the log file); the index is the file order
+    frame: pd.DataFrame
     titles: dict[str, str] = field(default_factory=dict)
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = ""
     files: list[str] = field(default_factory=list)
-    skipped_lines: int = 0
+    skipped_lines: int = 0  # interaction lines skipped (bad or missing a value) + metadata lines skipped
+    rows_read: int = 0  # data rows of the interaction log (blank lines are not rows)
+    removed: dict[str, int] = field(default_factory=dict)  # bad_line, missing_value, duplicate
+    time: dict[str, Any] = field(default_factory=dict)  # time_format, time_unit, time_unit_from
+    timestamp_unit: str = "s"  # unit of frame["timestamp"]
+    notices: list[str] = field(default_factory=list)  # one line each: input read in a way to know about
 
 
 # --------------------------------------------------------------------------- input files
@@ -89,8 +158,8 @@ def list_files(path: str | os.PathLike) -> list[InputFile]:
         try:
             with zipfile.ZipFile(p) as zf:
                 members = [m for m in zf.namelist() if not m.endswith("/") and "__MACOSX" not in m]
-        except zipfile.BadZipFile as e:
-            raise DataError(f"{p}: not a readable zip archive ({e})") from None
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{p}: not a readable zip archive ({one_line(e)})") from None
         return [InputFile(f"{p}/{m}", str(p), m) for m in sorted(members)]
     return [InputFile(str(p), str(p))]
 
@@ -103,14 +172,47 @@ def _is_json(f: InputFile) -> bool:
     return _strip_gz(f.basename).endswith((".json", ".jsonl"))
 
 
-def _first_json_keys(f: InputFile) -> set[str]:
-    for line in f.read_bytes().splitlines():
-        if line.strip():
+def _json_objects(f: InputFile, skip_bad: bool) -> tuple[Iterator[tuple[int, dict]], list[int]]:
+    """(line number, object) of every non-blank JSON line, and a list the bad lines' numbers are
+    appended to as the iterator runs (skipped with ``skip_bad``, else the first is a DataError).
+
+    Floats stay the text they were written as (``parse_float=str``): ``1700000040.900`` is not rounded.
+    """
+    data = f.read_bytes()
+    bad: list[int] = []
+
+    def objects() -> Iterator[tuple[int, dict]]:
+        for n, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
-                return set(json.loads(line))
-            except (ValueError, TypeError):
-                raise DataError(f"{f.name}: line 1: not a JSON object") from None
-    raise DataError(f"{f.name}: empty file")
+                obj = json.loads(line, parse_float=str)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            except (ValueError, RecursionError) as e:
+                if skip_bad:
+                    bad.append(n)
+                    continue
+                if isinstance(e, UnicodeDecodeError):
+                    raise DataError(f"{f.name}: line {n}: not UTF-8 text ({e.reason})") from None
+                raise DataError(f"{f.name}: line {n}: not valid JSON ({one_line(e)})") from None
+            yield n, obj
+
+    return objects(), bad
+
+
+def _first_json_keys(f: InputFile) -> set[str]:
+    first = f.first_line()
+    if first is None:
+        raise DataError(f"{f.name}: empty file")
+    n, line = first
+    try:
+        obj = json.loads(line, parse_float=str)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{f.name}: line {n}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{f.name}: line {n}: a JSON {type(obj).__name__}, not an object")
+    return set(obj)
 
 
 def _by_name(files: list[InputFile], *names: str) -> InputFile | None:
@@ -120,28 +222,40 @@ def _by_name(files: list[InputFile], *names: str) -> InputFile | None:
     return None
 
 
-def detect_format(files: list[InputFile], fmt: str = "auto") -> tuple[str, InputFile, InputFile | None]:
-    """Pick the format, the interactions file and the item metadata file (or None) from file names."""
+def detect_format(
+    files: list[InputFile], fmt: str = "auto", columns: tuple[str, str] = ("user_id", "item_id")
+) -> tuple[str, InputFile, InputFile | None]:
+    """Pick the format, the interactions file and the item metadata file (or None) from file names.
+
+    A single JSON-lines log is Amazon 2018 (reviewerID/asin), Amazon 2023 (user_id/parent_asin) or,
+    holding the generic ``columns`` (user, item), generic ``jsonl``."""
     listing = ", ".join(f.basename for f in files[:10]) or "no files"
     for name, meta, f in (("ml-100k", "u.item", "u.data"), ("ml-1m", "movies.dat", "ratings.dat")):
         if fmt in ("auto", name) and (main := _by_name(files, f)):
             return name, main, _by_name(files, meta)
     if fmt in ("auto", "ml-latest") and (main := _by_name(files, "ratings.csv")):
         return "ml-latest", main, _by_name(files, "movies.csv")
-    if fmt in ("auto", "amazon-2018", "amazon-2023"):
+    if fmt in ("auto", "amazon-2018", "amazon-2023", "jsonl"):
         logs = [f for f in files if _is_json(f) and not f.basename.startswith("meta")]
         metas = [f for f in files if _is_json(f) and f.basename.startswith("meta")]
+        if fmt == "jsonl" and not logs:
+            logs = metas
         if len(logs) == 1:
+            if fmt == "jsonl":
+                return fmt, logs[0], None
             keys = _first_json_keys(logs[0])
             if fmt == "auto":
                 if {"reviewerID", "asin"} <= keys:
                     fmt = "amazon-2018"
                 elif {"user_id", "parent_asin"} <= keys:
                     fmt = "amazon-2023"
+                elif set(columns) <= keys:
+                    return "jsonl", logs[0], None
                 else:
                     raise DataError(
                         f"{logs[0].name}: line 1: unknown JSONL fields {sorted(keys)[:6]} "
-                        "(Amazon 2018 has reviewerID/asin, 2023 user_id/parent_asin); set shards.format"
+                        "(Amazon 2018 has reviewerID/asin, 2023 user_id/parent_asin, generic JSON lines "
+                        f"shards.user_col/item_col = {'/'.join(columns)}); set shards.format"
                     )
             return fmt, logs[0], metas[0] if len(metas) == 1 else None
     if fmt in ("auto", "parquet"):
@@ -155,12 +269,22 @@ def detect_format(files: list[InputFile], fmt: str = "auto") -> tuple[str, Input
     wanted = "a known format" if fmt == "auto" else f"format {fmt}"
     raise DataError(
         f"cannot find {wanted} among the input files ({listing}): expected u.data (ML-100K), ratings.dat "
-        "(ML-1M/10M), ratings.csv (ml-latest), one Amazon *.jsonl, one *.parquet or one *.csv; "
+        "(ML-1M/10M), ratings.csv (ml-latest), one Amazon or generic *.jsonl, one *.parquet or one *.csv; "
         "set shards.format to choose"
     )
 
 
 # --------------------------------------------------------------------------- delimited text
+
+
+def _decode_error_line(raw: bytes, encoding: str) -> str:
+    """'line N: <why>' of the first byte that does not decode."""
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return f"line {line}: not {encoding.upper()} text ({e.reason} at byte {e.start})"
+    return f"not {encoding.upper()} text"
 
 
 def _read_table(
@@ -169,7 +293,7 @@ def _read_table(
     """All columns as strings plus a ``_line`` column (1-based line in the file); bad lines counted.
 
     pandas' C parser reports lines with too many fields; with ``skip_bad_lines`` off the first one is
-    an error. Blank lines are dropped silently.
+    an error. Blank lines are dropped silently (a line of empty fields is a row missing its values).
     """
     raw = f.read_bytes()
     if len(sep) > 1:  # "::" of ML-1M: the C parser needs one character
@@ -190,8 +314,10 @@ def _read_table(
                 quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE,
                 engine="c",
             )
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            raise DataError(f"{f.name}: cannot parse ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{f.name}: {_decode_error_line(raw, encoding)}") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+            raise DataError(f"{f.name}: cannot parse ({one_line(e)})") from None
     bad = [
         (int(n), msg) for w in caught for n, msg in re.findall(r"Skipping line (\d+): (.*)", str(w.message))
     ]
@@ -202,8 +328,12 @@ def _read_table(
     lines = np.arange(first, first + len(df) + len(bad))
     df["_line"] = lines[~np.isin(lines, [n for n, _ in bad])]
     data_cols = [c for c in df.columns if c != "_line"]
-    blank = (df[data_cols] == "").all(axis=1)
-    return df[~blank].reset_index(drop=True), len(bad)
+    empty = np.array((df[data_cols] == "").all(axis=1), dtype=bool)
+    if empty.any():  # a blank line, or a line of separators only (a row missing every value)
+        text = raw.split(b"\n")
+        blank = [not text[n - 1].strip() if n <= len(text) else True for n in df["_line"][empty]]
+        empty[np.flatnonzero(empty)[~np.asarray(blank, dtype=bool)]] = False
+    return df[~empty].reset_index(drop=True), len(bad)
 
 
 def _require_columns(df: pd.DataFrame, f: InputFile, cols: list[str]) -> None:
@@ -213,203 +343,477 @@ def _require_columns(df: pd.DataFrame, f: InputFile, cols: list[str]) -> None:
         raise DataError(f"{f.name}: line 1: missing column {missing[0]!r} (found: {', '.join(found)})")
 
 
-def _to_time(values: pd.Series) -> pd.Series:
-    """Integer timestamps as given; ISO dates become Unix seconds."""
-    num = pd.to_numeric(values, errors="coerce")
-    if num.isna().all() and len(values):
-        dt = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-        return (dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return num
+# --------------------------------------------------------------------------- values
+
+
+def _text(values: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Stripped strings and a mask of missing values (null, NaN or empty)."""
+    missing = values.isna().to_numpy()
+    s = values.fillna("") if missing.any() else values
+    if s.dtype == object:
+        s = s.astype(str)
+    s = s.str.strip()
+    return s, missing | (s == "").to_numpy()
+
+
+def _arrow(text: pd.Series, ok: np.ndarray) -> pa.Array:
+    """The ``ok`` values as an Arrow string array (vectorised parsing)."""
+    arr = pa.array(text)
+    return pc.filter(arr, pa.array(ok)) if not ok.all() else arr
+
+
+def _json_text(v: Any) -> str | None:
+    """A JSON value as the text a CSV cell would hold (floats are already their text)."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v, ensure_ascii=False, sort_keys=True)
+
+
+_INT = r"^-?[0-9]+$"  # an integer (Arrow's cast alone would also take hex)
+_DECIMAL = r"^(?P<sign>[+-]?)(?P<whole>[0-9]*)(?:\.(?P<frac>[0-9]*))?$"
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INT64_MAX = str(np.iinfo(np.int64).max)  # 19 digits
+
+
+@dataclass
+class _Times:
+    values: np.ndarray  # int64 in `unit` (0 where bad or missing)
+    unit: str
+    bad: np.ndarray  # bool: a value that does not parse
+    info: dict[str, Any]  # time_format, time_unit (of the input's numbers), time_unit_from
+    why: str = ""  # why a bad value is bad
+    missing: np.ndarray | None = None  # bool, when parsed from a typed column (Parquet timestamp)
+
+
+def _unit_from_magnitude(max_abs: float) -> str:
+    return "s" if max_abs < 1e11 else "ms" if max_abs < 1e14 else "us" if max_abs < 1e17 else "ns"
+
+
+def _np(arr: pa.Array, dtype: Any) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _epoch_times(text: pd.Series, ok: np.ndarray, unit: str | None, unit_from: str) -> _Times:
+    """Epoch numbers written as text, exactly: integers as they are, decimals as integers of a finer unit
+    (the fraction's digits, up to ns). ``unit`` None: from the magnitude (see shards.time_unit)."""
+    n = len(text)
+    values, bad = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(ok)
+    arr = _arrow(text, ok)
+    try:  # MovieLens, Amazon: integers
+        if pc.all(pc.match_substring_regex(arr, _INT)).as_py() is False:
+            raise ValueError("not all integers")
+        ints = _np(pc.cast(arr, pa.int64()), np.int64)
+    except (ValueError, pa.ArrowInvalid):  # ArrowInvalid: out of the int64 range
+        pass
+    else:
+        if unit is None:
+            unit, unit_from = _unit_from_magnitude(float(np.abs(ints).max()) if len(ints) else 0), "magnitude"
+        values[idx] = ints
+        return _Times(
+            values, unit, bad, {"time_format": "epoch", "time_unit": unit, "time_unit_from": unit_from}
+        )
+    # Exponent notation ("1.7e9") is rewritten as a plain decimal first, exactly; else not a number.
+    plain = _np(pc.match_substring_regex(arr, _DECIMAL), bool)
+    number = plain.copy()
+    if not plain.all():
+        texts = _np(arr, object)
+        expo = [i for i in np.flatnonzero(~plain) if _NUMBER.fullmatch(texts[i])]
+        texts[expo] = [format(decimal.Decimal(texts[i]), "f") for i in expo]
+        number[expo] = True
+        texts[~number] = "0"  # not a number: parsed as 0, marked bad below
+        arr = pa.array(texts, pa.string())
+    parts = pc.extract_regex(arr, _DECIMAL)
+    sign = _np(parts.field("sign"), object)
+    raw_whole, raw_frac = parts.field("whole"), pc.fill_null(parts.field("frac"), "")
+    number &= _np(pc.utf8_length(raw_whole), np.int64) + _np(pc.utf8_length(raw_frac), np.int64) > 0
+    whole, frac = pc.utf8_ltrim(raw_whole, "0"), pc.utf8_rtrim(raw_frac, "0")
+    whole_len, frac_len = _np(pc.utf8_length(whole), np.int64), _np(pc.utf8_length(frac), np.int64)
+    # More digits than int64's 19, or 19 above its maximum: out of range.
+    number &= (whole_len < 19) | (whole_len == 19) & _np(pc.less_equal(whole, _INT64_MAX), bool)
+    whole_int = np.zeros(len(arr), dtype=np.int64)
+    if number.any():
+        digits_only = pc.if_else(pa.array(number & (whole_len > 0)), whole, pa.scalar("0"))
+        whole_int = _np(pc.cast(digits_only, pa.int64()), np.int64)
+    if unit is None:
+        max_abs = float(np.abs(whole_int[number]).max()) if number.any() else 0.0
+        unit, unit_from = _unit_from_magnitude(max_abs), "magnitude"
+    digits = int(frac_len[number].max()) if number.any() else 0
+    exp = min(9, _EXP[unit] + -(-digits // 3) * 3)  # digits after the second, a multiple of 3
+    k = exp - _EXP[unit]  # fraction digits kept (finer than a nanosecond is cut)
+    scale = 10**k
+    number &= np.abs(whole_int) <= (np.iinfo(np.int64).max - scale) // scale
+    frac_int = np.zeros(len(arr), dtype=np.int64)
+    if k and number.any():
+        padded = pc.utf8_slice_codeunits(pc.utf8_rpad(frac, k, "0"), 0, k)
+        frac_int = _np(pc.cast(pc.if_else(pa.array(number), padded, pa.scalar("0")), pa.int64()), np.int64)
+    result = np.where(sign == "-", -1, 1) * (whole_int * scale + frac_int)
+    values[idx[number]] = result[number]
+    bad[idx[~number]] = True
+    info = {
+        "time_format": "epoch" if digits == 0 else "epoch decimal",
+        "time_unit": unit,
+        "time_unit_from": unit_from,
+    }
+    why = "not an epoch number in the int64 range; the first timestamp is a number, so each must be"
+    return _Times(values, TIME_UNITS[exp // 3], bad, info, why)
+
+
+def _iso_times(text: pd.Series, ok: np.ndarray) -> _Times:
+    """ISO 8601 strings: offsets applied, no offset = UTC, integers of the parsed resolution."""
+    n = len(text)
+    values, bad = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+    idx = np.flatnonzero(ok)
+    parsed = pd.to_datetime(text[ok], utc=True, format="ISO8601", errors="coerce")
+    unit = parsed.dt.unit
+    failed = parsed.isna().to_numpy()
+    ints = np.asarray(parsed.dt.tz_convert(None)).view(np.int64)
+    values[idx[~failed]] = ints[~failed]
+    bad[idx[failed]] = True
+    info = {"time_format": "iso8601", "time_unit": None, "time_unit_from": None}
+    why = "not an ISO 8601 time; the first timestamp is not a number, so each must be ISO 8601"
+    return _Times(values, unit, bad, info, why)
+
+
+def _parse_times(text: pd.Series, ok: np.ndarray, unit: str | None, unit_from: str) -> _Times:
+    """Epoch numbers or ISO 8601 strings, as the first value is; a value of the other kind is bad."""
+    first = text[ok].iloc[0] if ok.any() else None
+    if first is None or _NUMBER.fullmatch(first):
+        return _epoch_times(text, ok, unit, unit_from)
+    return _iso_times(text, ok)
+
+
+def coarsest_unit(values: np.ndarray, unit: str) -> tuple[np.ndarray, str]:
+    """The same times in the coarsest of s/ms/us/ns that holds each one exactly (never coarser than s)."""
+    while unit != "s" and len(values) and not (values % 1000).any():
+        values, unit = values // 1000, TIME_UNITS[TIME_UNITS.index(unit) - 1]
+    return values, unit
+
+
+def _ratings(text: pd.Series, ok: np.ndarray) -> np.ndarray:
+    """Numbers (NaN where missing or not a number)."""
+    out = np.full(len(text), np.nan)
+    try:
+        out[ok] = _np(pc.cast(_arrow(text, ok), pa.float64()), np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # some value is not a number: find which
+        out[ok] = pd.to_numeric(text[ok], errors="coerce").to_numpy(np.float64)
+    return out
+
+
+@dataclass
+class _ReadOptions:
+    skip_bad: bool
+    time_unit: str | None  # None: from the magnitude
+    time_unit_from: str
+
+
+def _read_options(cfg: ShardsConfig, fmt: str) -> _ReadOptions:
+    if cfg.time_unit != "auto":
+        return _ReadOptions(cfg.skip_bad_lines, cfg.time_unit, "shards.time_unit")
+    known = FORMAT_TIME_UNIT.get(fmt)
+    return _ReadOptions(cfg.skip_bad_lines, known, "format" if known else "magnitude")
+
+
+@dataclass
+class _Table:
+    """A reader's rows with user/item/rating/timestamp validated, before duplicates."""
+
+    frame: pd.DataFrame
+    rows_read: int
+    removed: dict[str, int]
+    time: dict[str, Any]
+    unit: str
 
 
 def _validated(
-    df: pd.DataFrame, f: InputFile, cols: dict[str, str | None], skip_bad: bool
-) -> tuple[pd.DataFrame, int]:
-    """Map source columns to user/item/rating/timestamp, checking every value; returns (frame, skipped)."""
-    out = pd.DataFrame(
+    df: pd.DataFrame,
+    f: InputFile,
+    cols: dict[str, str | None],
+    opts: _ReadOptions,
+    *,
+    bad_lines: int = 0,
+    where: str = "line",
+    times: _Times | None = None,
+) -> _Table:
+    """Map source columns to user/item/rating/timestamp, checking every value.
+
+    A missing value (empty, null, absent) or a value that does not parse is a DataError naming the
+    first such line and field, or with ``skip_bad_lines`` a counted skip: ``missing_value`` when a
+    value is missing, else ``bad_line`` (which also counts the ``bad_lines`` the reader skipped).
+    ``times``: the timestamp column already parsed (a Parquet timestamp column)."""
+    n = len(df)
+    user, user_missing = _text(df[cols["user"]])
+    item, item_missing = _text(df[cols["item"]])
+    checks: list[tuple[str, np.ndarray, np.ndarray, str]] = [  # field, missing, bad, why bad
+        (cols["user"], user_missing, np.zeros(n, dtype=bool), ""),
+        (cols["item"], item_missing, np.zeros(n, dtype=bool), ""),
+    ]
+    rating = np.ones(n, dtype=np.float64)
+    if cols.get("rating"):
+        rating_text, rating_missing = _text(df[cols["rating"]])
+        rating = _ratings(rating_text, ~rating_missing)
+        checks.append(
+            (cols["rating"], rating_missing, ~rating_missing & ~np.isfinite(rating), "not a number")
+        )
+    if times is None:
+        time_text, time_missing = _text(df[cols["time"]])
+        times = _parse_times(time_text, ~time_missing, opts.time_unit, opts.time_unit_from)
+    else:
+        time_missing = times.missing if times.missing is not None else np.zeros(n, dtype=bool)
+    checks.append((cols["time"], time_missing, times.bad, times.why))
+    missing = np.logical_or.reduce([c[1] for c in checks])
+    bad = np.logical_or.reduce([c[2] for c in checks]) & ~missing
+    if (missing | bad).any() and not opts.skip_bad:
+        i = int(np.argmax(missing | bad))
+        col, _, _, why = next(c for c in checks if c[1][i] or c[2][i])
+        line = df["_line"].iat[i]
+        hint = "shards.skip_bad_lines=true skips such lines"
+        if missing[i]:
+            raise DataError(f"{f.name}: {where} {line}: field {col!r}: missing value ({hint})")
+        raise DataError(
+            f"{f.name}: {where} {line}: field {col!r}: bad value {df[col].iat[i]!r} ({why}; {hint})"
+        )
+    keep = ~(missing | bad)
+    frame = pd.DataFrame(
         {
-            "user": df[cols["user"]].astype(str).str.strip(),
-            "item": df[cols["item"]].astype(str).str.strip(),
-            "rating": pd.to_numeric(df[cols["rating"]], errors="coerce") if cols.get("rating") else 1.0,
-            "timestamp": _to_time(df[cols["time"]]),
+            "user": user[keep].reset_index(drop=True),
+            "item": item[keep].reset_index(drop=True),
+            "rating": rating[keep],
+            "timestamp": times.values[keep],
+            "line": df["_line"].to_numpy(np.int64)[keep],
         }
     )
-    checks = {
-        cols["user"]: out["user"].isin(["", "nan", "None"]),
-        cols["item"]: out["item"].isin(["", "nan", "None"]),
-        cols["time"]: out["timestamp"].isna(),
-    }
-    if cols.get("rating"):
-        checks[cols["rating"]] = out["rating"].isna()
-    bad = np.zeros(len(out), dtype=bool)
-    for col, mask in checks.items():
-        mask = mask.to_numpy()
-        if mask.any() and not skip_bad:
-            i = int(np.argmax(mask))
-            where = f"line {df['_line'].iat[i]}" if "_line" in df else f"row {i + 1}"
-            raise DataError(
-                f"{f.name}: {where}: field {col!r}: bad value {df[col].iat[i]!r} (shards.skip_bad_lines=true skips such lines)"
-            )
-        bad |= mask
-    out = out[~bad]
-    out = out.astype({"rating": "float64", "timestamp": "int64"})
-    return out.reset_index(drop=True), int(bad.sum())
-
-
-# --------------------------------------------------------------------------- JSON lines
-
-
-def _json_lines(
-    f: InputFile, fields: list[str], skip_bad: bool, optional: tuple[str, ...] = ()
-) -> tuple[list[tuple], int]:
-    """The requested fields of every JSON line, prefixed by the line number; (rows, skipped lines)."""
-    rows, skipped = [], 0
-    for n, line in enumerate(f.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise DataError(f"{f.name}: line {n}: not valid JSON ({str(e).splitlines()[0]})") from None
-        missing = next((k for k in fields if k not in obj and k not in optional), None)
-        if missing is not None:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise DataError(f"{f.name}: line {n}: missing field {missing!r}")
-        rows.append((n, *(obj.get(k) for k in fields)))
-    return rows, skipped
-
-
-def _read_amazon(log: InputFile, meta: InputFile | None, fmt: str, skip_bad: bool) -> Interactions:
-    user, item, rating, time, meta_item = (
-        ("reviewerID", "asin", "overall", "unixReviewTime", "asin")
-        if fmt == "amazon-2018"
-        else ("user_id", "parent_asin", "rating", "timestamp", "parent_asin")
-    )
-    rows, skipped = _json_lines(log, [user, item, rating, time], skip_bad)
-    df = pd.DataFrame(rows, columns=["_line", user, item, rating, time]).astype(
-        {user: str, item: str, rating: str, time: str}
-    )
-    frame, bad = _validated(df, log, {"user": user, "item": item, "rating": rating, "time": time}, skip_bad)
-    titles: dict[str, str] = {}
-    item_meta: dict[str, dict[str, Any]] = {}
-    if meta is not None:
-        meta_rows, meta_skipped = _json_lines(
-            meta, [meta_item, "title", "main_category"], skip_bad, optional=("title", "main_category")
-        )
-        for _, asin, title, category in meta_rows:
-            if title:
-                titles[str(asin)] = str(title)
-            if category:
-                item_meta[str(asin)] = {"category": category}
-        skipped += meta_skipped
-    return Interactions(
-        frame, titles, item_meta, fmt, [log.name] + ([meta.name] if meta else []), skipped + bad
-    )
+    removed = {"bad_line": int(bad.sum()) + bad_lines, "missing_value": int(missing.sum())}
+    return _Table(frame, n + bad_lines, removed, times.info, times.unit)
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, skip_bad: bool) -> Interactions:
+def _json_table(f: InputFile, fields: list[str], skip_bad: bool) -> tuple[pd.DataFrame, int]:
+    """The requested fields of every JSON line as text (None when absent or null) + ``_line``;
+    (frame, bad lines skipped)."""
+    objects, bad = _json_objects(f, skip_bad)
+    rows = [(n, *(_json_text(obj.get(k)) for k in fields)) for n, obj in objects]
+    return pd.DataFrame(rows, columns=["_line", *fields], dtype=object), len(bad)
+
+
+def _read_amazon(log: InputFile, meta: InputFile | None, fmt: str, opts: _ReadOptions) -> tuple:
+    user, item, rating, time, meta_item = (
+        ("reviewerID", "asin", "overall", "unixReviewTime", "asin")
+        if fmt == "amazon-2018"
+        else ("user_id", "parent_asin", "rating", "timestamp", "parent_asin")
+    )
+    df, bad = _json_table(log, [user, item, rating, time], opts.skip_bad)
+    cols = {"user": user, "item": item, "rating": rating, "time": time}
+    table = _validated(df, log, cols, opts, bad_lines=bad)
+    titles: dict[str, str] = {}
+    item_meta: dict[str, dict[str, Any]] = {}
+    meta_skipped = 0
+    if meta is not None:
+        objects, meta_bad = _json_objects(meta, opts.skip_bad)
+        for n, obj in objects:
+            asin = _json_text(obj.get(meta_item))
+            if not asin:
+                if opts.skip_bad:
+                    meta_bad.append(n)
+                    continue
+                raise DataError(f"{meta.name}: line {n}: field {meta_item!r}: missing value")
+            if title := obj.get("title"):
+                titles[asin] = str(title)
+            if category := obj.get("main_category"):
+                item_meta[asin] = {"category": category}
+        meta_skipped = len(meta_bad)
+    return table, titles, item_meta, meta_skipped
+
+
+def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, opts: _ReadOptions) -> tuple:
     cols = {"user": "user", "item": "item", "rating": "rating", "time": "timestamp"}
     if fmt == "ml-latest":
-        df, skipped = _read_table(log, sep=",", names=None, skip_bad=skip_bad)
+        df, skipped = _read_table(log, sep=",", names=None, skip_bad=opts.skip_bad)
         cols = {"user": "userId", "item": "movieId", "rating": "rating", "time": "timestamp"}
         _require_columns(df, log, list(cols.values()))
     else:
         sep, enc = ("\t", "latin-1") if fmt == "ml-100k" else ("::", "latin-1")
         df, skipped = _read_table(
-            log, sep=sep, names=["user", "item", "rating", "timestamp"], encoding=enc, skip_bad=skip_bad
+            log, sep=sep, names=["user", "item", "rating", "timestamp"], encoding=enc, skip_bad=opts.skip_bad
         )
-    frame, bad = _validated(df, log, cols, skip_bad)
+    table = _validated(df, log, cols, opts, bad_lines=skipped)
     titles: dict[str, str] = {}
     item_meta: dict[str, dict[str, Any]] = {}
+    meta_skipped = 0
     if meta is not None:
         if fmt == "ml-100k":
-            m, s = _read_table(
+            m, meta_skipped = _read_table(
                 meta,
                 sep="|",
                 names=["item", "title", "date", "video", "url", *ML100K_GENRES],
                 encoding="latin-1",
-                skip_bad=skip_bad,
+                skip_bad=opts.skip_bad,
             )
             genres = m[list(ML100K_GENRES)].to_numpy() == "1"
             m["genres"] = ["|".join(np.array(ML100K_GENRES)[row]) for row in genres]
         elif fmt == "ml-1m":
-            m, s = _read_table(
-                meta, sep="::", names=["item", "title", "genres"], encoding="latin-1", skip_bad=skip_bad
+            m, meta_skipped = _read_table(
+                meta, sep="::", names=["item", "title", "genres"], encoding="latin-1", skip_bad=opts.skip_bad
             )
         else:
-            m, s = _read_table(meta, sep=",", names=None, skip_bad=skip_bad)
+            m, meta_skipped = _read_table(meta, sep=",", names=None, skip_bad=opts.skip_bad)
             _require_columns(m, meta, ["movieId", "title", "genres"])
             m = m.rename(columns={"movieId": "item"})
-        skipped += s
         for item_id, title, genres in zip(m["item"].str.strip(), m["title"], m["genres"]):
             titles[item_id] = title
             item_meta[item_id] = {"genres": genres}
-    return Interactions(
-        frame, titles, item_meta, fmt, [log.name] + ([meta.name] if meta else []), skipped + bad
-    )
+    return table, titles, item_meta, meta_skipped
 
 
-def _read_generic(log: InputFile, fmt: str, cfg: ShardsConfig) -> Interactions:
-    cols = {"user": cfg.user_col, "item": cfg.item_col, "rating": cfg.rating_col, "time": cfg.time_col}
-    wanted = [c for c in (*cols.values(), cfg.title_col) if c]
-    skip_bad = cfg.skip_bad_lines
-    if fmt == "parquet":
-        try:
-            df = pd.read_parquet(io.BytesIO(log.read_bytes()))
-        except Exception as e:  # pyarrow raises many types for a damaged file
-            raise DataError(f"{log.name}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+def _parquet_frame(log: InputFile, wanted: list[str], time_col: str) -> tuple[pd.DataFrame, _Times | None]:
+    """The wanted columns of a Parquet file as text (None for null/NaN) + ``_line`` (the row, 1-based);
+    a timestamp column comes back parsed (integers of its unit, UTC; no time zone = UTC)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(io.BytesIO(log.read_bytes()))
+        names = pf.schema_arrow.names
+        df = pd.DataFrame({c: [] for c in names})  # only for the column check
         _require_columns(df, log, wanted)
-        df = df[wanted].astype(str)
-        skipped = 0
+        table = pf.read(columns=wanted)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises many types for a damaged file
+        raise DataError(f"{log.name}: not a readable Parquet file ({one_line(e)})") from None
+    out: dict[str, Any] = {"_line": np.arange(1, table.num_rows + 1)}
+    times = None
+    for name in wanted:
+        col = table.column(name)
+        kind = col.type
+        if name == time_col and pa.types.is_timestamp(kind):
+            missing = col.is_null().to_numpy(zero_copy_only=False)
+            ints = pc.fill_null(pc.cast(col, pa.int64()), 0).to_numpy(zero_copy_only=False)
+            tz = f", tz={kind.tz}" if kind.tz else ""
+            info = {
+                "time_format": f"parquet timestamp[{kind.unit}{tz}]" + ("" if kind.tz else " (read as UTC)"),
+                "time_unit": kind.unit,
+                "time_unit_from": "parquet type",
+            }
+            no_bad = np.zeros(table.num_rows, dtype=bool)
+            times = _Times(ints.astype(np.int64), kind.unit, no_bad, info, missing=missing)
+            out[name] = np.zeros(table.num_rows, dtype=object)
+            continue
+        if pa.types.is_floating(kind):  # NaN is how pandas writes a missing number
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, kind), col)
+        try:
+            # Arrow writes integral floats without ".0" (an id 10 read through a float column is "10")
+            # and other floats as the shortest text that reads back as the same double.
+            text = pc.cast(col, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise DataError(
+                f"{log.name}: column {name!r}: type {kind} cannot be read ({one_line(e)})"
+            ) from None
+        out[name] = np.asarray(text.to_pylist(), dtype=object)
+    return pd.DataFrame(out), times
+
+
+def _read_generic(log: InputFile, fmt: str, cfg: ShardsConfig, opts: _ReadOptions) -> tuple:
+    cols = {"user": cfg.user_col, "item": cfg.item_col, "rating": cfg.rating_col, "time": cfg.time_col}
+    wanted = list(dict.fromkeys(c for c in (*cols.values(), cfg.title_col) if c))
+    skipped, times, where = 0, None, "line"
+    if fmt == "parquet":
+        df, times = _parquet_frame(log, wanted, cfg.time_col)
+        where = "row"
+    elif fmt == "jsonl":
+        df, skipped = _json_table(log, wanted, opts.skip_bad)
     else:
         sep = "\t" if _strip_gz(log.basename).endswith(".tsv") else ","
-        df, skipped = _read_table(log, sep=sep, names=None, skip_bad=skip_bad)
+        df, skipped = _read_table(log, sep=sep, names=None, skip_bad=opts.skip_bad)
         _require_columns(df, log, wanted)
-    frame, bad = _validated(df, log, cols, skip_bad)
+    table = _validated(df, log, cols, opts, bad_lines=skipped, where=where, times=times)
     titles = {}
     if cfg.title_col:
-        pairs = zip(df[cfg.item_col].astype(str).str.strip(), df[cfg.title_col].astype(str))
-        titles = {item: title for item, title in pairs if title and title != "None"}
-    return Interactions(frame, titles, {}, fmt, [log.name], skipped + bad)
+        items, _ = _text(df[cfg.item_col])
+        names, missing = _text(df[cfg.title_col])
+        titles = {item: title for item, title, m in zip(items, names, missing) if not m}
+    return table, titles, {}, 0
+
+
+def _drop_duplicates(table: _Table, log: InputFile, mode: str, where: str) -> tuple[pd.DataFrame, int]:
+    """Rows repeating an earlier row's (user, item, timestamp): (frame, how many) — dropped (the first
+    occurrence kept), kept, or a DataError naming the first one."""
+    frame = table.frame
+    dup = frame.duplicated(["user", "item", "timestamp"], keep="first").to_numpy()
+    count = int(dup.sum())
+    if count and mode == "error":
+        i = int(np.argmax(dup))
+        row = frame.iloc[i]
+        same = (frame["user"] == row["user"]) & (frame["item"] == row["item"])
+        first = frame["line"][same & (frame["timestamp"] == row["timestamp"])].iat[0]
+        raise DataError(
+            f"{log.name}: {where} {row['line']}: duplicate of {where} {first} (user {row['user']!r}, item "
+            f"{row['item']!r}, same timestamp); {count} duplicate rows in all "
+            "(shards.duplicates=drop drops them, keep keeps them)"
+        )
+    if count and mode == "drop":
+        frame = frame[~dup]
+    return frame, count
 
 
 def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
     """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
-    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col`` and
-    ``shards.skip_bad_lines``. Raises DataError naming the file (and line) of the first bad input."""
-    fmt, meta, skip_bad_lines = cfg.format, cfg.meta, cfg.skip_bad_lines
+    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col``,
+    ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
+    the file (and line) of the first bad input."""
+    fmt, meta = cfg.format, cfg.meta
     files = list_files(path)
+    columns = (cfg.user_col, cfg.item_col)
     if Path(path).is_file() and Path(path).suffix != ".zip":
         # A single log file: its metadata file (movies.csv, u.item, meta_*.jsonl) sits beside it.
         siblings = [f for f in list_files(Path(path).parent) if f.path != files[0].path]
-        fmt, log, meta_file = detect_format(files, fmt)
-        if meta_file is None and fmt not in ("csv", "parquet"):
+        fmt, log, meta_file = detect_format(files, fmt, columns)
+        if meta_file is None and fmt not in ("csv", "parquet", "jsonl"):
             names = {"ml-100k": ("u.item",), "ml-1m": ("movies.dat",), "ml-latest": ("movies.csv",)}
             if fmt.startswith("amazon"):
                 meta_file = next((f for f in siblings if _is_json(f) and f.basename.startswith("meta")), None)
             else:
                 meta_file = _by_name(siblings, *names[fmt])
     else:
-        fmt, log, meta_file = detect_format(files, fmt)
+        fmt, log, meta_file = detect_format(files, fmt, columns)
     if meta is not None:
         meta_file = list_files(meta)[0]
-    readers: dict[str, Callable[[], Interactions]] = {
-        "amazon": lambda: _read_amazon(log, meta_file, fmt, skip_bad_lines),
-        "ml": lambda: _read_movielens(log, meta_file, fmt, skip_bad_lines),
-        "generic": lambda: _read_generic(log, fmt, cfg),
+    opts = _read_options(cfg, fmt)
+    readers: dict[str, Callable[[], tuple]] = {
+        "amazon": lambda: _read_amazon(log, meta_file, fmt, opts),
+        "ml": lambda: _read_movielens(log, meta_file, fmt, opts),
+        "generic": lambda: _read_generic(log, fmt, cfg, opts),
     }
     kind = "amazon" if fmt.startswith("amazon") else "ml" if fmt.startswith("ml") else "generic"
-    result = readers[kind]()
-    if result.frame.empty:
+    table, titles, item_meta, meta_skipped = readers[kind]()
+    where = "row" if fmt == "parquet" else "line"
+    frame, duplicates = _drop_duplicates(table, log, cfg.duplicates, where)
+    if frame.empty:
         raise DataError(f"{log.name}: no interactions found")
-    return result
+    ts, unit = coarsest_unit(frame["timestamp"].to_numpy(np.int64), table.unit)
+    frame = frame.assign(timestamp=ts).reset_index(drop=True)
+    used = [log] + ([meta_file] if meta_file else [])
+    notices = [
+        f"{f.name}: not gzip-compressed (no gzip header), read as plain text"
+        for f in used
+        if f.gzip_mislabelled
+    ]
+    removed = {**table.removed, "duplicate": duplicates if cfg.duplicates == "drop" else 0}
+    return Interactions(
+        frame,
+        titles,
+        item_meta,
+        fmt,
+        [f.name for f in used],
+        skipped_lines=table.removed["bad_line"] + table.removed["missing_value"] + meta_skipped,
+        rows_read=table.rows_read,
+        removed=removed,
+        time=table.time,
+        timestamp_unit=unit,
+        notices=notices,
+    )

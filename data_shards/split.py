@@ -1,6 +1,7 @@
 """Filters (rating threshold, k-core) and the leave-one-out split into train/valid/test records.
 
-Per user, interactions are ordered by timestamp and then by original file order (a stable tie-break),
+Per user, interactions are ordered by timestamp (int64 at the log's full resolution, see
+``data_shards.ingest``) and then by original file order (a stable tie-break),
 so the same input always gives the same split and a test target never sits inside a training window:
 test = the last interaction, valid = the second to last, train = the rest.
 """
@@ -15,21 +16,45 @@ import numpy as np
 import pandas as pd
 
 from configs import DataError, ShardsConfig
+from configs.schema import MIN_USER_INTERACTIONS
 from data_shards.records import Record
 
 
 def apply_filters(frame: pd.DataFrame, filters: ShardsConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """``shards.rating_threshold``, then the k-core (``shards.min_user_interactions`` /
-    ``min_item_interactions``) until stable: dropping items can push users below the minimum."""
+    """``shards.rating_threshold``, then users with fewer than the leave-one-out minimum of events
+    (``too_short``), then the k-core (``shards.min_user_interactions`` / ``min_item_interactions``)
+    until stable: dropping items can push users below the minimum.
+
+    Every count is of distinct events (user, item, timestamp): rows repeating one, kept with
+    ``shards.duplicates=keep``, do not count. The stats hold the settings, what was removed
+    (``removed_interactions/users/items``) and ``removed_by`` reason: rating_threshold, too_short, k_core.
+    """
     before = {"interactions": len(frame), "users": frame["user"].nunique(), "items": frame["item"].nunique()}
+    removed_by = {"rating_threshold": 0, "too_short": 0, "k_core": 0}
     if filters.rating_threshold is not None:
-        frame = frame[frame["rating"] >= filters.rating_threshold]
+        keep = frame["rating"] >= filters.rating_threshold
+        removed_by["rating_threshold"] = int((~keep).sum())
+        frame = frame[keep]
+    # 1 for each distinct event, 0 for a row repeating one (only with shards.duplicates=keep).
+    weight = None
+    if filters.duplicates == "keep":
+        weight = (~frame.duplicated(["user", "item", "timestamp"])).astype(np.int64)
+
+    def counts(by: str) -> pd.Series:
+        if weight is None:
+            return frame.groupby(by)["item" if by == "user" else "user"].transform("size")
+        return weight.loc[frame.index].groupby(frame[by]).transform("sum")
+
+    keep = counts("user") >= MIN_USER_INTERACTIONS
+    removed_by["too_short"] = int((~keep).sum())
+    frame = frame[keep]
     while True:
-        user_n = frame.groupby("user")["item"].transform("size")
-        item_n = frame.groupby("item")["user"].transform("size")
-        keep = (user_n >= filters.min_user_interactions) & (item_n >= filters.min_item_interactions)
+        keep = (counts("user") >= filters.min_user_interactions) & (
+            counts("item") >= filters.min_item_interactions
+        )
         if keep.all():
             break
+        removed_by["k_core"] += int((~keep).sum())
         frame = frame[keep]
     if frame.empty:
         raise DataError(
@@ -44,14 +69,16 @@ def apply_filters(frame: pd.DataFrame, filters: ShardsConfig) -> tuple[pd.DataFr
         "removed_interactions": before["interactions"] - len(frame),
         "removed_users": before["users"] - frame["user"].nunique(),
         "removed_items": before["items"] - frame["item"].nunique(),
+        "removed_by": removed_by,
     }
     return frame, stats
 
 
 def natural_order(ids: np.ndarray) -> np.ndarray:
-    """Sorted distinct ids: numerically when every id is an integer (MovieLens), else as strings."""
+    """Sorted distinct ids: numerically when every id is a (non-negative, int64) integer (MovieLens),
+    else as strings; ids keep their spelling ("007" stays "007")."""
     uniq = np.unique(ids.astype(str))
-    if all(s.isdigit() for s in uniq):
+    if all(s.isascii() and s.isdigit() and len(s) <= 18 for s in uniq):
         return uniq[np.argsort(uniq.astype(np.int64), kind="stable")]
     return uniq
 

@@ -102,6 +102,8 @@ def build(args: argparse.Namespace) -> int:
     manifest = build_shards(
         args.input, args.out, cfg, force=args.force, command=_command_line(args.input, args.out, cfg)
     )
+    for notice in manifest["source"].get("notices", []):
+        print(f"note: {notice}", file=sys.stderr)
     skipped = manifest["source"]["skipped_lines"]
     if skipped:
         print(f"skipped {skipped} malformed lines (shards.skip_bad_lines)", file=sys.stderr)
@@ -121,6 +123,21 @@ def _print_stats(m: dict) -> None:
         f"items         {m['num_items']:,} (ranking catalogue; {m['source']['metadata_items']:,} with metadata)"
     )
     print(f"interactions  {m['num_interactions']:,}")
+    if "rows" in m:  # manifests before issue 14 lack the row accounting
+        rows = m["rows"]
+        removed = {reason: n for reason, n in rows["removed"].items() if n}
+        detail = f" ({', '.join(f'{n:,} {reason}' for reason, n in removed.items())})" if removed else ""
+        kept_dups = f"; {rows['duplicates_kept']:,} duplicate rows kept" if rows["duplicates_kept"] else ""
+        print(
+            f"rows          {rows['read']:,} read, {rows['kept']:,} kept, "
+            f"{sum(removed.values()):,} removed{detail}{kept_dups}"
+        )
+    if "timestamp_unit" in m:
+        src = m["source"]
+        read_as = src.get("time_format")
+        if src.get("time_unit_from") in ("magnitude", "shards.time_unit", "format"):
+            read_as = f"{read_as} {src['time_unit']} (unit from {src['time_unit_from']})"
+        print(f"timestamps    {read_as}; records hold {m['timestamp_unit']}")
     print(
         f"filters       users >= {f['min_user_interactions']}, items >= {f['min_item_interactions']}, "
         f"rating >= {f['rating_threshold']}; removed {f['removed_interactions']:,} interactions, "

@@ -79,6 +79,11 @@ def perturbed_loss(
     ascent path from a random start (its ``clean_loss`` is the first of them, at the random start);
     FreeLB keeps all ``steps`` graphs until the backward — memory grows with ``steps``. Every graph that
     reaches the parameters is backpropagated exactly once, by the caller's single backward.
+
+    Weighting: ``loss_at`` returns a sum over the supervised positions divided by the optimizer step's
+    denominator (``modeling.loss``); every combination here is linear in it (clean + adv_weight x adv,
+    the path mean), so the adversarial terms weigh each supervised position of the step equally too.
+    The ascent directions are normalised per example, so that scale does not change the perturbation.
     """
     eps, method = acfg.epsilon, acfg.method
     if method == "freelb":

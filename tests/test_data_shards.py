@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import CorruptShardError, DataError, ShardsConfig
+from configs import ConfigError, CorruptShardError, DataError, ShardsConfig
 from data_shards import reader as reader_mod
 from data_shards.build import build_shards
 from data_shards.manifest import load_manifest, read_items, verify
@@ -31,7 +31,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "ml-latest-small.zip"
 
 
 def synthetic_log(n_users: int = 12, n_items: int = 15, seed: int = 0) -> pd.DataFrame:
-    """Interactions in file order (users interleaved), 6..20 per user, some equal timestamps."""
+    """Interactions in file order (users interleaved), 6..20 per user, some equal timestamps, no exact
+    duplicates (same user, item and timestamp: test_duplicate_rows has those)."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_users):
@@ -40,7 +41,8 @@ def synthetic_log(n_users: int = 12, n_items: int = 15, seed: int = 0) -> pd.Dat
         for i, t in zip(rng.integers(1, n_items + 1, size=n), times):
             rows.append((f"{u + 1}", f"{i}", float(rng.integers(1, 11)) / 2, int(t)))
     rows = [rows[i] for i in rng.permutation(len(rows))]  # file order != time order
-    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    log = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    return log.drop_duplicates(["user", "item", "timestamp"]).reset_index(drop=True)
 
 
 def expected_targets(log: pd.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
@@ -316,7 +318,7 @@ def test_filters_k_core_and_threshold(tmp_path):
         (
             "r.jsonl",
             '{"user_id": "a", "parent_asin": "b", "rating": 1, "timestamp": 1}\n{"user_id": "a", "rating": 1}\n',
-            "r.jsonl: line 2: missing field 'parent_asin'",
+            "r.jsonl: line 2: field 'parent_asin': missing value",
         ),
         ("notes.txt", "hello\n", "cannot find a known format"),
         (
@@ -361,6 +363,487 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main([*args, "--force", "--max-history", "2"]) == 0
     assert load_manifest(out)["max_history"] == 2 and "--max-history 2" in load_manifest(out)["command"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp/old directories left
+
+
+# --------------------------------------------------------------------------- issue 14: the split tells the truth
+
+
+def split_view(out: Path) -> dict[str, dict[str, tuple[list[str], list[int]]]]:
+    """{split: {user: (item ids, timestamps)}} of the valid and test records (eval records: target last)."""
+    items = [it["item_id"] for it in read_items(out)]
+    view: dict[str, dict] = {}
+    for split in ("valid", "test"):
+        loader = ShardLoader(out, split, batch_size=1, num_workers=0, shuffle=False)
+        view[split] = {r["user"]: ([items[i] for i in r["items"]], r["timestamps"]) for [r] in loader}
+    return view
+
+
+# u1's events, the last two in the file in reverse time order and 0.8 s apart: i5 at .100, i6 at .900.
+SUBSECOND = [("i1", 0, 0), ("i2", 10, 0), ("i3", 20, 0), ("i4", 30, 0), ("i6", 40, 900), ("i5", 40, 100)]
+T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
+
+
+def _iso(sec: int, ms: int, offset_hours: int = 0) -> str:
+    import datetime as dt
+
+    tz = dt.timezone(dt.timedelta(hours=offset_hours))
+    t = dt.datetime.fromtimestamp(T0 + sec, tz) + dt.timedelta(milliseconds=ms)
+    text = t.isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z") if offset_hours == 0 else text
+
+
+def write_subsecond(kind: str, d: Path) -> tuple[Path, dict]:
+    """SUBSECOND written as ``kind``; (input path, ShardsConfig kwargs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir(parents=True, exist_ok=True)
+    ms = [(T0 + sec) * 1000 + frac for _, sec, frac in SUBSECOND]
+    items = [i for i, _, _ in SUBSECOND]
+    text = {
+        "decimal": [f"{T0 + sec}.{frac:03d}" for _, sec, frac in SUBSECOND],
+        "iso-z": [_iso(sec, frac) for _, sec, frac in SUBSECOND],
+        "iso-offset": [_iso(sec, frac, 2 if n % 2 else -5) for n, (_, sec, frac) in enumerate(SUBSECOND)],
+        "ms": [str(t) for t in ms],
+        "us": [str(t * 1000) for t in ms],
+        "ns": [str(t * 1_000_000) for t in ms],
+    }
+    fmt, _, rep = kind.partition(":")
+    if fmt == "csv":
+        lines = ["user_id,item_id,timestamp"] + [f"u1,{i},{t}" for i, t in zip(items, text[rep])]
+        (d / "log.csv").write_text("\n".join(lines) + "\n")
+        return d / "log.csv", {}
+    if fmt == "jsonl":  # numbers written as JSON numbers (not strings), ISO times as strings
+        value = (lambda t: t) if rep in ("decimal", "ms", "us", "ns") else json.dumps
+        lines = [
+            f'{{"user_id": "u1", "item_id": "{i}", "timestamp": {value(t)}}}'
+            for i, t in zip(items, text[rep])
+        ]
+        (d / "events.jsonl").write_text("\n".join(lines) + "\n")
+        return d / "events.jsonl", {}
+    if fmt == "amazon-2018":  # unixReviewTime as a JSON number with a fraction
+        lines = [
+            f'{{"reviewerID": "u1", "asin": "{i}", "overall": 1.0, "unixReviewTime": {t}}}'
+            for i, t in zip(items, text["decimal"])
+        ]
+        (d / "Books_5.json").write_text("\n".join(lines) + "\n")
+        return d / "Books_5.json", {}
+    if fmt == "amazon-2023":  # epoch milliseconds
+        lines = [
+            f'{{"user_id": "u1", "parent_asin": "{i}", "rating": 1.0, "timestamp": {t}}}'
+            for i, t in zip(items, ms)
+        ]
+        (d / "Books.jsonl").write_text("\n".join(lines) + "\n")
+        return d / "Books.jsonl", {}
+    assert fmt == "parquet"
+    if rep.startswith("timestamp"):  # timestamp[unit] or timestamp[unit,tz]
+        unit, _, tz = rep[len("timestamp[") : -1].partition(",")
+        scale = {"ms": 1, "us": 1000, "ns": 1_000_000}[unit]
+        times = pa.array([t * scale for t in ms], pa.timestamp(unit, tz=tz or None))
+    elif rep == "float":
+        times = pa.array([t / 1000 for t in ms], pa.float64())
+    else:
+        times = pa.array(ms, pa.int64())
+    pq.write_table(
+        pa.table({"user_id": ["u1"] * len(items), "item_id": items, "timestamp": times}), d / "e.parquet"
+    )
+    return d / "e.parquet", {}
+
+
+SUBSECOND_KINDS = {  # kind -> (source.time_format, source.time_unit)
+    "csv:decimal": ("epoch decimal", "s"),
+    "csv:iso-z": ("iso8601", None),
+    "csv:iso-offset": ("iso8601", None),
+    "csv:ms": ("epoch", "ms"),
+    "csv:us": ("epoch", "us"),
+    "csv:ns": ("epoch", "ns"),
+    "jsonl:decimal": ("epoch decimal", "s"),
+    "jsonl:ms": ("epoch", "ms"),
+    "jsonl:iso-offset": ("iso8601", None),
+    "amazon-2018:": ("epoch decimal", "s"),
+    "amazon-2023:": ("epoch", "ms"),
+    "parquet:timestamp[ms,UTC]": ("parquet timestamp[ms, tz=UTC]", "ms"),
+    "parquet:timestamp[us]": ("parquet timestamp[us] (read as UTC)", "us"),
+    "parquet:timestamp[ns,Europe/Berlin]": ("parquet timestamp[ns, tz=Europe/Berlin]", "ns"),
+    "parquet:float": ("epoch decimal", "s"),
+    "parquet:int": ("epoch", "ms"),
+}
+
+
+@pytest.fixture(scope="module")
+def subsecond_fingerprints() -> dict[str, str]:
+    return {}
+
+
+@pytest.mark.parametrize("kind", list(SUBSECOND_KINDS))
+def test_subsecond_timestamps_keep_their_order(kind, tmp_path, subsecond_fingerprints):
+    """i6 (.900) is written before i5 (.100) in the same second: floored to seconds they would tie and
+    file order would make i6 the valid target. Every way of writing the times orders them by time, and
+    the shards are byte-identical whichever way it was."""
+    src, kwargs = write_subsecond(kind, tmp_path / "src")
+    m = build_shards(src, tmp_path / "out", ShardsConfig(min_user_interactions=3, **kwargs))
+    view = split_view(tmp_path / "out")
+    assert view["valid"]["u1"][0] == ["i1", "i2", "i3", "i4", "i5"]
+    assert view["test"]["u1"][0] == ["i1", "i2", "i3", "i4", "i5", "i6"]
+    assert view["test"]["u1"][1][-2:] == [(T0 + 40) * 1000 + 100, (T0 + 40) * 1000 + 900]
+    assert all(type(t) is int for t in view["test"]["u1"][1])
+    assert m["timestamp_unit"] == "ms"  # the coarsest unit that holds every time exactly
+    time_format, time_unit = SUBSECOND_KINDS[kind]
+    assert (m["source"]["time_format"], m["source"]["time_unit"]) == (time_format, time_unit)
+    subsecond_fingerprints[kind] = m["fingerprint"]
+    assert len(set(subsecond_fingerprints.values())) == 1, subsecond_fingerprints
+
+
+def test_time_unit_from_magnitude_or_setting(tmp_path):
+    """Integers below 1e11 are seconds unless shards.time_unit says otherwise; the manifest says which."""
+    rows = "".join(f"u1,i{k},{t}\n" for k, t in enumerate([1500, 2500, 3000, 4000]))
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + rows)
+    m = build_shards(tmp_path / "log.csv", tmp_path / "a", ShardsConfig(min_user_interactions=3))
+    assert m["source"]["time_unit_from"] == "magnitude" and m["timestamp_unit"] == "s"
+    assert split_view(tmp_path / "a")["test"]["u1"][1] == [1500, 2500, 3000, 4000]
+    m = build_shards(
+        tmp_path / "log.csv", tmp_path / "b", ShardsConfig(min_user_interactions=3, time_unit="ms")
+    )
+    assert m["source"]["time_unit_from"] == "shards.time_unit" and m["timestamp_unit"] == "ms"
+    assert split_view(tmp_path / "b")["test"]["u1"][1] == [1500, 2500, 3000, 4000]
+    with pytest.raises(ConfigError, match="shards.time_unit"):
+        ShardsConfig(time_unit="minutes")
+
+
+def test_movielens_seconds_stay_exact(sample_dir):
+    m = load_manifest(sample_dir)
+    assert m["timestamp_unit"] == "s"
+    assert {k: m["source"][k] for k in ("time_format", "time_unit", "time_unit_from")} == {
+        "time_format": "epoch",
+        "time_unit": "s",
+        "time_unit_from": "format",
+    }
+    assert m["rows"] == {
+        "read": 100836,
+        "kept": 100836,
+        "removed": dict.fromkeys(
+            ["bad_line", "missing_value", "duplicate", "rating_threshold", "too_short", "k_core"], 0
+        ),
+        "duplicates_kept": 0,
+    }
+    with zipfile.ZipFile(SAMPLE) as zf:
+        log = pd.read_csv(zf.open("ml-latest-small/ratings.csv"), dtype={"userId": str})
+    last = log.sort_values("timestamp", kind="stable").groupby("userId")["timestamp"].last()
+    assert {u: ts[-1] for u, (_, ts) in split_view(sample_dir)["test"].items()} == last.to_dict()
+
+
+DUPLICATES = (
+    "user_id,item_id,rating,timestamp\n"
+    + "".join(f"u1,i{k},5,{1000 + 10 * k}\n" for k in range(1, 5))
+    + "u1,i5,5,1040\n" * 3  # logged three times
+    + "u2,i1,4,1000\n" * 5  # one event five times: too short for leave-one-out
+    + "".join(f"u3,i{k},3,{2000 + k}\n" for k in range(1, 5))
+    + "u3,i4,3,2004\n"  # 4 distinct events + a repeat: below the k-core of 5
+)
+
+
+def test_duplicate_rows_dropped_and_counted(tmp_path):
+    (tmp_path / "log.csv").write_text(DUPLICATES)
+    m = build_shards(tmp_path / "log.csv", tmp_path / "out", ShardsConfig(rating_col="rating"))
+    view = split_view(tmp_path / "out")
+    assert view["test"] == {"u1": (["i1", "i2", "i3", "i4", "i5"], [1010, 1020, 1030, 1040, 1040])}
+    assert view["valid"]["u1"][0] == ["i1", "i2", "i3", "i4"]
+    assert m["rows"]["removed"] == {
+        "bad_line": 0,
+        "missing_value": 0,
+        "duplicate": 2 + 4 + 1,
+        "rating_threshold": 0,
+        "too_short": 1,  # u2's one distinct event
+        "k_core": 4,  # u3's four distinct events (the repeat does not count toward the k-core)
+    }
+    assert m["rows"]["read"] == 17 and m["rows"]["kept"] == m["num_interactions"] == 5
+    train = list(ShardLoader(tmp_path / "out", "train", batch_size=1, num_workers=0))
+    assert [r["timestamps"] for [r] in train] == [[1010, 1020, 1030]]  # i5 is no training label
+
+
+def test_duplicate_rows_keep_counts_distinct_events_in_the_k_core(tmp_path):
+    (tmp_path / "log.csv").write_text(DUPLICATES)
+    m = build_shards(tmp_path / "log.csv", tmp_path / "out", ShardsConfig(duplicates="keep"))
+    assert m["rows"]["duplicates_kept"] == 2  # u1's repeats (u2's and u3's rows went with their users)
+    assert m["rows"]["removed"]["duplicate"] == 0 and m["rows"]["removed"]["k_core"] == 5
+    assert m["rows"]["removed"]["too_short"] == 5 and m["num_interactions"] == 4 + 3
+    assert split_view(tmp_path / "out")["test"]["u1"][0][-3:] == ["i5", "i5", "i5"]
+
+
+def test_duplicate_rows_error_names_file_line_and_count(tmp_path, capsys):
+    (tmp_path / "log.csv").write_text(DUPLICATES)
+    args = ["shards", "build", str(tmp_path / "log.csv"), "--out", str(tmp_path / "out")]
+    assert main([*args, "shards.duplicates=error"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "log.csv: line 7: duplicate of line 6 (user 'u1', item 'i5'" in err and "7 duplicate rows" in err
+    assert main([*args, "shards.duplicates=maybe"]) == 2
+    assert "shards.duplicates" in capsys.readouterr().err
+
+
+def _amazon_lines(n: int = 6) -> bytes:
+    return b"".join(
+        json.dumps({"reviewerID": "A1", "asin": f"B{k}", "overall": 5.0, "unixReviewTime": 1000 + k}).encode()
+        + b"\n"
+        for k in range(n)
+    )
+
+
+def test_gzip_named_file_that_is_plain_json_is_read_with_a_notice(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "Books_5.json.gz").write_bytes(_amazon_lines())  # already decompressed
+    assert main(["shards", "build", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "Books_5.json.gz: not gzip-compressed" in captured.err and captured.err.count("\n") == 1
+    m = load_manifest(tmp_path / "out")
+    assert m["num_interactions"] == 6 and "Books_5.json.gz: not gzip-compressed" in m["source"]["notices"][0]
+    (tmp_path / "in" / "Books_5.json.gz").write_bytes(gzip.compress(_amazon_lines()))
+    assert build_shards(tmp_path / "in", tmp_path / "out2")["fingerprint"] == m["fingerprint"]
+
+
+def _broken_inputs(d: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (input path, what the one error line must hold)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d.mkdir()
+    big = _amazon_lines(2000)
+    cases = {}
+
+    def put(name: str, rel: str, data: bytes, expected: str) -> None:
+        (d / name).mkdir()
+        (d / name / rel).write_bytes(data)
+        cases[name] = (d / name, expected)
+
+    put("gzip-truncated", "Books_5.json.gz", gzip.compress(big)[:-40], "Books_5.json.gz: truncated gzip data")
+    flipped = bytearray(gzip.compress(big))
+    flipped[len(flipped) // 2] ^= 0xFF
+    put("gzip-damaged", "Books_5.json.gz", bytes(flipped), "Books_5.json.gz: damaged gzip data")
+    put(
+        "csv-gzip-truncated",
+        "events.csv.gz",
+        gzip.compress(b"user_id,item_id,timestamp\n" + b"u,i,1\n" * 5000)[:-30],
+        "events.csv.gz: truncated gzip data",
+    )
+    put(
+        "csv-encoding",
+        "ratings.csv",
+        b"userId,movieId,rating,timestamp\n1,2,4,10\n1,\xff\xfe,4,11\n",
+        "ratings.csv: line 3: not UTF-8 text",
+    )
+    put(
+        "json-encoding",
+        "Books.jsonl",
+        _amazon_lines(2) + b'{"reviewerID": "\xff"}\n',
+        "Books.jsonl: line 3: not UTF-8 text",
+    )
+    put(
+        "json-syntax",
+        "Books.jsonl",
+        _amazon_lines(2) + b'{"reviewerID": \n',
+        "Books.jsonl: line 3: not valid JSON",
+    )
+    put("json-array", "Books.jsonl", b"[1, 2]\n", "Books.jsonl: line 1: a JSON list, not an object")
+    put("csv-quote", "log.csv", b'user_id,item_id,timestamp\nu,"i,1\n', "log.csv: cannot parse")
+    put(
+        "csv-fields",
+        "log.csv",
+        b"user_id,item_id,timestamp\nu,i,1\nu,i,1,2\n",
+        "log.csv: line 3: expected 3 fields",
+    )
+    table = pa.table({"user_id": ["u"] * 50, "item_id": ["i"] * 50, "timestamp": list(range(50))})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    put(
+        "parquet-truncated",
+        "e.parquet",
+        buf.getvalue().to_pybytes()[:-100],
+        "e.parquet: not a readable Parquet file",
+    )
+    put("parquet-text", "e.parquet", b"user_id,item_id\n", "e.parquet: not a readable Parquet file")
+    put("zip-not-zip", "logs.zip", b"PK\x03\x04 not really", "logs.zip: not a readable zip archive")
+    (d / "zip-crc").mkdir()
+    with zipfile.ZipFile(d / "zip-crc" / "logs.zip", "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("ml/ratings.csv", "userId,movieId,rating,timestamp\n" + "1,2,4,10\n" * 50)
+    data = bytearray((d / "zip-crc" / "logs.zip").read_bytes())
+    data[data.index(b"1,2,4,10") + 3] ^= 0x01  # the stored bytes no longer match their CRC-32
+    (d / "zip-crc" / "logs.zip").write_bytes(bytes(data))
+    cases["zip-crc"] = (d / "zip-crc" / "logs.zip", "logs.zip/ml/ratings.csv: cannot read (Bad CRC-32")
+    for name in ("zip-not-zip",):
+        cases[name] = (cases[name][0] / "logs.zip", cases[name][1])
+    return cases
+
+
+BROKEN = [
+    "gzip-truncated",
+    "gzip-damaged",
+    "csv-gzip-truncated",
+    "csv-encoding",
+    "json-encoding",
+    "json-syntax",
+    "json-array",
+    "csv-quote",
+    "csv-fields",
+    "parquet-truncated",
+    "parquet-text",
+    "zip-not-zip",
+    "zip-crc",
+]
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return _broken_inputs(tmp_path_factory.mktemp("broken") / "in")
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_every_read_failure_is_one_line_naming_the_file(name, broken_inputs, tmp_path, capsys):
+    src, expected = broken_inputs[name]
+    assert main(["shards", "build", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("recgpt shards: error: "), err
+    assert expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _missing_value_inputs(d: Path) -> dict[str, Path]:
+    """The same log, line/row 3 without its item, as CSV, Parquet and JSON lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [("u1", f"i{k}", 1000 + k) for k in range(6)]
+    rows[1] = ("u1", None, 1001)
+    d.mkdir()
+    lines = ["user_id,item_id,timestamp"] + [f"{u},{i or ''},{t}" for u, i, t in rows]
+    (d / "log.csv").write_text("\n".join(lines) + "\n")
+    (d / "log.jsonl").write_text(
+        "".join(json.dumps({"user_id": u, "item_id": i, "timestamp": t}) + "\n" for u, i, t in rows)
+    )
+    (d / "log2.jsonl").write_text(  # the key absent instead of null
+        "".join(
+            json.dumps({k: v for k, v in zip(("user_id", "item_id", "timestamp"), r) if v is not None}) + "\n"
+            for r in rows
+        )
+    )
+    users, items, times = zip(*rows)
+    pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": times}), d / "log.parquet")
+    return {name: d / name for name in ("log.csv", "log.jsonl", "log2.jsonl", "log.parquet")}
+
+
+def test_missing_value_is_the_same_error_or_count_in_every_format(tmp_path, capsys):
+    paths = _missing_value_inputs(tmp_path / "in")
+    fingerprints = set()
+    for name, path in paths.items():
+        out = tmp_path / f"out-{name}"
+        assert main(["shards", "build", str(path), "--out", str(out), "shards.min_user_interactions=3"]) == 2
+        err = capsys.readouterr().err
+        where = "row 2" if name.endswith(".parquet") else "line 3" if name.endswith(".csv") else "line 2"
+        assert (
+            err
+            == f"recgpt shards: error: {path}: {where}: field 'item_id': missing value (shards.skip_bad_lines=true skips such lines)\n"
+        )
+        m = build_shards(path, out, ShardsConfig(min_user_interactions=3, skip_bad_lines=True))
+        assert (
+            m["rows"]["removed"]["missing_value"] == 1 and m["rows"]["read"] == 6 and m["rows"]["kept"] == 5
+        )
+        fingerprints.add(m["fingerprint"])
+    assert len(fingerprints) == 1
+
+
+def test_every_removed_row_is_counted_by_reason(tmp_path, capsys):
+    lines = [
+        "user_id,item_id,rating,timestamp",
+        *[f"u1,i{k},4,{100 + k}" for k in range(6)],  # kept
+        *[f"u2,i{k},4,{200 + k}" for k in range(6)],  # kept
+        "u1,i0,4,100",  # duplicate
+        "u1,i9,4,109,extra",  # bad line: a field too many
+        "u1,i8,oops,108",  # bad line: rating is not a number
+        "u2,,4,300",  # missing value
+        "u1,i7,1,107",  # below the rating threshold
+        "u3,i1,4,1",  # too short: u3 has 2 events
+        "u3,i2,4,2",
+        *[f"u4,i{k},4,{400 + k}" for k in range(4)],  # k-core: 4 events < 5
+    ]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = [
+        "shards",
+        "build",
+        str(tmp_path / "log.csv"),
+        "--out",
+        str(out),
+        "--skip-bad-lines",
+        "--rating-col",
+        "rating",
+    ]
+    assert main([*args, "--rating-threshold", "2"]) == 0
+    printed = capsys.readouterr().out
+    m = load_manifest(out)
+    rows = m["rows"]
+    assert rows["removed"] == {
+        "bad_line": 2,
+        "missing_value": 1,
+        "duplicate": 1,
+        "rating_threshold": 1,
+        "too_short": 2,
+        "k_core": 4,
+    }
+    assert rows["read"] == len(lines) - 1 == rows["kept"] + sum(rows["removed"].values())
+    assert rows["kept"] == m["num_interactions"] == 12 and m["source"]["skipped_lines"] == 3
+    assert (
+        "rows          23 read, 12 kept, 11 removed (2 bad_line, 1 missing_value, 1 duplicate, 1 rating_threshold, 2 too_short, 4 k_core)"
+        in printed
+    )
+    assert m["filters"]["removed_interactions"] == 1 + 2 + 4
+
+
+def test_ids_keep_their_spelling(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users = ["007", "007", "007", "7", "7", "7", "7"]
+    items = [10.0, 11.0, 12.0, 10.0, None, 12.0, 13.0]  # a float column (a null made pandas write floats)
+    times = [1, 2, 3, 1, 2, 3, 4]
+    table = pa.table({"user_id": users, "item_id": pa.array(items, pa.float64()), "timestamp": times})
+    pq.write_table(table, tmp_path / "e.parquet")
+    cfg = ShardsConfig(min_user_interactions=3, skip_bad_lines=True)
+    m = build_shards(tmp_path / "e.parquet", tmp_path / "out", cfg)
+    assert [it["item_id"] for it in read_items(tmp_path / "out")] == ["10", "11", "12", "13"]
+    assert (
+        list(split_view(tmp_path / "out")["test"]) == ["007", "7"]
+        and m["rows"]["removed"]["missing_value"] == 1
+    )
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "e.jsonl").write_text(
+        "".join(json.dumps({"user_id": "007", "item_id": k, "timestamp": k}) + "\n" for k in (10, 11, 12))
+    )
+    build_shards(tmp_path / "j", tmp_path / "out2", ShardsConfig(min_user_interactions=3))
+    assert [it["item_id"] for it in read_items(tmp_path / "out2")] == ["10", "11", "12"]
+    assert list(split_view(tmp_path / "out2")["test"]) == ["007"]
+
+
+def test_generic_json_lines(tmp_path):
+    """A JSON-lines log that is not Amazon's is read with the generic column mapping, detected from a
+    .jsonl/.json name or chosen with shards.format=jsonl."""
+    log = synthetic_log()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "events.json").write_text(
+        "".join(
+            json.dumps({"who": u, "what": i, "stars": r, "when": t}) + "\n"
+            for u, i, r, t in log.itertuples(index=False)
+        )
+    )
+    kwargs = dict(user_col="who", item_col="what", rating_col="stars", time_col="when")
+    m = build_shards(tmp_path / "in", tmp_path / "out", ShardsConfig(**kwargs))
+    assert m["source"]["format"] == "jsonl" and m["num_interactions"] == len(log)
+    test, valid = expected_targets(log)
+    assert targets_from_shards(tmp_path / "out", "test") == test
+    csv_src, csv_kwargs = write_format("csv", log, tmp_path / "csv")
+    m_csv = build_shards(csv_src, tmp_path / "out-csv", ShardsConfig(**{**csv_kwargs, "title_col": None}))
+    assert m_csv["fingerprint"] == m["fingerprint"]
+    (tmp_path / "in" / "events.json").rename(tmp_path / "in" / "meta_events.json")
+    m2 = build_shards(tmp_path / "in", tmp_path / "out2", ShardsConfig(format="jsonl", **kwargs))
+    assert m2["fingerprint"] == m["fingerprint"]
 
 
 # --------------------------------------------------------------------------- reader

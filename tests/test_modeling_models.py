@@ -198,9 +198,38 @@ def test_sampled_softmax_over_every_item_equals_full_softmax(shards):
     full = task_loss(model, hidden, batch, cfg)
     sampled = task_loss(model, hidden, batch, cfg, negatives=torch.arange(NUM_ITEMS).flip(0))
     torch.testing.assert_close(full, sampled)
-    assert float(task_loss(model, hidden, batch, cfg, negatives=torch.tensor([0, 1]))) < float(full.detach())
+    fewer = task_loss(model, hidden, batch, cfg, negatives=torch.tensor([0, 1]))
+    assert float(fewer.detach()) < float(full.detach())
     loss, _ = LossComputer(cfg)(model, batch, step=0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["train.loss=sampled"], ["task=rating", "eval.metric=accuracy"],
+     ["task=rating", "eval.metric=accuracy", "model.rating_head=regression"]],
+)  # fmt: skip
+def test_loss_is_the_sum_over_supervised_positions_over_the_denominator(shards, overrides):
+    """The training loop weighs every position of an optimizer step by 1/N (``denominator``); alone the
+    loss is the mean over the batch's supervised positions; a batch without any contributes 0, not NaN."""
+    from modeling.loss import step_denominator, supervised_positions
+
+    cfg = _cfg(*overrides)
+    model, tok = build_model_and_tokenizer(cfg, shards)
+    batch = _collate(cfg, tok, _items(), "train")(_records(3, 7))
+    n = supervised_positions(batch)
+    assert n == int((batch["labels"] != -100).sum()) > 0
+    loss_fn = LossComputer(cfg)
+    torch.manual_seed(0)  # sampled negatives: the same draw for both
+    mean, logs = loss_fn(model, batch, step=0)
+    torch.manual_seed(0)
+    scaled, scaled_logs = loss_fn(model, batch, step=0, denominator=step_denominator(5 * n, 2, 2))
+    assert float(scaled.detach()) == pytest.approx(float(mean.detach()) * 4 / 5, rel=1e-6)
+    assert scaled_logs["loss"] == pytest.approx(logs["loss"] * 4 / 5, rel=1e-6)
+    assert step_denominator(0, 2, 2) == 0.25  # a step without labels: losses 0, never 0/0
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    empty, _ = loss_fn(model, unlabelled, step=0)
+    assert float(empty.detach()) == 0.0
 
 
 # --------------------------------------------------------------------------- training

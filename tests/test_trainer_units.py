@@ -63,7 +63,7 @@ def _fake_checkpoint(root, step, complete=True):
     (d / "ds").mkdir()
     (d / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
     if complete:
-        (d / COMPLETE).write_text("x")
+        (d / COMPLETE).write_text(f"{d.name}\n")  # the old one-line marker: complete, unverifiable
     return d
 
 

@@ -2,13 +2,23 @@
 
 Runs unchanged as one process, under ``torchrun`` (any number of processes and nodes) and inside a
 Ray Train worker (the launcher passes ``report``; this module never imports Ray). One readable
-function in the nanoGPT spirit: fetch batch -> forward (adversarial inside the loss) -> one backward
--> step -> log -> evaluate / checkpoint on their intervals. The helpers it uses live in sibling
-modules: ``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint``
-(atomic checkpoints, exact resume), ``evaluate`` (distributed full ranking), ``monitor`` (the
-statistics window reduced across ranks by name, TensorBoard, progress, JSONL log), ``faults``
-(test-only crash injection). :class:`TrainState` (with its two :class:`BestMetric` trackers) is what
+function in the nanoGPT spirit: fetch the step's micro-batches -> count their supervised positions
+(one all-reduce) -> per micro-batch: forward (adversarial inside the loss) -> one backward -> step ->
+log -> evaluate / checkpoint on their intervals. The helpers it uses live in sibling modules:
+``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint`` (atomic
+checkpoints, exact resume), ``resume`` (what a resumed run may change; the restored schedule follows
+this run's settings), ``evaluate`` (distributed full ranking), ``monitor`` (the statistics window
+reduced across ranks by name, TensorBoard, progress, JSONL log), ``faults`` (test-only crash
+injection). :class:`TrainState` (with its two :class:`BestMetric` trackers) is what
 ``trainer_state.json`` holds.
+
+Loss weighting (``modeling.loss``): every supervised position of an optimizer step weighs 1/N, N the
+step's supervised positions over all its micro-batches and ranks, so ``grad_accum`` x micro-batch and
+ranks x micro-batch give the gradient of one batch of the same sequences. The logged ``loss`` /
+``clean_loss`` / ``adv_loss`` are per-position means of the step. A micro-batch skipped for a
+non-finite loss (on every rank alike) is replaced by the next one, as before; N stays the count made
+before the step (the replacement's positions weigh 1/N too), so such a step's weights sum to
+(N - skipped + replacement positions) / N instead of exactly 1, and its logged loss is that sum over N.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +36,13 @@ import numpy as np
 import torch
 
 from configs import AdversarialConfig, RecGPTConfig, TrainingError, atomic_write, save_resolved
-from trainer.checkpoint import CheckpointManager, checkpoint_name, find_resume_checkpoint, set_rng_state
+from trainer.checkpoint import (
+    CheckpointManager,
+    checkpoint_name,
+    find_resume_checkpoint,
+    read_checkpoint_config,
+    set_rng_state,
+)
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
 from trainer.evaluate import evaluate, to_device
@@ -39,6 +56,7 @@ from trainer.monitor import (
     peak_flops,
     peak_memory_bytes,
 )
+from trainer.resume import apply_schedule, check_data, other_changes, refuse_fixed_changes
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
@@ -140,6 +158,18 @@ def batch_stream(loader, device: torch.device) -> Iterator[dict[str, torch.Tenso
             yield to_device(batch, device)
 
 
+def step_counts(batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
+    """[supervised positions, samples, tokens] summed over ``batches`` (this rank's, for one all-reduce)."""
+    from modeling.loss import supervised_positions
+
+    counts = [0.0, 0.0, 0.0]
+    for b in batches:
+        counts[0] += supervised_positions(b)
+        counts[1] += b["input_ids"].shape[0]
+        counts[2] += int(b["attention_mask"].sum())
+    return counts
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -182,7 +212,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from modeling.data import build_loader, resolve_max_history
     from modeling.factory import build_model_and_tokenizer
     from modeling.lora import adalora_update, trainable_parameters
-    from modeling.loss import LossComputer
+    from modeling.loss import LossComputer, step_denominator
 
     info = setup_distributed()
     tc = cfg.train
@@ -196,6 +226,12 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         manifest = load_manifest(cfg.data.shards)
         # The resolved config (saved with the run, every checkpoint and export) says the real history length.
         cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
+        saved_cfg = None
+        if resume_from is not None:
+            # Before anything is built: a setting the checkpoint cannot continue with is one line naming it.
+            saved_cfg = read_checkpoint_config(resume_from)
+            refuse_fixed_changes(saved_cfg, cfg, resume_from)
+            check_data(resume_from, manifest, cfg, saved_cfg)
         items = read_items(cfg.data.shards, manifest)
         model, tokenizer = build_model_and_tokenizer(
             cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size)
@@ -213,15 +249,23 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         loss_fn = LossComputer(cfg)
         seed_everything(cfg.seed + info.rank)  # per-rank dropout streams (the weights are already identical)
 
-        st, rng = TrainState(), None
+        st, rng, resume_lines = TrainState(), None, []
         if resume_from is not None:
             saved, rng = ckpts.load(engine, resume_from, train_loader)
             st = TrainState.from_dict(saved)
+            # DeepSpeed restored the checkpoint's schedule and optimizer settings: this run's config rules.
+            resume_lines = apply_schedule(engine, cfg, total_steps, st.step)
+            changed = other_changes(saved_cfg, cfg)
+            if changed:
+                resume_lines.append(f"resume: changed since the checkpoint (from step {st.step + 1}): "
+                                    + ", ".join(changed))  # fmt: skip
         if info.is_main:
-            save_resolved(cfg, out_dir)
+            save_resolved(cfg, out_dir)  # after apply_schedule: it says what the optimizer does
         monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
         if resume_from is not None:
             monitor.message(f"resumed from {resume_from} at step {st.step}")
+            for line in resume_lines:
+                monitor.message(line)
             set_rng_state(rng)  # last: nothing may draw from the RNGs between here and the first step
 
         # ---------------------------------------------------------------- loop
@@ -230,6 +274,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         mfu_terms = None  # (peak FLOP/s of all ranks, FLOPs per token), computed at the first log
         bad_in_a_row = 0
         grad_norm = None
+        step_lr = 0.0  # the learning rate of the step being run (read before step() advances the schedule)
         last_ckpt_step = st.step if resume_from is not None else -1
         stop = st.step >= total_steps
         while not stop:
@@ -237,11 +282,23 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 monitor.message(adversarial_start_message(acfg, st.step))
             t_step = time.perf_counter()
             stats = StepStats()
+            # The step's micro-batches first: every supervised position of the step, on every rank, weighs
+            # 1/N (modeling.loss), N counted here. The same all-reduce counts the step's samples and tokens.
+            t0 = time.perf_counter()
+            pending = deque(next(batches) for _ in range(tc.grad_accum))
+            stats.data_wait_s += time.perf_counter() - t0
+            positions, samples, tokens = monitor.reduce(step_counts(pending), "sum")
+            denominator = step_denominator(int(positions), tc.grad_accum, info.world_size)
+            skipped, replacements = [], []
             while stats.micro_batches < tc.grad_accum:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                stats.data_wait_s += time.perf_counter() - t0
-                loss, logs = loss_fn(engine, batch, st.step)
+                if pending:
+                    batch = pending.popleft()
+                else:  # a replacement for a skipped micro-batch: its positions weigh 1/N like the others
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    stats.data_wait_s += time.perf_counter() - t0
+                    replacements.append(batch)
+                loss, logs = loss_fn(engine, batch, st.step, denominator)
                 if faults.nan_loss(st.step + 1):
                     loss = loss * float("nan")
                 # Agreed across ranks, before backward: every rank skips the same micro-batch, so the
@@ -249,6 +306,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 # the accumulation boundary) is untouched. ZeRO-0 would otherwise apply NaN gradients.
                 if any_rank(not bool(torch.isfinite(loss.detach())), info.device):
                     bad_in_a_row += 1
+                    skipped.append(batch)
                     monitor.message(
                         f"step {st.step + 1}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)"
                     )
@@ -267,6 +325,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 log_next = on_interval(st.step + 1, tc.log_interval, st.step + 1 == total_steps)
                 if boundary and log_next and not tracks_grad_norm(cfg):
                     grad_norm = param_grad_norm(engine.module)  # fp32 ZeRO-0: before step() zeroes .grad
+                if boundary:
+                    step_lr = engine.get_lr()[0]  # what this step uses: step() advances the schedule
                 engine.step()
                 stats.add_micro_batch(logs, batch)
             st.step += 1
@@ -274,9 +334,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             stats.step_time_s = time.perf_counter() - t_step
             if tracks_grad_norm(cfg):
                 grad_norm = global_grad_norm(engine)
-            # One small all-reduce per step keeps sample/token counts exact in every checkpoint.
-            samples, tokens = monitor.reduce([stats.samples, stats.tokens], "sum")
-            st.consumed_samples += int(samples)
+            if skipped:  # every rank skipped the same micro-batches, so every rank calls this all-reduce
+                delta = [r - s for r, s in zip(step_counts(replacements), step_counts(skipped))]
+                _, more_samples, more_tokens = monitor.reduce(delta, "sum")
+                samples, tokens = samples + more_samples, tokens + more_tokens
+            st.consumed_samples += int(samples)  # exact in every checkpoint
             st.consumed_tokens += int(tokens)
             monitor.add_step(stats)
 
@@ -287,7 +349,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     mfu_terms = cluster_peak, flops_per_token(engine.module, batch["input_ids"].shape[1])
                 monitor.log_train(
                     st.step,
-                    lr=engine.get_lr()[0],
+                    lr=step_lr,  # the learning rate this step's update used
                     grad_norm=grad_norm,  # of this step (clipping happens after measuring)
                     peak_memory_bytes=peak_memory_bytes(info.device),
                     memory_bytes=memory_bytes(info.device),
