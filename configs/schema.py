@@ -504,17 +504,29 @@ class RecGPTConfig:
     seed: int = 1234
     """Seed for weights, data order and dropout."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The shards to train on and how they are read."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The causal LM (a preset or any HF model) and its item tokens."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """PEFT adapters instead of full tuning."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """Perturbation of inputs_embeds during training (and the eval-time attack)."""
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO stage and offload."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW settings and gradient clipping."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate warm-up and decay."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches, precision, steps, loss, intervals and the run directory."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Full-ranking evaluation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard and progress output."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """Ray Train launch (ray.num_workers > 0)."""
     export: ExportConfig = field(default_factory=ExportConfig)
+    """Merged safetensors export."""
 
     def __post_init__(self) -> None:
         _choice(self.task, "task", ("next_item", "rating"))
