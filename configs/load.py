@@ -144,6 +144,12 @@ def load_shards_config(
         layers.append(loaded if "shards" in loaded else OmegaConf.create({"shards": loaded}))
     if values:
         layers.append(OmegaConf.create({"shards": values}))
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "." in key and not key.startswith("shards."):
+            raise ConfigError(
+                f"{key}: not a shards setting (shards build takes shards.* keys, e.g. shards.max_history=20)"
+            )
     layers += _override_layer([o if o.startswith("shards.") else f"shards.{o}" for o in overrides])
     root = _merge(_ShardsRoot, layers, str(path) if path is not None else None, tuple(overrides))
     return root.shards

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser, example: str = "train.max_steps=100") -> None:
     p.add_argument(
         "--config",
         "-c",
@@ -15,5 +15,5 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="dotlist overrides applied last, e.g. train.max_steps=100",
+        help=f"dotlist overrides applied last, e.g. {example}",
     )

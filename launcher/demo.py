@@ -37,9 +37,9 @@ def _run(title: str, cmd: list[str], capture: bool = False) -> str:
     res = subprocess.run(cmd, cwd=REPO, env=_env(), text=True, stdout=subprocess.PIPE if capture else None)
     if res.returncode != 0:
         sys.exit(f"demo: step '{title}' failed with exit code {res.returncode}")
-    print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
     if capture:
-        print(res.stdout, end="")
+        print(res.stdout, end="", flush=True)
+    print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
     return res.stdout or ""
 
 

@@ -62,7 +62,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--out", "-o", required=True, help="output shard directory (written atomically)")
     b.add_argument("--force", action="store_true", help="replace an existing output directory")
     _add_build_flags(b)
-    add_config_args(b)
+    add_config_args(b, example="shards.max_history=20")
     i = ssub.add_parser("inspect", help="print a shard directory's statistics")
     i.add_argument("dir", help="shard directory (holding manifest.json)")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
@@ -140,7 +140,7 @@ def _print_stats(m: dict) -> None:
         print(f"timestamps    {read_as}; records hold {m['timestamp_unit']}")
     print(
         f"filters       users >= {f['min_user_interactions']}, items >= {f['min_item_interactions']}, "
-        f"rating >= {f['rating_threshold']}; removed {f['removed_interactions']:,} interactions, "
+        f"{'rating: all kept' if f['rating_threshold'] is None else 'rating >= ' + format(f['rating_threshold'], 'g')}; removed {f['removed_interactions']:,} interactions, "
         f"{f['removed_users']:,} users, {f['removed_items']:,} items"
     )
     print(f"ratings       {', '.join(f'{r:g}' for r in m['rating_levels'])}")

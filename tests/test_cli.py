@@ -80,3 +80,23 @@ def test_output_cut_short_by_head_ends_quietly(sample_shards):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_bad_data_settings_fail_before_the_process_group_starts(tmp_path, sample_shards, capsys):
+    """A wrong data.shards or a data.max_history longer than the shards' windows: one line naming the
+    key, exit 2, before DeepSpeed and the process group start (no op-build noise first)."""
+    import torch.distributed as dist
+
+    assert main(["train", f"data.shards={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recgpt train: error: data.shards:"), err
+    too_long = [
+        "train",
+        f"data.shards={sample_shards}",
+        "data.max_history=999",
+        f"train.output_dir={tmp_path / 'r'}",
+    ]
+    assert main(too_long) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.max_history: 999 is longer" in err[0], err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()

@@ -84,22 +84,19 @@ def evaluate_checkpoint(
     Returns ``{"checkpoint", "step", "data", "split", "exclude_seen", "ranking", **metrics}`` — the
     same on every rank.
     """
+    from trainer.checkpoint import read_checkpoint_config, read_trainer_state, resolve_checkpoint
     from trainer.distributed import setup_distributed, teardown_distributed
 
-    info = setup_distributed()  # first: it settles DS_ACCELERATOR before anything imports deepspeed
+    # A bad path or key is reported before the process group and DeepSpeed start (one line, at once).
+    ckpt = resolve_checkpoint(checkpoint, best=best)
+    cfg = read_checkpoint_config(ckpt, overrides)
+    shards = data or cfg.data.shards
+    state = read_trainer_state(ckpt)
+    info = setup_distributed()  # before anything imports deepspeed: it settles DS_ACCELERATOR
     try:
         from modeling.factory import load_model_for_eval
-        from trainer.checkpoint import (
-            load_consolidated,
-            read_checkpoint_config,
-            read_trainer_state,
-            resolve_checkpoint,
-        )
+        from trainer.checkpoint import load_consolidated
 
-        ckpt = resolve_checkpoint(checkpoint, best=best)
-        cfg = read_checkpoint_config(ckpt, overrides)
-        shards = data or cfg.data.shards
-        state = read_trainer_state(ckpt)
         model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
         load_consolidated(model, ckpt, int(state.get("world_size", 1)))
         source = {"checkpoint": str(ckpt), "step": state.get("step")}

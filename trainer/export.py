@@ -69,6 +69,9 @@ def export_checkpoint(
     mismatching checkpoint), :class:`DataError` (the run's ``data.shards``) or :class:`ExportError`
     (writing, parity), each one line; ``out`` is then left untouched.
     """
+    # Export consolidates on the CPU: say so before anything imports deepspeed, which otherwise warns
+    # that it fell back to the CPU accelerator.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = check_out(out, force)
     if dtype is not None:
         check_dtype(dtype)
@@ -76,7 +79,8 @@ def export_checkpoint(
     state = read_trainer_state(ckpt)
     cfg = read_checkpoint_config(ckpt)
     world_size = int(state.get("world_size", 1))
-    log.info("export %s (step %s, %d ranks, zero stage %d) -> %s", ckpt, state.get("step"), world_size,
+    log.info("export %s (step %s, %d rank%s, zero stage %d) -> %s", ckpt, state.get("step"), world_size,
+             "" if world_size == 1 else "s",
              cfg.zero.stage, out)  # fmt: skip
     try:
         _, items = read_vocabulary(cfg.data.shards)

@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from configs import AdversarialConfig, RecGPTConfig, TrainingError, atomic_write, save_resolved
+from configs import (
+    AdversarialConfig,
+    DataError,
+    RecGPTConfig,
+    TrainingError,
+    atomic_write,
+    one_line,
+    save_resolved,
+)
 from trainer.checkpoint import (
     CheckpointManager,
     checkpoint_name,
@@ -214,6 +222,14 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from modeling.lora import adalora_update, trainable_parameters
     from modeling.loss import LossComputer, step_denominator
 
+    # The data settings are checked before the process group and DeepSpeed start: a wrong path or a
+    # history longer than the shards' windows is one line at once, not after the op build.
+    try:
+        manifest = load_manifest(cfg.data.shards)
+    except DataError as e:
+        raise type(e)(f"data.shards: {one_line(e)}") from None
+    # The resolved config (saved with the run, every checkpoint and export) says the real history length.
+    cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
     info = setup_distributed()
     tc = cfg.train
     out_dir = Path(tc.output_dir)
@@ -223,9 +239,6 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     monitor = None
     try:
         # ---------------------------------------------------------------- model, data, engine
-        manifest = load_manifest(cfg.data.shards)
-        # The resolved config (saved with the run, every checkpoint and export) says the real history length.
-        cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
         saved_cfg = None
         if resume_from is not None:
             # Before anything is built: a setting the checkpoint cannot continue with is one line naming it.
@@ -403,6 +416,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         if info.is_main:
             atomic_write(out_dir / "metrics.json", json.dumps(final, indent=2, sort_keys=True))
             monitor.message("final: " + json.dumps(final, sort_keys=True))
+            monitor.message(
+                f"run directory {out_dir}: checkpoints/ (latest: {checkpoint_name(st.step)}, best: "
+                f"{st.best_checkpoint}), tensorboard/, train_log.jsonl, metrics.json, config.yaml"
+            )
         return final
     finally:
         if monitor is not None:
