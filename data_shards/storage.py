@@ -102,11 +102,11 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
     return (BotoCoreError, ClientError)
 
 
-def _why(e: BaseException) -> str:
+def _why(e: BaseException, url: str) -> str:
     detail = _scrub(one_line(e))
     name = type(e).__name__
     if isinstance(e, FileNotFoundError):
-        return f"not found ({detail})"
+        return "no such object or file" if detail in url else f"not found ({detail})"
     if isinstance(e, PermissionError):
         return f"access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({detail})"
     if "Connect" in name or "Endpoint" in name:
@@ -122,7 +122,7 @@ def _errors(url: str, action: str = "cannot read") -> Iterator[None]:
     except RecgptError:
         raise
     except (OSError, ValueError, TimeoutError, *_remote_errors()) as e:
-        raise DataError(f"{url}: {action}: {_why(e)}") from None
+        raise DataError(f"{url}: {action}: {_why(e, url)}") from None
 
 
 def open_read(url: str | os.PathLike) -> IO[bytes]:

@@ -38,9 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on loopback with auth on; AWS_* variables set for the tests and subprocesses."""
+    """A moto S3 server on loopback with auth on; AWS_* variables set for this module's tests and their
+    subprocesses (restored afterwards)."""
     import boto3  # test-only: the IAM user of the fake account (recgpt itself uses fsspec/s3fs)
 
     port = _free_port()
@@ -104,7 +105,7 @@ def s3(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_shards(s3) -> str:
     """The bundled sample built straight to s3:// by the CLI."""
     url = f"s3://{BUCKET}/shards/ml-latest-small"
@@ -220,6 +221,7 @@ def test_loader_over_s3_equals_local_per_rank_and_resumes_exactly(s3_shards, sam
 
 @pytest.mark.s3
 @pytest.mark.integration
+@pytest.mark.slow
 def test_training_from_s3_gives_the_same_losses(s3_shards, sample_shards, tmp_path):
     steps = [
         "train.max_steps=6",
@@ -231,6 +233,7 @@ def test_training_from_s3_gives_the_same_losses(s3_shards, sample_shards, tmp_pa
     for name, shards in (("local", sample_shards), ("s3", s3_shards)):
         proc = recgpt_train(shards, tmp_path / name, steps, nproc=1)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
         runs[name] = train_log(tmp_path / name)
     assert losses(runs["s3"]) == losses(runs["local"]) and len(losses(runs["local"])) == 6
     rate = {  # steps 2.. (step 1 pays the first shard's latency and warm-up)
@@ -261,30 +264,27 @@ def test_corrupt_shard_object_is_named(s3, sample_shards, capsys):
     assert len(bad) == 1 and f"{url}/{shard}" in bad[0]
 
 
+_ERROR_CASES = [
+    ("unknown bucket", "s3://no-such-bucket-recgpt/shards", {}),
+    ("missing manifest", f"s3://{BUCKET}/nothing-here", {}),
+    ("wrong secret", f"s3://{BUCKET}/shards/ml-latest-small", {"AWS_SECRET_ACCESS_KEY": "wrong-Secret-1234"}),
+    ("unreachable endpoint", f"s3://{BUCKET}/shards/ml-latest-small", {"AWS_ENDPOINT_URL": "closed-port"}),
+]
+
+
 @pytest.mark.s3
 @pytest.mark.parametrize(
-    "case, url, env",
+    "command, case, url, env",
     [
-        ("unknown bucket", "s3://no-such-bucket-recgpt/shards", {}),
-        ("missing manifest", f"s3://{BUCKET}/nothing-here", {}),
-        (
-            "wrong secret",
-            f"s3://{BUCKET}/shards/ml-latest-small",
-            {"AWS_SECRET_ACCESS_KEY": "wrong-Secret-1234"},
-        ),
-        (
-            "unreachable endpoint",
-            f"s3://{BUCKET}/shards/ml-latest-small",
-            {"AWS_ENDPOINT_URL": "closed-port"},
-        ),
+        pytest.param(command, *c, id=f"{command}-{c[0]}")
+        for command in ("inspect", "verify", "build")
+        for c in _ERROR_CASES
+        if not (command == "build" and c[0] == "missing manifest")  # an empty prefix is where a build goes
     ],
 )
-@pytest.mark.parametrize("command", ["inspect", "verify", "build"])
-def test_storage_errors_are_one_line_naming_the_url(s3_shards, case, url, env, command, monkeypatch, capsys):
+def test_storage_errors_are_one_line_naming_the_url(s3_shards, command, case, url, env, monkeypatch, capsys):
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     if command == "build":
-        if case == "missing manifest":
-            pytest.skip("an empty prefix is where a build goes")
         url = url.replace("shards/ml-latest-small", "new-build")
     for k, v in env.items():
         monkeypatch.setenv(k, f"http://127.0.0.1:{_free_port()}" if v == "closed-port" else v)
