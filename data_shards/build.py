@@ -6,7 +6,9 @@ which lets the reader find a record's member without reading the shard. Shards r
 Tar files are byte-reproducible (fixed mtime/owner), so the same input gives the same fingerprint.
 
 The build writes into a temporary directory beside ``out`` and renames it at the end: a crash leaves
-no manifest pointing at partial shards.
+no manifest pointing at partial shards. ``out`` may be an fsspec URL (``s3://bucket/prefix``): the
+build then happens in a local temporary directory and is uploaded through the storage layer, the
+manifest last, so a reader never finds a manifest before every shard it names.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from typing import Any
 import pandas as pd
 from webdataset import TarWriter
 
-from configs import DataError, ShardsConfig, publish_dir, sha256_bytes, sha256_file
+from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
+from data_shards import storage
 from data_shards.ingest import REMOVAL_REASONS, Interactions, read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
 from data_shards.records import Record
@@ -145,18 +149,28 @@ def build_shards(
     cfg = cfg or ShardsConfig()
     max_history, window_stride, prefix_records = cfg.max_history, cfg.window_stride, cfg.prefix_records
     records_per_member, max_shard_bytes = cfg.records_per_member, cfg.max_shard_bytes
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
+    remote = storage.is_url(out)
+    if remote:
+        out = str(out)
+        if storage.listdir(out) and not force:  # also: the bucket exists and the credentials work
+            raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
+    else:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not force:
+            raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
 
     logs = read_interactions(input_path, cfg)
     frame, filter_stats = apply_filters(logs.frame, cfg)
     seqs = sequences(frame)
     rows = row_counts(logs, filter_stats.pop("removed_by"), frame, keep=cfg.duplicates == "keep")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if remote:  # built locally, then uploaded (manifest last)
+        scratch = Path(tempfile.mkdtemp(prefix="recgpt-shards-"))
+        tmp = scratch / "build"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         items_bytes = b"".join(
@@ -209,10 +223,13 @@ def build_shards(
             "fingerprint": fingerprint(splits, items_sha),
             "splits": splits,
         }
-        # The manifest is written last and the directory renamed whole: readers never see a partial build.
+        # The manifest is written last and the directory renamed whole (an object store: uploaded
+        # last): readers never see a partial build.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        publish_dir(tmp, out)
+        storage.publish(tmp, out, marker=MANIFEST, force=force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         raise
+    if remote:
+        shutil.rmtree(scratch, ignore_errors=True)
     return manifest

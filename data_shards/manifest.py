@@ -1,9 +1,9 @@
-"""The shard directory's manifest and item vocabulary, read from a local directory or any URL
-webdataset's ``gopen`` opens.
+"""The shard directory's manifest and item vocabulary, read from a local directory or any URL.
 
-A shard location is a directory path, a URL prefix (``http://host/shards``, ``file:///data/shards``),
-or a template with ``{}`` standing for the relative path, which is how a ``pipe:`` command names a file:
-``pipe:aws s3 cp s3://bucket/shards/{} -``.
+A shard location is a directory path, an fsspec URL prefix (``s3://bucket/shards``, ``gs://…``,
+``file:///data/shards``, ``http://host/shards``), read through the one storage layer
+(:mod:`data_shards.storage`), or a template with ``{}`` standing for the relative path, which is how a
+``pipe:`` command names a file (opened by webdataset's ``gopen``): ``pipe:aws s3 cp s3://bucket/shards/{} -``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from webdataset.gopen import gopen
 
 from configs import CorruptShardError, DataError
+from data_shards import storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,9 +43,7 @@ def resolve(base: str | os.PathLike, relpath: str) -> str:
         raise DataError(
             f"{base}: a pipe: location needs {{}} where the file name goes, e.g. 'pipe:aws s3 cp s3://b/shards/{{}} -'"
         )
-    if "://" in base:
-        return base.rstrip("/") + "/" + relpath
-    return os.path.join(base, relpath)
+    return storage.join(base, relpath)
 
 
 def fingerprint(splits: dict[str, Any], items_sha256: str) -> str:
@@ -73,16 +72,28 @@ class HashingReader:
             pass
 
 
+def open_stream(url: str) -> BinaryIO:
+    """A binary read stream of a shard file: ``pipe:`` commands through webdataset's ``gopen``, paths
+    and every other URL through the storage layer (streaming; DataError naming the URL)."""
+    if url.startswith("pipe:"):
+        try:
+            return gopen(url, "rb")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{url}: cannot read ({e})") from None
+    return storage.open_read(url)
+
+
 def read_url(url: str) -> bytes:
     """The whole content of a path or URL (errors name the URL)."""
+    if not url.startswith("pipe:"):
+        return storage.read_bytes(url)
+    stream = open_stream(url)
     try:
-        stream = gopen(url, "rb")
-        try:
-            return stream.read()
-        finally:
-            stream.close()
+        return stream.read()
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: cannot read ({e})") from None
+    finally:
+        stream.close()
 
 
 def load_manifest(location: str | os.PathLike) -> dict[str, Any]:
@@ -120,10 +131,12 @@ def read_items(location: str | os.PathLike, manifest: dict[str, Any] | None = No
 def check_file(url: str, size: int, sha256: str) -> str | None:
     """Why the bytes at ``url`` are not the expected ones, or None when they are."""
     try:
-        stream = gopen(url, "rb")
+        stream = open_stream(url)
         reader = HashingReader(stream)
         reader.drain()
         stream.close()
+    except DataError as e:
+        return str(e).removeprefix(f"{url}: ")
     except (OSError, ValueError) as e:
         return f"cannot read ({e})"
     if reader.size != size:

@@ -14,7 +14,8 @@ The plan of an epoch is computed from the manifest alone, identically in every r
 4. DataLoader worker w yields the rank's batches w, w+K, w+2K, … — exactly the order in which the
    DataLoader collects them — so the batch sequence does not depend on ``num_workers``.
 
-Each worker reads (through webdataset's ``gopen`` and tar iterator, so ``pipe:`` URLs work) only the
+Each worker reads (through the storage layer, streaming, or webdataset's ``gopen`` for ``pipe:`` URLs;
+webdataset's tar iterator either way) only the
 shards holding its batches and JSON-decodes only the members holding them. A shard is hashed while it
 streams and checked against the manifest before any of its records is used, so a corrupt or truncated
 shard never yields data: it raises :class:`CorruptShardError` naming it, or, within
@@ -39,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
 from configs import CorruptShardError, DataError, one_line
-from data_shards.manifest import MEMBER_EXT, HashingReader, load_manifest, resolve
+from data_shards.manifest import MEMBER_EXT, HashingReader, load_manifest, open_stream, resolve
 from data_shards.records import Record
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def read_shard(
     n_members = math.ceil(meta["records"] / records_per_member)
     out: dict[int, Record] = {}
     try:
-        stream = gopen(url, "rb")
+        stream = open_stream(url)
         reader = HashingReader(stream)
         member = 0
         for f in tar_file_iterator(reader):
@@ -118,7 +118,7 @@ def read_shard(
             member += 1
         reader.drain()
         stream.close()  # a pipe: stream raises here when its command failed
-    except CorruptShardError:
+    except DataError:  # CorruptShardError, or the store failed (credentials, endpoint, missing object)
         raise
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         why = str(e).splitlines()[0].split(" @ ")[0]  # webdataset appends " @ <stream>"

@@ -62,7 +62,11 @@ def _score(
     loader = build_loader(cfg, split, tokenizer, read_items(shards), shards=shards,
                           rank=info.rank, world_size=info.world_size)  # fmt: skip
     metrics = evaluate(model, loader, cfg, info.device)
-    head = {"data": str(Path(shards)), "split": split, "exclude_seen": cfg.eval.exclude_seen}
+    head = {
+        "data": str(shards) if "://" in str(shards) else str(Path(shards)),
+        "split": split,
+        "exclude_seen": cfg.eval.exclude_seen,
+    }
     return {**head, "ranking": "full", **metrics}
 
 
