@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "ml-latest-small.zip"
 BIN = Path(sys.executable).parent
 TINY = REPO / "configs" / "tiny.yaml"
+BUCKET = "recgpt-test"
 
 # The shared tiny runs: 30 steps of 2 x 32 sequences, evaluated and checkpointed every 10 steps, every
 # step logged (exact-resume comparisons read train_log.jsonl).
@@ -154,3 +158,81 @@ def zero3_lora_pgd_run(sample_shards, tmp_path_factory) -> Run:
         "adversarial.warmup_steps=5",
     ]
     return _checked_run(sample_shards, tmp_path_factory.mktemp("zero3") / "run", overrides, fault="nan:8:1")
+
+
+# --------------------------------------------------------------------------- an S3 server (moto)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with auth on; AWS_* variables set for this module's tests and their
+    subprocesses (restored afterwards)."""
+    import boto3  # test-only: the IAM user of the fake account (recgpt itself uses fsspec/s3fs)
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    # The first 3 requests (create the user, its policy and its key) go unauthenticated; then every
+    # request must be signed with a key moto issued.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start (exit {server.poll()}); see {log.name}")
+                time.sleep(0.2)
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+        )
+        iam.create_user(UserName="recgpt")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="recgpt", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="recgpt")["AccessKey"]
+        env = {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in [*env, "AWS_MAX_ATTEMPTS", "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
+        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        from data_shards import storage
+
+        fs, _ = storage.filesystem(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield env
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

@@ -1,8 +1,8 @@
 """Shards on an object store, through the one storage layer (``data_shards/storage.py``).
 
 The ``s3`` tests run against a real S3 API: moto's standalone server (``moto_server`` from
-``moto[server]``, a dev extra) on 127.0.0.1 and a free port, started and stopped by the session fixture
-below, with authentication on (an IAM user and access key of its own), so a wrong secret is refused
+``moto[server]``, a dev extra) on 127.0.0.1 and a free port, started and stopped by the module fixture
+``s3`` in tests/conftest.py, with authentication on (an IAM user and access key of its own), so a wrong secret is refused
 as a real store refuses it. The storage layer's unit tests use fsspec's ``memory://`` filesystem.
 """
 
@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -26,83 +22,7 @@ from data_shards import storage
 from data_shards.manifest import MANIFEST, load_manifest
 from data_shards.reader import ShardLoader
 from launcher.cli import main
-from tests.conftest import SAMPLE, losses, recgpt_train, train_log
-
-BIN = Path(sys.executable).parent
-BUCKET = "recgpt-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on loopback with auth on; AWS_* variables set for this module's tests and their
-    subprocesses (restored afterwards)."""
-    import boto3  # test-only: the IAM user of the fake account (recgpt itself uses fsspec/s3fs)
-
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    # The first 3 requests (create the user, its policy and its key) go unauthenticated; then every
-    # request must be signed with a key moto issued.
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    server = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=env
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start (exit {server.poll()}); see {log.name}")
-                time.sleep(0.2)
-        iam = boto3.client(
-            "iam",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-        )
-        iam.create_user(UserName="recgpt")
-        policy = {
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-        }
-        iam.put_user_policy(UserName="recgpt", PolicyName="s3", PolicyDocument=json.dumps(policy))
-        key = iam.create_access_key(UserName="recgpt")["AccessKey"]
-        env = {
-            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        saved = {k: os.environ.get(k) for k in [*env, "AWS_MAX_ATTEMPTS", "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
-        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            os.environ.pop(k, None)
-        os.environ.update(env)
-        fs, _ = storage.filesystem(f"s3://{BUCKET}")
-        fs.mkdir(BUCKET)
-        yield env
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+from tests.conftest import BUCKET, SAMPLE, _free_port, losses, recgpt_train, train_log
 
 
 @pytest.fixture(scope="module")

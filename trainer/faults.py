@@ -6,6 +6,9 @@
 - ``kill_before_publish:20:1``  rank 1 SIGKILLs itself while checkpoint step 20 is being written:
                                 after its own DeepSpeed shard, reader and RNG state are on disk and
                                 before the checkpoint is marked complete and published
+- ``kill_during_upload:20:0``   rank 0 SIGKILLs itself while checkpoint step 20 is mirrored to an
+                                object store (``train.output_dir=s3://…``): after its files are
+                                uploaded and before its ``COMPLETE`` object is
 - ``nan:3:1``                   rank 1's loss of the first micro-batch of step 3 becomes NaN (once)
 - ``nan:*:*``                   every loss on every rank is NaN (exercises train.max_bad_steps)
 
@@ -18,7 +21,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-ACTIONS = ("kill", "kill_before_publish", "nan")
+ACTIONS = ("kill", "kill_before_publish", "kill_during_upload", "nan")
 
 
 @dataclass

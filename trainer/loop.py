@@ -44,6 +44,7 @@ from configs import (
     one_line,
     save_resolved,
 )
+from data_shards.storage import is_url
 from trainer.checkpoint import (
     CheckpointManager,
     checkpoint_name,
@@ -64,6 +65,7 @@ from trainer.monitor import (
     peak_flops,
     peak_memory_bytes,
 )
+from trainer.remote import RunSync
 from trainer.resume import apply_schedule, check_data, other_changes, refuse_fixed_changes
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
@@ -232,8 +234,12 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
     info = setup_distributed()
     tc = cfg.train
-    out_dir = Path(tc.output_dir)
     faults = Faults.from_env(info.rank)
+    # An object-store output_dir: the run works in a local staging directory mirrored to the store.
+    sync = RunSync(tc.output_dir, info.rank, faults) if is_url(tc.output_dir) else None
+    out_dir = sync.local if sync is not None else Path(tc.output_dir)
+    if sync is not None:
+        sync.prepare(tc.resume)
     ckpts = CheckpointManager(out_dir, info.rank, info.world_size, tc.keep_last, faults)
     resume_from = find_resume_checkpoint(tc.resume, out_dir)
     monitor = None
@@ -369,6 +375,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
                 )
+                if sync is not None:
+                    monitor.flush()
+                    sync.sync_logs()
 
             # ------------------------------------------------------------ evaluate
             last = st.step >= total_steps
@@ -395,6 +404,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     engine, st.step, train_loader, st.to_dict(), cfg, ckpt_metrics, tokenizer, is_best
                 )
                 last_ckpt_step = st.step
+                if sync is not None:
+                    sync.publish_checkpoint(path.name, st.step)
+                    path = sync.store(f"checkpoints/{path.name}")
                 if report is not None:
                     report(ckpt_metrics, str(path))
             faults.maybe_kill("kill", st.step)
@@ -419,7 +431,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             monitor.message(
                 f"run directory {out_dir}: checkpoints/ (latest: {checkpoint_name(st.step)}, best: "
                 f"{st.best_checkpoint}), tensorboard/, train_log.jsonl, metrics.json, config.yaml"
+                + (f"; mirrored to {sync.url}" if sync is not None else "")
             )
+            if sync is not None:
+                monitor.flush()
+                sync.sync_logs()
         return final
     finally:
         if monitor is not None:

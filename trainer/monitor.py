@@ -311,6 +311,14 @@ class Monitor:
         elif self.plain:
             print(text, flush=True)
 
+    def flush(self) -> None:
+        """Put what was logged so far on disk (before the run directory is mirrored to a store)."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.flush()
+        self.jsonl.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

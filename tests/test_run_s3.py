@@ -1,0 +1,124 @@
+"""A run directory on an object store (``train.output_dir=s3://…``, :mod:`trainer.remote`), against
+the moto S3 server of tests/conftest.py (auth on): checkpoints, pointers and logs land in the store; a
+second run resumes from the store exactly; a process killed between uploading a checkpoint's files and
+its ``COMPLETE`` leaves it invisible, and the next run resumes from the previous one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from data_shards import storage
+from tests.conftest import BUCKET, losses, recgpt_train
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+# 1 process, checkpoints every 3 steps, every step logged, a constant learning rate (a run resumed with a
+# larger train.max_steps then continues exactly like a longer uninterrupted run).
+STEPS = [
+    "train.checkpoint_interval=3",
+    "train.eval_interval=0",
+    "train.log_interval=1",
+    "data.num_workers=0",
+    "schedule.decay=constant",
+    "schedule.warmup_steps=0",
+]
+
+
+def _log(url: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(f"{url}/train_log.jsonl").decode().splitlines()]
+
+
+def _metrics(url: str) -> dict:
+    return json.loads(storage.read_bytes(f"{url}/metrics.json"))
+
+
+def _train(shards, out, steps: int, fault: str | None = None, nproc: int = 1):
+    t0 = time.perf_counter()
+    p = recgpt_train(shards, out, [*STEPS, f"train.max_steps={steps}"], nproc=nproc, fault=fault)
+    return p, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def reference(sample_shards, tmp_path_factory):
+    """The uninterrupted 6-step run in a local run directory."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    p, seconds = _train(sample_shards, out, 6)
+    assert p.returncode == 0, p.stderr[-4000:]
+    print(f"local 6-step run: {seconds:.1f} s")
+    return out
+
+
+def _same_as_reference(reference, url: str) -> None:
+    ref = losses([json.loads(x) for x in (reference / "train_log.jsonl").read_text().splitlines()])
+    got = losses(_log(url))
+    assert sorted(got) == list(range(1, 7))
+    for s in range(1, 7):
+        assert got[s] == pytest.approx(ref[s], abs=1e-6), s
+    want, final = json.loads((reference / "metrics.json").read_text()), _metrics(url)
+    for k, v in want.items():
+        if not k.startswith("best"):  # the resumed run also evaluated its first run's last step
+            assert final[k] == (pytest.approx(v, abs=1e-9) if isinstance(v, float) else v), k
+
+
+def test_train_to_s3_then_resume_with_more_steps(s3, sample_shards, reference):
+    url = f"s3://{BUCKET}/runs/resume"
+    p1, t1 = _train(sample_shards, url, 3)
+    assert p1.returncode == 0, p1.stderr[-4000:]
+    root = f"{url}/checkpoints"
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
+    doc = json.loads(storage.read_bytes(f"{root}/step_00000003/COMPLETE"))
+    for rel, entry in doc["files"].items():  # every listed file is in the store with its size
+        assert storage.size(f"{root}/step_00000003/{rel}") == entry["bytes"], rel
+    assert storage.listdir(url) >= [
+        "checkpoints",
+        "config.yaml",
+        "metrics.json",
+        "tensorboard",
+        "train_log.jsonl",
+    ]
+    assert storage.listdir(f"{url}/tensorboard")
+    secret = s3["AWS_SECRET_ACCESS_KEY"]
+    for name in ("config.yaml", "train_log.jsonl", "checkpoints/step_00000003/config.yaml"):
+        assert secret not in storage.read_bytes(f"{url}/{name}").decode(), name
+
+    p2, t2 = _train(sample_shards, url, 6)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    assert "resumed from" in p2.stdout and "at step 3" in p2.stdout
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
+    _same_as_reference(reference, url)
+    print(f"s3 runs: 3 steps {t1:.1f} s, resumed to 6 steps {t2:.1f} s")
+
+
+def test_kill_between_upload_and_complete_resumes_from_the_previous_checkpoint(s3, sample_shards, reference):
+    url = f"s3://{BUCKET}/runs/killed"
+    root = f"{url}/checkpoints"
+    p1, _ = _train(sample_shards, url, 6, fault="kill_during_upload:6:0")
+    assert p1.returncode != 0
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
+    half = f"{root}/step_00000006"
+    assert storage.exists(f"{half}/trainer_state.json") and not storage.exists(f"{half}/COMPLETE")
+
+    p2, _ = _train(sample_shards, url, 6)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    assert "at step 3" in p2.stdout
+    assert storage.exists(f"{half}/COMPLETE")
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
+    _same_as_reference(reference, url)
+
+
+def test_two_ranks_killed_mid_upload_resume_from_the_previous_checkpoint(s3, sample_shards):
+    url = f"s3://{BUCKET}/runs/killed2"
+    root = f"{url}/checkpoints"
+    p1, _ = _train(sample_shards, url, 6, fault="kill_during_upload:6:1", nproc=2)
+    assert p1.returncode != 0
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
+    assert not storage.exists(f"{root}/step_00000006/COMPLETE")
+    p2, _ = _train(sample_shards, url, 6, nproc=2)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    assert "at step 3" in p2.stdout
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
+    doc = json.loads(storage.read_bytes(f"{root}/step_00000006/COMPLETE"))
+    assert doc["world_size"] == 2 and "rng/rank_00001.pt" in doc["files"]
