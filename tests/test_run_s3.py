@@ -6,6 +6,7 @@ its ``COMPLETE`` leaves it invisible, and the next run resumes from the previous
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -63,10 +64,19 @@ def _same_as_reference(reference, url: str) -> None:
             assert final[k] == (pytest.approx(v, abs=1e-9) if isinstance(v, float) else v), k
 
 
-def test_train_to_s3_then_resume_with_more_steps(s3, sample_shards, reference):
-    url = f"s3://{BUCKET}/runs/resume"
-    p1, t1 = _train(sample_shards, url, 3)
+RESUMED = f"s3://{BUCKET}/runs/resume"
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, sample_shards) -> tuple[str, float]:
+    """A 3-step run straight to the store: (its URL, seconds)."""
+    p1, t1 = _train(sample_shards, RESUMED, 3)
     assert p1.returncode == 0, p1.stderr[-4000:]
+    return RESUMED, t1
+
+
+def test_train_to_s3_then_resume_with_more_steps(s3, s3_run, sample_shards, reference):
+    url, t1 = s3_run
     root = f"{url}/checkpoints"
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
     doc = json.loads(storage.read_bytes(f"{root}/step_00000003/COMPLETE"))
@@ -122,3 +132,29 @@ def test_two_ranks_killed_mid_upload_resume_from_the_previous_checkpoint(s3, sam
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
     doc = json.loads(storage.read_bytes(f"{root}/step_00000006/COMPLETE"))
     assert doc["world_size"] == 2 and "rng/rank_00001.pt" in doc["files"]
+
+
+def test_resume_from_a_checkpoint_in_the_store(s3_run, sample_shards):
+    url, _ = s3_run
+    p = recgpt_train(sample_shards, f"s3://{BUCKET}/runs/branch",
+                     [*STEPS, "train.max_steps=4", f"train.resume={url}/checkpoints/step_00000003"], nproc=1)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "at step 3" in p.stdout
+    assert storage.read_bytes(f"s3://{BUCKET}/runs/branch/checkpoints/latest").decode() == "step_00000004"
+
+
+def test_export_and_evaluate_a_checkpoint_in_the_store(s3_run, tmp_path, capsys):
+    from launcher.cli import main
+
+    url, _ = s3_run
+    env = dict(os.environ)
+    try:
+        assert main(["export", "--checkpoint", url, "--out", str(tmp_path / "export")]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["source_checkpoint"].startswith(f"{url}/checkpoints/step_")
+        assert main(["evaluate", "--checkpoint", f"{url}/checkpoints/step_00000003", "--split", "valid"]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["checkpoint"] == f"{url}/checkpoints/step_00000003" and line["step"] == 3
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

@@ -92,6 +92,11 @@ def evaluate_checkpoint(
     from trainer.distributed import setup_distributed, teardown_distributed
 
     # A bad path or key is reported before the process group and DeepSpeed start (one line, at once).
+    shown = None
+    if "://" in str(checkpoint):  # a run or checkpoint in an object store: a verified local copy
+        from trainer.remote import local_copy
+
+        checkpoint, shown = local_copy(str(checkpoint), best)
     ckpt = resolve_checkpoint(checkpoint, best=best)
     cfg = read_checkpoint_config(ckpt, overrides)
     shards = data or cfg.data.shards
@@ -103,7 +108,7 @@ def evaluate_checkpoint(
 
         model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
         load_consolidated(model, ckpt, int(state.get("world_size", 1)))
-        source = {"checkpoint": str(ckpt), "step": state.get("step")}
+        source = {"checkpoint": shown or str(ckpt), "step": state.get("step")}
         return {**source, **_score(cfg, model, tokenizer, shards, split, info)}
     finally:
         teardown_distributed(info)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from configs import DataError, RecGPTConfig, one_line
+from data_shards.storage import is_url
 from modeling.data import build_loader
 from modeling.export import ExportSource, check_dtype, check_out, write_export
 from modeling.factory import load_model_for_eval, read_vocabulary
@@ -75,6 +76,11 @@ def export_checkpoint(
     out = check_out(out, force)
     if dtype is not None:
         check_dtype(dtype)
+    shown = None
+    if is_url(checkpoint):  # a run or checkpoint in an object store: a verified local copy
+        from trainer.remote import local_copy
+
+        checkpoint, shown = local_copy(str(checkpoint), best)
     ckpt = resolve_checkpoint(checkpoint, best=best, verify=True).absolute()  # one sha256 pass
     state = read_trainer_state(ckpt)
     cfg = read_checkpoint_config(ckpt)
@@ -91,12 +97,20 @@ def export_checkpoint(
     except DataError as e:  # the run's shard directory (item vocabulary, parity batches)
         raise type(e)(f"data.shards: {one_line(e)}") from None
     source = ExportSource(
-        checkpoint=str(ckpt),
+        checkpoint=shown or str(ckpt),
         step=state.get("step"),
         trainer_state=state,
         metrics=_read_json(ckpt / "metrics.json"),
         world_size=world_size,
-        run_dir=str(ckpt.parent.parent) if ckpt.parent.name == CHECKPOINTS else None,
+        run_dir=(
+            shown.rsplit("/", 2)[0]
+            if shown and f"/{CHECKPOINTS}/" in shown
+            else None
+            if shown
+            else str(ckpt.parent.parent)
+            if ckpt.parent.name == CHECKPOINTS
+            else None
+        ),  # fmt: skip
     )
     return write_export(out, model, tokenizer, items, cfg, batches, source, dtype=dtype,
                         save_adapter=save_adapter, force=force, max_shard_size=max_shard_size)  # fmt: skip

@@ -236,12 +236,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     tc = cfg.train
     faults = Faults.from_env(info.rank)
     # An object-store output_dir: the run works in a local staging directory mirrored to the store.
-    sync = RunSync(tc.output_dir, info.rank, faults) if is_url(tc.output_dir) else None
+    sync = RunSync(tc.output_dir, info.rank, tc.keep_last, faults) if is_url(tc.output_dir) else None
     out_dir = sync.local if sync is not None else Path(tc.output_dir)
-    if sync is not None:
-        sync.prepare(tc.resume)
+    resume = sync.prepare(tc.resume) if sync is not None else tc.resume
     ckpts = CheckpointManager(out_dir, info.rank, info.world_size, tc.keep_last, faults)
-    resume_from = find_resume_checkpoint(tc.resume, out_dir)
+    resume_from = find_resume_checkpoint(resume, out_dir)
     monitor = None
     try:
         # ---------------------------------------------------------------- model, data, engine

@@ -25,9 +25,11 @@ run on rank 0's node (one node, any number of processes).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from configs import CheckpointError
@@ -64,8 +66,9 @@ def download(url: str, local: Path) -> None:
 class RunSync:
     """Mirrors the staging run directory ``local`` to the store prefix ``url`` (see the module docstring)."""
 
-    def __init__(self, url: str, rank: int, faults: Faults):
+    def __init__(self, url: str, rank: int, keep_last: int, faults: Faults):
         self.url = url.rstrip("/")
+        self.keep_last = keep_last
         self.local = staging_dir(self.url)
         self.rank = rank
         self.faults = faults
@@ -75,8 +78,12 @@ class RunSync:
         return storage.join(self.url, rel)
 
     # ------------------------------------------------------------------ start
-    def prepare(self, resume: str) -> None:
-        """Rank 0: empty the staging directory, fetch the logs and (resume=auto) a checkpoint; barrier."""
+    def prepare(self, resume: str) -> str:
+        """Rank 0: empty the staging directory, fetch the logs and (resume=auto) a checkpoint, or the
+        checkpoint ``train.resume`` names in a store; barrier. Returns the ``train.resume`` to apply to
+        the staging directory (a store's checkpoint becomes its local copy)."""
+        explicit = storage.is_url(resume)
+        local_resume = self.local / "resume-from"
         if self.rank == 0:
             shutil.rmtree(self.local, ignore_errors=True)
             self.local.mkdir(parents=True)
@@ -88,7 +95,10 @@ class RunSync:
                 download(self.store(TENSORBOARD), self.local / TENSORBOARD)
             if resume == "auto":
                 self._fetch_checkpoint()
+            elif explicit:
+                fetch_checkpoint(resume, local_resume)
         barrier()
+        return str(local_resume) if explicit else resume
 
     def _fetch_checkpoint(self) -> None:
         root = self.store(CHECKPOINTS)
@@ -126,6 +136,8 @@ class RunSync:
         local_root = self.local / CHECKPOINTS
         root = self.store(CHECKPOINTS)
         target = storage.join(root, name)
+        t0 = time.perf_counter()
+        files: list[Path] = []
         if self.rank == 0:
             fs, path = storage.filesystem(target)
             with storage._errors(target, "cannot replace"):
@@ -146,18 +158,26 @@ class RunSync:
                 if p.is_file():
                     storage.upload(p, storage.join(root, pointer))
             self._prune(root, local_root)
+            mib = sum(p.stat().st_size for p in files) / 2**20
+            print(f"checkpoint {name} mirrored to {target} ({len(files) + 1} files, {mib:.1f} MiB, "
+                  f"{time.perf_counter() - t0:.2f} s)", flush=True)  # fmt: skip
         barrier()
 
     def _prune(self, root: str, local_root: Path) -> None:
-        """Delete in the store the checkpoints up to ``latest`` the local prune deleted (COMPLETE first)."""
+        """keep-N in the store, as :meth:`CheckpointManager.prune` does locally: of the checkpoints up to
+        ``latest`` that have a ``COMPLETE`` object, the newest ``keep_last`` stay, and ``latest``,
+        ``best`` and anything newer than ``latest``; the others (and objects of unpublished ones up to
+        ``latest``) are deleted, ``COMPLETE`` first."""
         latest = _step_of((local_root / "latest").read_text().strip())
         keep = {
             (local_root / p).read_text().strip() for p in ("latest", "best") if (local_root / p).is_file()
         }
+        names = [n for n in storage.listdir(root) if _step_of(n) is not None and _step_of(n) <= latest]
+        published = [n for n in sorted(names) if storage.exists(storage.join(root, f"{n}/{COMPLETE}"))]
+        keep |= set(published[-self.keep_last :])
         fs, _ = storage.filesystem(root)
-        for name in storage.listdir(root):
-            step = _step_of(name)
-            if step is None or name in keep or (local_root / name).is_dir() or step > latest:
+        for name in names:
+            if name in keep:
                 continue
             _, path = storage.filesystem(storage.join(root, name))
             with storage._errors(storage.join(root, name), "cannot delete"):
@@ -182,3 +202,35 @@ class RunSync:
             if self._sent.get(rel) != size:
                 storage.upload(p, self.store(rel))
                 self._sent[rel] = size
+
+
+# --------------------------------------------------------------------------- export / evaluate
+
+
+def local_copy(checkpoint: str, best: bool = False) -> tuple[Path, str]:
+    """``(local path, its URL)`` of a checkpoint in the store, downloaded into a temporary directory that
+    is removed when the process exits (see :func:`fetch_checkpoint`)."""
+    tmp = Path(tempfile.mkdtemp(prefix="recgpt-ckpt-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return fetch_checkpoint(checkpoint, tmp, best)
+
+
+def fetch_checkpoint(checkpoint: str, into: Path, best: bool = False) -> tuple[Path, str]:
+    """Download a checkpoint of the store into the local directory ``into`` (as ``into/step_N``, with
+    ``into/latest`` naming it, so ``into`` reads as a run directory too); returns ``(into/step_N, its
+    URL)``. ``checkpoint``: a run prefix (its ``latest``, or with ``best`` its ``best`` checkpoint) or
+    one checkpoint's prefix. The caller verifies the copy as it verifies a local checkpoint."""
+    url = checkpoint.rstrip("/")
+    if storage.exists(storage.join(url, COMPLETE)) or storage.exists(storage.join(url, "trainer_state.json")):
+        root, name = url.rsplit("/", 1)
+    else:
+        root = storage.join(url, CHECKPOINTS) if storage.listdir(storage.join(url, CHECKPOINTS)) else url
+        which = "best" if best else "latest"
+        name = _read_text(storage.join(root, which))
+        if name is None or not storage.exists(storage.join(root, f"{name}/{COMPLETE}")):
+            raise CheckpointError(f"{url}: no complete checkpoint ({storage.join(root, which)} missing or "
+                                  "points at an incomplete one)")  # fmt: skip
+    dest = into / name
+    download(storage.join(root, name), dest)
+    (into / "latest").write_text(name)
+    return dest, storage.join(root, name)
