@@ -36,9 +36,9 @@ def _metrics(url: str) -> dict:
     return json.loads(storage.read_bytes(f"{url}/metrics.json"))
 
 
-def _train(shards, out, steps: int, fault: str | None = None, nproc: int = 1):
+def _train(shards, out, steps: int, fault: str | None = None, nproc: int = 1, more: tuple[str, ...] = ()):
     t0 = time.perf_counter()
-    p = recgpt_train(shards, out, [*STEPS, f"train.max_steps={steps}"], nproc=nproc, fault=fault)
+    p = recgpt_train(shards, out, [*STEPS, f"train.max_steps={steps}", *more], nproc=nproc, fault=fault)
     return p, time.perf_counter() - t0
 
 
@@ -111,11 +111,13 @@ def test_kill_between_upload_and_complete_resumes_from_the_previous_checkpoint(s
     half = f"{root}/step_00000006"
     assert storage.exists(f"{half}/trainer_state.json") and not storage.exists(f"{half}/COMPLETE")
 
-    p2, _ = _train(sample_shards, url, 6)
+    p2, _ = _train(sample_shards, url, 6, more=("train.keep_last=1",))
     assert p2.returncode == 0, p2.stderr[-4000:]
     assert "at step 3" in p2.stdout
     assert storage.exists(f"{half}/COMPLETE")
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
+    # keep_last=1: the previous checkpoint was deleted from the store once step 6 was published.
+    assert [n for n in storage.listdir(root) if n.startswith("step_")] == ["step_00000006"]
     _same_as_reference(reference, url)
 
 
