@@ -160,3 +160,10 @@ def test_export_and_evaluate_a_checkpoint_in_the_store(s3_run, tmp_path, capsys)
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+def test_unknown_bucket_is_one_line(s3, sample_shards):
+    p = recgpt_train(sample_shards, "s3://no-such-bucket/run", [*STEPS, "train.max_steps=1"], nproc=1)
+    assert p.returncode == 2, p.stderr[-4000:]
+    assert "s3://no-such-bucket" in p.stderr and "does not exist" in p.stderr
+    assert "Traceback" not in p.stderr and s3["AWS_SECRET_ACCESS_KEY"] not in p.stderr + p.stdout
