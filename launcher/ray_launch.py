@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import ConfigError, RecGPTConfig, config_from_dict, to_dict
+from data_shards import storage
 
 TrainFn = Callable[..., Any]  # train(cfg, report=None) -> dict, see docs/DESIGN.md
 
@@ -46,7 +47,7 @@ def _log(msg: str) -> None:
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
+    return storage.is_url(path) or path.startswith("pipe:")
 
 
 def run_location(cfg: RecGPTConfig) -> tuple[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from trainer.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "ml-latest-small.zip"
@@ -163,19 +164,13 @@ def zero3_lora_pgd_run(sample_shards, tmp_path_factory) -> Run:
 # --------------------------------------------------------------------------- an S3 server (moto)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback with auth on; AWS_* variables set for this module's tests and their
     subprocesses (restored afterwards)."""
     import boto3  # test-only: the IAM user of the fake account (recgpt itself uses fsspec/s3fs)
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     # The first 3 requests (create the user, its policy and its key) go unauthenticated; then every

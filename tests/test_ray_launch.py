@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from trainer.distributed import free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 JOB_TIMEOUT_S = 600  # a 2-core machine shared with other test runs is slow to start Ray workers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
@@ -43,7 +38,7 @@ class RayHead:
         self.root = Path(tempfile.mkdtemp(prefix="rgray"))
         self.home = self.root / "home"
         self.home.mkdir()
-        self.port, self.dash_port = _free_port(), _free_port()
+        self.port, self.dash_port = free_port(), free_port()
         self.env = {
             **os.environ,
             "HOME": str(self.home),
@@ -74,7 +69,7 @@ class RayHead:
         self.ray(
             "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port),
-            "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
             "--num-cpus", "4", "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
             timeout=180,
         )  # fmt: skip

@@ -22,7 +22,8 @@ from data_shards import storage
 from data_shards.manifest import MANIFEST, load_manifest
 from data_shards.reader import ShardLoader
 from launcher.cli import main
-from tests.conftest import BUCKET, SAMPLE, _free_port, losses, recgpt_train, train_log
+from tests.conftest import BUCKET, SAMPLE, losses, recgpt_train, train_log
+from trainer.distributed import free_port
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,7 @@ def test_storage_errors_are_one_line_naming_the_url(s3_shards, command, case, ur
     if command == "build":
         url = url.replace("shards/ml-latest-small", "new-build")
     for k, v in env.items():
-        monkeypatch.setenv(k, f"http://127.0.0.1:{_free_port()}" if v == "closed-port" else v)
+        monkeypatch.setenv(k, f"http://127.0.0.1:{free_port()}" if v == "closed-port" else v)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the closed port: fail after one retry, not five
     capsys.readouterr()
     args = ["build", str(SAMPLE), "--out", url] if command == "build" else [command, url]

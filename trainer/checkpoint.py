@@ -91,7 +91,8 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _step_of(name: str) -> int | None:
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint name (``step_00000020`` -> 20; None for any other name)."""
     m = _NAME.match(name)
     return int(m.group(1)) if m else None
 
@@ -269,9 +270,9 @@ def _auto_resume(output_dir: Path) -> Path | None:
         if not (root / latest / COMPLETE).is_file():
             gone = "directory missing" if not (root / latest).is_dir() else f"{COMPLETE}: missing"
             skipped.append((latest, gone))
-        latest_step = _step_of(latest)
+        latest_step = step_of(latest)
         if latest_step is not None:  # newer ones belong to a timeline a resume has abandoned
-            published = [c for c in published if _step_of(c.name) <= latest_step]
+            published = [c for c in published if step_of(c.name) <= latest_step]
     for ckpt in published:
         problem, verified = checkpoint_damage(ckpt)
         if problem is not None:
@@ -435,9 +436,9 @@ class CheckpointManager:
             p = self.root / pointer
             if p.is_file():
                 pointers[pointer] = p.read_text().strip()
-        latest_step = _step_of(pointers.get("latest", ""))
+        latest_step = step_of(pointers.get("latest", ""))
         if latest_step is not None:
-            newer = {p.name for p in complete if _step_of(p.name) > latest_step}
+            newer = {p.name for p in complete if step_of(p.name) > latest_step}
             complete = [p for p in complete if p.name not in newer]
         else:
             newer = set()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from configs import ExportError, RecGPTConfig, load_config, one_line
+from data_shards import storage
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def _score(
                           rank=info.rank, world_size=info.world_size)  # fmt: skip
     metrics = evaluate(model, loader, cfg, info.device)
     head = {
-        "data": str(shards) if "://" in str(shards) else str(Path(shards)),
+        "data": str(shards) if storage.is_url(shards) else str(Path(shards)),
         "split": split,
         "exclude_seen": cfg.eval.exclude_seen,
     }
@@ -93,7 +94,7 @@ def evaluate_checkpoint(
 
     # A bad path or key is reported before the process group and DeepSpeed start (one line, at once).
     shown = None
-    if "://" in str(checkpoint):  # a run or checkpoint in an object store: a verified local copy
+    if storage.is_url(checkpoint):  # a run or checkpoint in an object store: a verified local copy
         from trainer.remote import local_copy
 
         checkpoint, shown = local_copy(str(checkpoint), best)

@@ -51,6 +51,7 @@ from trainer.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint_config,
     set_rng_state,
+    step_of,
 )
 from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
@@ -142,13 +143,10 @@ class TrainState:
             st.best_saved = BestMetric.from_dict(d["best_saved"])
         else:
             name = d.get("best_checkpoint")
-            st.best_saved = BestMetric(d.get("best_checkpoint_metric"), _checkpoint_step(name))
+            st.best_saved = BestMetric(
+                d.get("best_checkpoint_metric"), None if name is None else step_of(name)
+            )
         return st
-
-
-def _checkpoint_step(name: str | None) -> int | None:
-    """The step of a checkpoint name (``step_00000020`` -> 20)."""
-    return None if name is None else int(name.rsplit("_", 1)[-1])
 
 
 def batch_stream(loader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

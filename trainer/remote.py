@@ -34,7 +34,7 @@ from pathlib import Path
 
 from configs import CheckpointError
 from data_shards import storage
-from trainer.checkpoint import CHECKPOINTS, COMPLETE, _step_of, checkpoint_damage
+from trainer.checkpoint import CHECKPOINTS, COMPLETE, checkpoint_damage, step_of
 from trainer.distributed import barrier
 from trainer.faults import Faults
 
@@ -105,9 +105,9 @@ class RunSync:
         names = storage.listdir(root)
         latest = _read_text(storage.join(root, "latest")) if "latest" in names else None
         best = _read_text(storage.join(root, "best")) if "best" in names else None
-        steps = sorted((n for n in names if _step_of(n) is not None), reverse=True)
-        if latest is not None and _step_of(latest) is not None:  # newer ones: an abandoned timeline
-            steps = [n for n in steps if _step_of(n) <= _step_of(latest)]
+        steps = sorted((n for n in names if step_of(n) is not None), reverse=True)
+        if latest is not None and step_of(latest) is not None:  # newer ones: an abandoned timeline
+            steps = [n for n in steps if step_of(n) <= step_of(latest)]
         local_root = self.local / CHECKPOINTS
         local_root.mkdir(parents=True, exist_ok=True)
         if best is not None:
@@ -168,11 +168,11 @@ class RunSync:
         ``latest`` that have a ``COMPLETE`` object, the newest ``keep_last`` stay, and ``latest``,
         ``best`` and anything newer than ``latest``; the others (and objects of unpublished ones up to
         ``latest``) are deleted, ``COMPLETE`` first."""
-        latest = _step_of((local_root / "latest").read_text().strip())
+        latest = step_of((local_root / "latest").read_text().strip())
         keep = {
             (local_root / p).read_text().strip() for p in ("latest", "best") if (local_root / p).is_file()
         }
-        names = [n for n in storage.listdir(root) if _step_of(n) is not None and _step_of(n) <= latest]
+        names = [n for n in storage.listdir(root) if step_of(n) is not None and step_of(n) <= latest]
         published = [n for n in sorted(names) if storage.exists(storage.join(root, f"{n}/{COMPLETE}"))]
         keep |= set(published[-self.keep_last :])
         fs, _ = storage.filesystem(root)
