@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -199,27 +198,37 @@ def publish(tmp: str | os.PathLike, url: str | os.PathLike, marker: str, force: 
     """Publish the finished local directory ``tmp`` at ``url``; ``marker`` (a file in it) appears last.
 
     Local paths: renamed whole (:func:`configs.files.publish_dir`; ``tmp`` must be beside ``url``).
-    URLs: an existing non-empty prefix is refused unless ``force``, which deletes its marker first (no
-    reader then trusts the old objects) and the old objects next; then every object is uploaded and
-    the marker last. ``tmp`` is left for the caller to remove.
+    URLs (no rename in an object store): an existing non-empty prefix is refused unless ``force``.
+    Every object is uploaded under the temporary prefix ``<parent>/.<name>.tmp-<pid>/`` (the slow,
+    failure-prone part; an old version at ``url`` stays whole and readable meanwhile); then the old
+    version loses its marker first (no reader trusts its objects any more) and its objects; the
+    objects are copied into place inside the store (server-side copies) and the marker last; the
+    temporary prefix is deleted. A crash leaves at most a temporary prefix, or objects without a
+    marker, which no reader trusts. ``tmp`` is left for the caller to remove.
     """
     url = str(url)
     if not is_url(url):
         return str(publish_dir(tmp, url))
     tmp = Path(tmp)
-    if listdir(url):
-        if not force:
-            raise DataError(f"{url}: already exists and is not empty (build with force to replace it)")
-        fs, path = filesystem(url)
-        with _errors(url, "cannot replace"):
+    if listdir(url) and not force:
+        raise DataError(f"{url}: already exists and is not empty (force replaces it)")
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    parent, _, name = path.rpartition("/")
+    if not parent:
+        raise DataError(f"{url}: give a prefix inside the bucket, not the bucket itself")
+    staging = f"{parent}/.{name}.tmp-{os.getpid()}"
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    rest = [rel for rel in files if rel != marker]
+    with _errors(url, "cannot write"):
+        if fs.exists(staging):  # left by a crash of this pid number
+            fs.rm(staging, recursive=True)
+        fs.put([str(tmp / rel) for rel in files], [f"{staging}/{rel}" for rel in files])
+        if fs.exists(path):
             if fs.exists(f"{path}/{marker}"):
                 fs.rm_file(f"{path}/{marker}")
             fs.rm(path, recursive=True)
-    staged = tmp.parent / f"{tmp.name}.marker"
-    shutil.move(tmp / marker, staged)
-    try:
-        upload(tmp, url)
-        upload(staged, join(url, marker))
-    finally:
-        shutil.move(staged, tmp / marker)
+        for rel in [*rest, marker]:  # the marker last
+            fs.copy(f"{staging}/{rel}", f"{path}/{rel}")
+        fs.rm(staging, recursive=True)
     return url

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import ConfigError
+from data_shards import storage
 
 COMMANDS = ("evaluate", "export", "recommend")
 
@@ -30,9 +31,10 @@ def add_parsers(sub) -> None:
     )
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--checkpoint", help="run directory (latest complete checkpoint) or one checkpoint directory"
+        "--checkpoint",
+        help="run directory (latest complete checkpoint) or one checkpoint directory; local or s3://…",
     )
-    src.add_argument("--model", help="an export directory written by `recgpt export`")
+    src.add_argument("--model", help="an export directory written by `recgpt export`; local or s3://…")
     e.add_argument("--data", help="shard directory (default: the one the run was trained on)")
     e.add_argument("--split", default="test", choices=["valid", "test"], help="split to score (default test)")
     e.add_argument(
@@ -58,7 +60,9 @@ def add_parsers(sub) -> None:
         required=True,
         help="run directory (its latest complete checkpoint; --best: its best) or one checkpoint directory",
     )
-    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument(
+        "--out", required=True, help="output directory or s3://… prefix (written atomically: manifest last)"
+    )
     x.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weight dtype (default export.dtype)"
     )
@@ -77,7 +81,7 @@ def add_parsers(sub) -> None:
         description="Rank every item for a user history with an exported model directory (no checkpoint, "
         "no training code needed). Items of the history are left out unless --include-seen.",
     )
-    r.add_argument("--model", required=True, help="export directory")
+    r.add_argument("--model", required=True, help="export directory; local or s3://…")
     hist = r.add_mutually_exclusive_group(required=True)
     hist.add_argument("--history", help="original item ids, comma separated, oldest first")
     hist.add_argument("--history-file", help="JSON list of original item ids or exact titles, oldest first")
@@ -130,7 +134,8 @@ def _export(args: argparse.Namespace) -> int:
     manifest = export_checkpoint(args.checkpoint, args.out, best=args.best, dtype=args.dtype,
                                  save_adapter=args.save_adapter, force=args.force)  # fmt: skip
     summary = {k: manifest[k] for k in ("source_checkpoint", "step", "dtype", "parity")}
-    print(json.dumps({"out": str(Path(args.out).absolute()), **summary}))
+    out = args.out if storage.is_url(args.out) else str(Path(args.out).absolute())
+    print(json.dumps({"out": out, **summary}))
     return 0
 
 
@@ -168,7 +173,12 @@ def _recommend(args: argparse.Namespace) -> int:
         raise ConfigError(f"-k: got {args.k}, must be >= 1")
     entries, source = _read_history(args)
     quiet_transformers()
-    model, tokenizer, items, spec = load_export(args.model)
+    location = args.model
+    if storage.is_url(location):  # an export in an object store: a verified local copy
+        from trainer.remote import local_export
+
+        location = local_export(location)
+    model, tokenizer, items, spec = load_export(location)
     history = resolve_history(entries, items, source)
     exclude_seen = not args.include_seen
     rows = recommend(model, tokenizer, items, spec, history, args.k, exclude_seen=exclude_seen)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
 
 from data_shards import storage
-from tests.conftest import BUCKET, losses, recgpt_train
+from tests.conftest import BIN, BUCKET, REPO, SAMPLE, TINY, losses, recgpt_train, subprocess_env, train_log
+from trainer.distributed import free_port
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -167,3 +169,118 @@ def test_unknown_bucket_is_one_line(s3, sample_shards):
     assert p.returncode == 2, p.stderr[-4000:]
     assert "s3://no-such-bucket" in p.stderr and "does not exist" in p.stderr
     assert "Traceback" not in p.stderr and s3["AWS_SECRET_ACCESS_KEY"] not in p.stderr + p.stdout
+
+
+# --------------------------------------------------------------------------- end to end, two nodes
+
+
+def _two_nodes(
+    shards: str, out: str, overrides: list[str], tmp, fault: str | None = None
+) -> tuple[int, str, str]:
+    """``recgpt train`` as two torchrun "hosts" of one process each (``--nnodes 2``, c10d rendezvous on
+    loopback): two launchers, two staging directories (GROUP_RANK 0 and 1), as on two machines.
+    Returns (worst exit code, both stdouts, both stderrs)."""
+    port = free_port()
+    procs, logs = [], []
+    for node in (0, 1):
+        cmd = [
+            str(BIN / "torchrun"),
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            f"--rdzv_id=e2e-{port}",
+            f"--rdzv_conf=is_host={'true' if node == 0 else 'false'}",
+            "--max_restarts=0",
+            "--no-python",
+            "recgpt",
+            "train",
+            "--config",
+            str(TINY),
+            f"data.shards={shards}",
+            f"train.output_dir={out}",
+            *STEPS,
+            *overrides,
+        ]
+        o, e = open(tmp / f"node{node}.out", "w+"), open(tmp / f"node{node}.err", "w+")
+        logs.append((o, e))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(fault), stdout=o, stderr=e, text=True)
+        )
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = []
+    for o, e in logs:
+        o.seek(0), e.seek(0)
+        texts.append((o.read(), e.read()))
+        o.close(), e.close()
+    return max(codes, key=abs), "".join(t[0] for t in texts), "".join(t[1] for t in texts)
+
+
+def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
+    s3, sample_shards, tmp_path, capsys
+):
+    """build to s3:// → 2 ranks on 2 "nodes" reading s3:// shards, writing s3:// checkpoints (each rank
+    uploads its own files) → rank 1 SIGKILLed during the step-6 upload → resume from the store, exactly
+    → export from s3:// to s3:// → recommend and evaluate from the export in the store."""
+    from launcher.cli import main
+
+    shards = f"s3://{BUCKET}/e2e/shards"
+    assert main(["shards", "build", str(SAMPLE), "--out", shards]) == 0
+    url = f"s3://{BUCKET}/e2e/run"
+    root = f"{url}/checkpoints"
+
+    ref_dir = tmp_path / "reference"  # the same 6 steps, uninterrupted, 2 processes on one node, local
+    ref = recgpt_train(sample_shards, ref_dir, [*STEPS, "train.max_steps=6"], nproc=2)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    code, out, err = _two_nodes(shards, url, ["train.max_steps=6"], tmp_path, fault="kill_during_upload:6:1")
+    assert code != 0
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
+    half = f"{root}/step_00000006"
+    assert not storage.exists(f"{half}/COMPLETE")
+    # Rank 1 (the other node) uploaded its own files before it was killed: its staging dir has them.
+    assert storage.exists(f"{half}/rng/rank_00001.pt") and storage.exists(f"{half}/reader/rank_00001.json")
+    doc = json.loads(storage.read_bytes(f"{root}/step_00000003/COMPLETE"))
+    assert doc["world_size"] == 2 and "rng/rank_00001.pt" in doc["files"]
+    assert "per rank" in out  # "checkpoint step_00000003 mirrored to … (… MiB; per rank a, b MiB; … s)"
+
+    code, out, err = _two_nodes(shards, url, ["train.max_steps=6"], tmp_path)
+    assert code == 0, err[-4000:]
+    assert "at step 3" in out
+    assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
+    want, got = losses(train_log(ref_dir)), losses(_log(url))
+    assert sorted(got) == list(range(1, 7))
+    for s in range(1, 7):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), s
+    secret = s3["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in out + err
+
+    export = f"s3://{BUCKET}/e2e/export"
+    env = dict(os.environ)
+    try:
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", url, "--out", export]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["out"] == export and line["step"] == 6
+        assert storage.exists(f"{export}/export_manifest.json")
+        assert [n for n in storage.listdir(f"s3://{BUCKET}/e2e") if ".tmp-" in n] == []  # staging prefix gone
+        assert main(["export", "--checkpoint", url, "--out", export]) == 2  # exists: refused without --force
+        assert "already exists" in capsys.readouterr().err
+
+        items = [json.loads(x) for x in storage.read_bytes(f"{export}/items.jsonl").decode().splitlines()]
+        history = ",".join(str(it["item_id"]) for it in items[:3])
+        assert main(["recommend", "--model", export, "--history", history, "-k", "5", "--json"]) == 0
+        rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert len(rec["recommendations"]) == 5 and rec["history"] == [it["item_id"] for it in items[:3]]
+        assert not {r["item_id"] for r in rec["recommendations"]} & set(rec["history"])
+
+        assert main(["evaluate", "--model", export, "--split", "valid", "--data", shards]) == 0
+        from_export = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["evaluate", "--checkpoint", url, "--split", "valid"]) == 0
+        from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert from_export["ndcg@10"] == pytest.approx(from_ckpt["ndcg@10"], abs=1e-6)
+        assert main(["recommend", "--model", f"s3://{BUCKET}/e2e/nothing", "--history", history]) == 2
+        assert "no published export" in capsys.readouterr().err
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

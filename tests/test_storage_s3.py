@@ -13,7 +13,6 @@ import os
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -48,17 +47,24 @@ def test_storage_layer_on_memory_filesystem(tmp_path, monkeypatch):
     (src / "items.jsonl").write_bytes(b"{}\n")
     (src / MANIFEST).write_text("{}")
     url = "memory://recgpt-unit/out"
-    order = []
-    real_upload = storage.upload
+    fs = storage.filesystem(url)[0]
+    copied = []
+    real_copy = fs.copy
 
-    def spy(local, dest):
-        order.append((sorted(p.name for p in Path(local).rglob("*")) if Path(local).is_dir() else None, dest))
-        real_upload(local, dest)
+    def spy(src_path, dest_path, **kw):  # objects are uploaded under a temporary prefix, then copied
+        assert "/.out.tmp-" in src_path and storage.listdir("memory://recgpt-unit") == [
+            ".out.tmp-" + str(os.getpid())
+        ] + (["out"] if copied else [])
+        copied.append(dest_path.rsplit("/", 1)[1])
+        return real_copy(src_path, dest_path, **kw)
 
-    monkeypatch.setattr(storage, "upload", spy)
+    monkeypatch.setattr(fs, "copy", spy)
     assert storage.publish(src, url, marker=MANIFEST) == url
     monkeypatch.undo()
-    assert MANIFEST not in order[0][0] and order[-1][1] == f"{url}/{MANIFEST}"  # the marker last
+    assert copied[-1] == MANIFEST and sorted(copied) == sorted(
+        ["a.tar", "items.jsonl", MANIFEST]
+    )  # marker last
+    assert storage.listdir("memory://recgpt-unit") == ["out"]  # the temporary prefix is gone
     assert storage.listdir(url) == ["items.jsonl", MANIFEST, "train"]
     assert storage.size(f"{url}/train/a.tar") == 10 and storage.read_bytes(f"{url}/items.jsonl") == b"{}\n"
     assert storage.exists(f"{url}/{MANIFEST}") and not storage.exists(f"{url}/nothing")

@@ -2,14 +2,18 @@
 
 Write protocol (every rank runs :meth:`CheckpointManager.save`):
 
-1. rank 0 creates ``checkpoints/.tmp-step_N`` (removing a stale one left by a crash);
+1. rank 0 removes a stale ``checkpoints/.tmp-step_N`` left by a crash; every rank creates it (on a
+   run directory that is not shared — one staging directory per node, :mod:`trainer.remote` — each
+   node holds the files its ranks write);
 2. every rank calls ``engine.save_checkpoint`` into ``.tmp-step_N/ds`` (a collective: DeepSpeed hangs
-   when only rank 0 calls it) and writes its own reader state and RNG state;
+   when only rank 0 calls it) and writes its own reader state and RNG state; rank 0 writes
+   trainer_state.json, config.yaml, metrics.json and the tokenizer;
 3. barrier — after it, every rank's files are on disk;
-4. rank 0 writes trainer_state.json, config.yaml, metrics.json, the tokenizer and, last, ``COMPLETE``:
-   a JSON document listing every file of the checkpoint with its size and sha256 (below); renames
-   ``.tmp-step_N`` to ``step_N``, replaces ``latest`` (and ``best``) atomically, and only then prunes
-   older complete checkpoints (never latest, best, or anything newer than latest);
+4. every rank hashes the files it owns (:func:`file_owners`: the ones it wrote), in parallel; rank 0
+   gathers the lists and writes, last, ``COMPLETE``: a JSON document listing every file of the
+   checkpoint with its size and sha256 (below); renames ``.tmp-step_N`` to ``step_N``, replaces
+   ``latest`` (and ``best``) atomically, and only then prunes older complete checkpoints (never
+   latest, best, or anything newer than latest);
 5. barrier — every rank sees the published checkpoint before ``report`` is called.
 
 A crash anywhere before the rename leaves a ``.tmp-*`` directory that nothing reads and ``latest``
@@ -38,8 +42,8 @@ Damage (a missing file, another size, another sha256 — bit rot, a half-copied 
   :func:`resolve_checkpoint`) that does not verify is a :class:`CheckpointError` naming the file —
   no fallback.
 
-Cost: one sha256 pass over the checkpoint's bytes at save (rank 0, after the barrier, reading back
-what every rank wrote) and at resume/export/evaluate (``recgpt evaluate`` under torchrun: every rank
+Cost: one sha256 pass over the checkpoint's bytes at save (each rank its own files, after the
+barrier) and at resume/export/evaluate (``recgpt evaluate`` under torchrun: every rank
 verifies on its own). sha256 runs at ~1-2 GB/s per core (1.4 GB/s measured on a 2-core CI box), so
 a checkpoint of a few GB adds a few seconds to each save and each resume; the tiny test run's
 checkpoint (9 files, 12.4 MiB) takes 0.01-0.03 s.
@@ -77,7 +81,7 @@ from configs import (
     save_resolved,
     sha256_file,
 )
-from trainer.distributed import barrier
+from trainer.distributed import all_gather_object, barrier
 from trainer.faults import Faults
 
 CHECKPOINTS = "checkpoints"
@@ -118,26 +122,65 @@ def _notice(text: str) -> None:
 # --------------------------------------------------------------------------- COMPLETE: list and verify
 
 
-def checkpoint_files(ckpt: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"bytes", "sha256"}}`` of every file under ``ckpt`` except ``COMPLETE``."""
+def local_files(ckpt: str | os.PathLike) -> list[str]:
+    """Relative paths of the regular files under ``ckpt`` except ``COMPLETE``, sorted."""
     ckpt = Path(ckpt)
-    files = {}
-    for path in sorted(ckpt.rglob("*")):
-        rel = path.relative_to(ckpt).as_posix()
-        if rel == COMPLETE or path.is_symlink() or not path.is_file():
-            continue
-        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return files
+    return sorted(
+        rel
+        for path in ckpt.rglob("*")
+        if (rel := path.relative_to(ckpt).as_posix()) != COMPLETE and path.is_file() and not path.is_symlink()
+    )
 
 
-def write_complete(ckpt: str | os.PathLike, name: str, step: int, world_size: int) -> dict[str, Any]:
-    """Write ``ckpt/COMPLETE`` (atomically, last): the file list with sizes and sha256; returns it."""
+def checkpoint_files(ckpt: str | os.PathLike, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``ckpt`` except ``COMPLETE`` (or of
+    the relative paths ``only``)."""
+    ckpt = Path(ckpt)
+    return {
+        rel: {"bytes": (ckpt / rel).stat().st_size, "sha256": sha256_file(ckpt / rel)}
+        for rel in (local_files(ckpt) if only is None else only)
+    }
+
+
+# DeepSpeed's per-rank files (zero_pp_rank_<r>_mp_rank_00_*) and recgpt's (reader/rank_<r>.json, rng/…).
+_RANK_TAG = re.compile(r"zero_pp_rank_(\d+)_|(?:^|/)rank_(\d+)\.")
+
+
+def file_owners(everyone: list[list[str]]) -> dict[str, int]:
+    """``{relative path: rank}``: which rank hashes and uploads each checkpoint file.
+
+    ``everyone[r]``: the files rank ``r`` sees in its copy of the checkpoint (its node's disk). A file
+    named for a rank that sees it belongs to that rank (each rank hashes and uploads what it wrote, in
+    parallel); any other file to the lowest rank that sees it (rank 0's files, or a name no rule knows:
+    never dropped). On one machine every rank sees every file; across machines each sees its node's.
+    """
+    seen = [set(names) for names in everyone]
+    owners: dict[str, int] = {}
+    for rank, names in enumerate(everyone):
+        for rel in names:
+            if rel in owners:
+                continue
+            m = _RANK_TAG.search(rel)
+            tagged = int(m.group(1) or m.group(2)) if m else -1
+            owners[rel] = tagged if 0 <= tagged < len(seen) and rel in seen[tagged] else rank
+    return owners
+
+
+def write_complete(
+    ckpt: str | os.PathLike,
+    name: str,
+    step: int,
+    world_size: int,
+    files: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Write ``ckpt/COMPLETE`` (atomically, last): the file list with sizes and sha256 (``files``, as
+    :func:`checkpoint_files` gives it; default: hash every file under ``ckpt`` now); returns it."""
     doc = {
         "format_version": COMPLETE_FORMAT_VERSION,
         "checkpoint": name,
         "step": step,
         "world_size": world_size,
-        "files": checkpoint_files(ckpt),
+        "files": checkpoint_files(ckpt) if files is None else dict(sorted(files.items())),
     }
     atomic_write(Path(ckpt) / COMPLETE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return doc
@@ -311,9 +354,14 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path |
         return decide()
     outcome: list[Any] = [None]
     error: BaseException | None = None
+    # Sent relative to output_dir (or the resume path): a staging run directory has another local
+    # path on every node.
+    base = Path(output_dir) if resume == "auto" else Path(resume)
     if dist.get_rank() == 0:
         try:
             found = decide()
+            if found is not None and found.is_relative_to(base):
+                found = found.relative_to(base)
             outcome[0] = {"path": None if found is None else str(found)}
         except Exception as e:  # every rank must leave the broadcast, then raise the same error
             error = e
@@ -326,7 +374,7 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path |
         raise error
     if "error" in outcome[0]:
         raise CheckpointError(outcome[0]["error"])
-    return None if outcome[0]["path"] is None else Path(outcome[0]["path"])
+    return None if outcome[0]["path"] is None else base / outcome[0]["path"]
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -372,6 +420,10 @@ class CheckpointManager:
         self.world_size = world_size
         self.keep_last = keep_last
         self.faults = faults
+        self.owned: list[str] = []
+        """Relative paths of the last checkpoint's files this rank hashed (and uploads to a store)."""
+        self.written: Path | None = None
+        """This rank's local copy of the last checkpoint (the temp dir on a node without rank 0)."""
 
     # ------------------------------------------------------------------ write
     def save(
@@ -388,26 +440,34 @@ class CheckpointManager:
         """Write checkpoint ``step`` with the protocol in the module docstring; returns its final path."""
         name = checkpoint_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
-        if self.rank == 0:
-            if tmp.exists():  # a crash left a half-written one behind
-                shutil.rmtree(tmp)
-            (tmp / "reader").mkdir(parents=True)
-            (tmp / "rng").mkdir()
+        if self.rank == 0 and tmp.exists():  # a crash left a half-written one behind
+            shutil.rmtree(tmp)
         barrier()
+        # Every rank: on a run directory that is not shared (a staging directory per node) each node
+        # holds the files its ranks write.
+        (tmp / "reader").mkdir(parents=True, exist_ok=True)
+        (tmp / "rng").mkdir(exist_ok=True)
         # save_latest: ds/latest names the tag, so zero_to_fp32 and load_checkpoint need no tag.
         engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=name, save_latest=True)
         rank_file = f"rank_{self.rank:05d}"
         (tmp / "reader" / f"{rank_file}.json").write_text(json.dumps(train_loader.state_dict()))
         torch.save(rng_state(), tmp / "rng" / f"{rank_file}.pt")
         self.faults.maybe_kill("kill_before_publish", step)
-        barrier()
         if self.rank == 0:
             state = dict(trainer_state, world_size=self.world_size, checkpoint=name)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             save_resolved(cfg, tmp)
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            write_complete(tmp, name, step, self.world_size)  # last: lists (and hashes) every file above
+        barrier()
+        # Each rank hashes the files it owns (file_owners), in parallel; rank 0 lists them all.
+        everyone = all_gather_object(local_files(tmp))
+        owners = file_owners(everyone)
+        self.owned = [rel for rel in everyone[self.rank] if owners[rel] == self.rank]
+        listed = all_gather_object(checkpoint_files(tmp, self.owned))
+        if self.rank == 0:
+            files = {rel: entry for part in listed for rel, entry in part.items()}
+            write_complete(tmp, name, step, self.world_size, files)  # last: lists every file above
             # The same step may be written again by a run resumed from an earlier checkpoint: the old
             # directory is renamed aside and deleted only once the new one is in place.
             publish_dir(tmp, final)
@@ -416,6 +476,8 @@ class CheckpointManager:
                 atomic_write(self.root / "best", name)
             self.prune()
         barrier()
+        # Where this rank's copy is: published, or (a node without rank 0's disk) still the temp dir.
+        self.written = final if (final / COMPLETE).is_file() else tmp
         return final
 
     def complete_checkpoints(self) -> list[Path]:

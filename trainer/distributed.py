@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,6 +139,34 @@ def teardown_distributed(info: DistInfo) -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` on one process); ``obj`` must pickle."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def node_rank() -> int:
+    """Index of this process's node (host): torchrun's ``GROUP_RANK``, ``NODE_RANK`` (set in Ray
+    workers by the launcher), else 0. Processes with the same value share the machine's local disk."""
+    for key in ("GROUP_RANK", "NODE_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def node_leaders() -> tuple[bool, list[int]]:
+    """``(this rank leads its node, every rank's node index)``: the leader of a node is its lowest
+    rank — the one process per machine that prepares node-local files (staging directories)."""
+    nodes = all_gather_object(node_rank())
+    mine = nodes[dist.get_rank() if dist.is_initialized() else 0]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return nodes.index(mine) == rank, nodes
 
 
 def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

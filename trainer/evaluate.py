@@ -135,7 +135,12 @@ def evaluate_export(
     try:
         from modeling.serving import MANIFEST, check_same_items, load_export
 
-        d = Path(model_dir)
+        if storage.is_url(model_dir):  # an export in an object store: a verified local copy
+            from trainer.remote import local_export
+
+            d = local_export(str(model_dir))
+        else:
+            d = Path(model_dir)
         model, tokenizer, items, _ = load_export(d)
         cfg = load_config(d / "config.yaml", overrides, saved=True)
         shards = data or cfg.data.shards

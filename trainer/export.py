@@ -7,23 +7,34 @@ size (:func:`trainer.checkpoint.consolidate`), rebuild the *unmerged* model (bas
 the checkpoint's tokenizer and load the weights strictly, take the first ``export.parity_batches``
 batches of the valid split, and hand all of it to :func:`modeling.export.write_export`, which merges,
 writes, checks parity and publishes. Runs on CPU and never initialises DeepSpeed.
+
+Object stores: a checkpoint at an ``s3://…`` URL is downloaded and verified first
+(:func:`trainer.remote.local_copy`); an ``s3://…`` OUT is written and checked locally, then published
+with :func:`data_shards.storage.publish` (uploaded under a temporary prefix, copied into place,
+``export_manifest.json`` last).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from configs import DataError, RecGPTConfig, one_line
+from configs import DataError, ExportError, RecGPTConfig, one_line
+from data_shards import storage
 from data_shards.storage import is_url
 from modeling.data import build_loader
 from modeling.export import ExportSource, check_dtype, check_out, write_export
 from modeling.factory import load_model_for_eval, read_vocabulary
+from modeling.serving import MANIFEST
 from trainer.checkpoint import (
     CHECKPOINTS,
     load_consolidated,
@@ -73,6 +84,13 @@ def export_checkpoint(
     # Export consolidates on the CPU: say so before anything imports deepspeed, which otherwise warns
     # that it fell back to the CPU accelerator.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    remote_out = str(out) if is_url(out) else None
+    if remote_out is not None:  # written locally, then published in the store (storage.publish)
+        if storage.listdir(remote_out) and not force:
+            raise ExportError(f"{remote_out}: already exists (force replaces it)")
+        staging = Path(tempfile.mkdtemp(prefix="recgpt-export-"))
+        atexit.register(shutil.rmtree, staging, ignore_errors=True)
+        out = staging / "export"
     out = check_out(out, force)
     if dtype is not None:
         check_dtype(dtype)
@@ -112,5 +130,11 @@ def export_checkpoint(
             else None
         ),  # fmt: skip
     )
-    return write_export(out, model, tokenizer, items, cfg, batches, source, dtype=dtype,
-                        save_adapter=save_adapter, force=force, max_shard_size=max_shard_size)  # fmt: skip
+    manifest = write_export(out, model, tokenizer, items, cfg, batches, source, dtype=dtype,
+                            save_adapter=save_adapter, force=force, max_shard_size=max_shard_size)  # fmt: skip
+    if remote_out is not None:
+        t0 = time.perf_counter()
+        storage.publish(out, remote_out, marker=MANIFEST, force=force)
+        shutil.rmtree(out.parent, ignore_errors=True)
+        log.info("export published to %s in %.1f s", remote_out, time.perf_counter() - t0)
+    return manifest

@@ -402,7 +402,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 )
                 last_ckpt_step = st.step
                 if sync is not None:
-                    sync.publish_checkpoint(path.name, st.step)
+                    sync.publish_checkpoint(path.name, st.step, ckpts.written, ckpts.owned)
                     path = sync.store(f"checkpoints/{path.name}")
                 if report is not None:
                     report(ckpt_metrics, str(path))
@@ -437,4 +437,6 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     finally:
         if monitor is not None:
             monitor.close()
+        if sync is not None:
+            sync.cleanup()
         teardown_distributed(info)
