@@ -27,6 +27,7 @@ from typing import Any
 
 from configs import ConfigError, RecGPTConfig, config_from_dict, to_dict
 from data_shards import storage
+from data_shards.storage import join as storage_join
 
 TrainFn = Callable[..., Any]  # train(cfg, report=None) -> dict, see docs/DESIGN.md
 
@@ -51,15 +52,31 @@ def _is_url(path: str) -> bool:
 
 
 def run_location(cfg: RecGPTConfig) -> tuple[str, str]:
-    """``(storage_path, name)`` of the run: the defaults are train.output_dir's parent and basename."""
-    out = Path(cfg.train.output_dir)
-    storage = cfg.ray.storage_path or str(out.parent)
-    if _is_url(storage):
-        # recgpt's checkpoint manager writes with plain file I/O (atomic renames), which object stores lack.
+    """``(storage_path, name)`` of the run: the defaults are train.output_dir's parent and basename.
+
+    ``storage_path`` is a filesystem path mounted on every node, or an object-store URL (``s3://…``):
+    the run then stages locally and mirrors to the store (:mod:`trainer.remote`), and Ray's own files
+    go to the same prefix through the same fsspec filesystem (:func:`_ray_storage`)."""
+    out = cfg.train.output_dir.rstrip("/")
+    root = cfg.ray.storage_path or (out.rsplit("/", 1)[0] if storage.is_url(out) else str(Path(out).parent))
+    name = cfg.ray.name or (out.rsplit("/", 1)[1] if storage.is_url(out) else Path(out).name)
+    if root.startswith("pipe:"):
         raise ConfigError(
-            f"ray.storage_path: got {storage!r}, must be a filesystem path mounted on every node"
+            f"ray.storage_path: got {root!r}, must be a shared filesystem path or an s3://… URL"
         )
-    return os.path.abspath(storage), cfg.ray.name or out.name
+    return (root.rstrip("/") if storage.is_url(root) else os.path.abspath(root)), name
+
+
+def _ray_storage(root: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray's RunConfig: a local path as it is; a URL as the
+    path inside the fsspec filesystem of :mod:`data_shards.storage`, wrapped for pyarrow (Ray's
+    interface), so Ray and recgpt reach the store with the same client, retries and credentials."""
+    if not storage.is_url(root):
+        return root, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(root)
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def prepare_config(cfg: RecGPTConfig) -> RecGPTConfig:
@@ -70,7 +87,7 @@ def prepare_config(cfg: RecGPTConfig) -> RecGPTConfig:
     """
     storage, name = run_location(cfg)
     d = to_dict(cfg)
-    d["train"]["output_dir"] = os.path.join(storage, name)
+    d["train"]["output_dir"] = storage_join(storage, name)
     d["ray"]["storage_path"], d["ray"]["name"] = storage, name
     if not _is_url(d["data"]["shards"]):
         d["data"]["shards"] = os.path.abspath(d["data"]["shards"])
@@ -90,16 +107,17 @@ def _drop_stale_ray_snapshot(run_dir: str) -> None:
     checkpoints itself (train.keep_last), so a re-run after a driver crash would always hit that. The
     snapshot is only bookkeeping: resuming reads recgpt's own ``checkpoints/latest``.
     """
-    snap = Path(run_dir) / RAY_SNAPSHOT
-    if not snap.is_file():
+    snap = storage_join(run_dir, RAY_SNAPSHOT)
+    if not storage.exists(snap):
         return
     try:
-        names = _snapshot_checkpoint_names(json.loads(snap.read_text()))
-    except (OSError, ValueError):
+        names = _snapshot_checkpoint_names(json.loads(storage.read_bytes(snap)))
+    except ValueError:
         names = {"<unreadable snapshot>"}
-    missing = sorted(n for n in names if not (Path(run_dir) / n).exists())
+    missing = sorted(n for n in names if not storage.exists(storage_join(run_dir, n)))
     if missing:
-        os.replace(snap, snap.with_name(f"{RAY_SNAPSHOT}.stale-{int(time.time())}"))
+        fs, path = storage.filesystem(snap)
+        fs.mv(path, f"{path}.stale-{int(time.time())}")
         _log(f"moved Ray's checkpoint snapshot aside: it names pruned checkpoints ({', '.join(missing[:3])})")
 
 
@@ -147,9 +165,11 @@ def build_trainer(cfg: RecGPTConfig, train_fn: TrainFn | None = None):
         resources_per_worker=resources,
         placement_strategy=r.placement_strategy,
     )
+    storage_path, storage_filesystem = _ray_storage(r.storage_path)
     run = RunConfig(
         name=r.name,
-        storage_path=r.storage_path,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
         failure_config=FailureConfig(max_failures=r.max_failures),
         # recgpt prunes (keep_last + best); Ray keeping every reported checkpoint means it deletes none.
         checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -174,8 +194,8 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
     cfg = prepare_config(cfg)
     run_dir = cfg.train.output_dir
     _drop_stale_ray_snapshot(run_dir)
-    final_file = Path(run_dir) / FINAL_METRICS
-    previous = final_file.stat().st_mtime_ns if final_file.is_file() else None
+    final_file = storage_join(run_dir, FINAL_METRICS)
+    previous = _stamp(final_file)
     t0 = time.time()
     _connect()
     import ray
@@ -193,7 +213,7 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
         return 1
     finally:
         ray.shutdown()
-    if not final_file.is_file() or final_file.stat().st_mtime_ns == previous:
+    if _stamp(final_file) in (None, previous):
         # train() returned on every worker, so only storage that is not shared can get here.
         print(
             f"recgpt train: the run did not write {final_file}: is ray.storage_path shared?", file=sys.stderr
@@ -202,8 +222,19 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
     _log(f"finished in {time.time() - t0:.1f}s; run dir {run_dir}")
     if result.checkpoint is not None:
         _log(f"last reported checkpoint {result.checkpoint.path}")
-    print(json.dumps({"final_metrics": json.loads(final_file.read_text())}, sort_keys=True), flush=True)
+    print(
+        json.dumps({"final_metrics": json.loads(storage.read_bytes(final_file))}, sort_keys=True), flush=True
+    )
     return 0
+
+
+def _stamp(url: str) -> Any:
+    """What changes when a run rewrites the file (None: no file): local mtime, else the object's ETag."""
+    if not storage.exists(url):
+        return None
+    fs, path = storage.filesystem(url)
+    info = fs.info(path)
+    return info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("size")
 
 
 def _flat_message(err: BaseException) -> str:
@@ -266,7 +297,12 @@ def ray_report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    checkpoint = None
+    if checkpoint_dir and storage.is_url(checkpoint_dir):  # already in the store, beside Ray's own files
+        ray_fs = ray.train.get_context().get_storage().storage_filesystem
+        checkpoint = ray.train.Checkpoint(storage.filesystem(checkpoint_dir)[1], filesystem=ray_fs)
+    elif checkpoint_dir:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
     ray.train.report(
         _plain(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
     )

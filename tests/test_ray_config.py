@@ -43,10 +43,19 @@ def test_storage_path_and_name_override_output_dir(tmp_path):
     assert p.data.shards == "pipe:cat {}"  # URLs and pipe: templates are left alone
 
 
-def test_object_store_storage_path_is_refused():
-    cfg = load_config(None, ["ray.storage_path=s3://bucket/runs", "ray.num_workers=2"])
+def test_object_store_storage_path_is_the_run_prefix_and_rays_filesystem():
+    cfg = load_config(None, ["ray.storage_path=s3://bucket/runs/", "ray.name=job", "ray.num_workers=2"])
+    p = prepare_config(cfg)
+    assert p.train.output_dir == "s3://bucket/runs/job" and p.ray.storage_path == "s3://bucket/runs"
+    rc = build_trainer(p).run_config
+    # Ray gets the path inside the store and the storage layer's own fsspec filesystem, wrapped for pyarrow.
+    assert rc.storage_path == "bucket/runs" and type(rc.storage_filesystem).__name__ == "PyFileSystem"
+    assert rc.storage_filesystem.handler.fs.protocol[0] in ("s3", "s3a")
+    # The default: train.output_dir's parent and name, also for a URL.
+    p = prepare_config(load_config(None, ["train.output_dir=s3://bucket/a/b", "ray.num_workers=2"]))
+    assert (p.ray.storage_path, p.ray.name, p.train.output_dir) == ("s3://bucket/a", "b", "s3://bucket/a/b")
     with pytest.raises(ConfigError, match="ray.storage_path"):
-        prepare_config(cfg)
+        prepare_config(load_config(None, ["ray.storage_path=pipe:cat", "ray.num_workers=2"]))
 
 
 def test_trainer_gets_scaling_failure_and_no_pruning(tmp_path):

@@ -174,6 +174,15 @@ def test_unknown_bucket_is_one_line(s3, sample_shards):
 # --------------------------------------------------------------------------- end to end, two nodes
 
 
+@pytest.fixture(scope="module")
+def reference2(sample_shards, tmp_path_factory):
+    """The uninterrupted 6-step run of 2 processes on one node, in a local run directory."""
+    out = tmp_path_factory.mktemp("local2") / "run"
+    p, _ = _train(sample_shards, out, 6, nproc=2)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out
+
+
 def _two_nodes(
     shards: str, out: str, overrides: list[str], tmp, fault: str | None = None
 ) -> tuple[int, str, str]:
@@ -217,7 +226,7 @@ def _two_nodes(
 
 
 def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
-    s3, sample_shards, tmp_path, capsys
+    s3, reference2, tmp_path, capsys
 ):
     """build to s3:// → 2 ranks on 2 "nodes" reading s3:// shards, writing s3:// checkpoints (each rank
     uploads its own files) → rank 1 SIGKILLed during the step-6 upload → resume from the store, exactly
@@ -228,10 +237,6 @@ def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     assert main(["shards", "build", str(SAMPLE), "--out", shards]) == 0
     url = f"s3://{BUCKET}/e2e/run"
     root = f"{url}/checkpoints"
-
-    ref_dir = tmp_path / "reference"  # the same 6 steps, uninterrupted, 2 processes on one node, local
-    ref = recgpt_train(sample_shards, ref_dir, [*STEPS, "train.max_steps=6"], nproc=2)
-    assert ref.returncode == 0, ref.stderr[-4000:]
 
     code, out, err = _two_nodes(shards, url, ["train.max_steps=6"], tmp_path, fault="kill_during_upload:6:1")
     assert code != 0
@@ -248,7 +253,7 @@ def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     assert code == 0, err[-4000:]
     assert "at step 3" in out
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
-    want, got = losses(train_log(ref_dir)), losses(_log(url))
+    want, got = losses(train_log(reference2)), losses(_log(url))
     assert sorted(got) == list(range(1, 7))
     for s in range(1, 7):
         assert got[s] == pytest.approx(want[s], abs=1e-6), s
@@ -284,3 +289,31 @@ def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     finally:
         os.environ.clear()
         os.environ.update(env)
+
+
+@pytest.mark.ray
+def test_ray_train_with_storage_path_in_the_store(s3, sample_shards, reference2):
+    """``ray.storage_path=s3://…``: Ray's own files and recgpt's run (checkpoints, logs) under one prefix,
+    through the storage layer's filesystem; the 2 Ray workers train exactly as 2 torchrun processes."""
+    from launcher.ray_launch import RAY_SNAPSHOT
+
+    url = f"s3://{BUCKET}/ray"
+    env = subprocess_env(RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
+    for k in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [str(BIN / "recgpt"), "train", "--config", str(TINY), f"data.shards={sample_shards}", *STEPS,
+           "train.max_steps=6", f"ray.storage_path={url}", "ray.name=run", "ray.num_workers=2"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    final = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith('{"final_metrics"')][-1])
+    assert final["final_metrics"]["step"] == 6
+    run = f"{url}/run"
+    assert storage.read_bytes(f"{run}/checkpoints/latest").decode() == "step_00000006"
+    assert storage.exists(f"{run}/checkpoints/step_00000006/COMPLETE") and storage.exists(
+        f"{run}/{RAY_SNAPSHOT}"
+    )
+    want, got = losses(train_log(reference2)), losses(_log(run))
+    assert sorted(got) == list(range(1, 7))
+    for s in range(1, 7):
+        assert got[s] == pytest.approx(want[s], abs=1e-6), s
+    assert s3["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
