@@ -91,7 +91,18 @@ def test_train_to_s3_then_resume_with_more_steps(s3, s3_run, sample_shards, refe
         "tensorboard",
         "train_log.jsonl",
     ]
-    assert storage.listdir(f"{url}/tensorboard")
+    # TensorBoard reads the run straight from the store (its own S3 client: S3_ENDPOINT for a non-AWS
+    # endpoint, the same AWS_* credentials).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    os.environ["S3_ENDPOINT"] = s3["AWS_ENDPOINT_URL"]
+    try:
+        acc = EventAccumulator(f"{url}/tensorboard")
+        acc.Reload()
+    finally:
+        os.environ.pop("S3_ENDPOINT")
+    loss_tag = next(t for t in acc.Tags()["scalars"] if t.endswith("/loss"))
+    assert [e.step for e in acc.Scalars(loss_tag)] == [1, 2, 3]
     secret = s3["AWS_SECRET_ACCESS_KEY"]
     for name in ("config.yaml", "train_log.jsonl", "checkpoints/step_00000003/config.yaml"):
         assert secret not in storage.read_bytes(f"{url}/{name}").decode(), name
