@@ -376,9 +376,22 @@ class TrainConfig:
     objective: str = "all"
     """next_item loss positions: all (every window position), new (each target once, newest window) or last."""
     loss: str = "full"
-    """Softmax over items: full, or sampled (train.num_negatives shared negatives; huge catalogues)."""
+    """next_item loss: full (softmax over every item), sampled (softmax over the batch's positives plus
+    train.num_negatives shared sampled negatives: a step cost that does not grow with the catalogue) or
+    gbce (gSASRec's generalised binary cross-entropy over the positive and train.num_negatives uniform
+    negatives, Petrov & Macdonald, RecSys 2023)."""
     num_negatives: int = 1024
-    """Shared negative items per batch for loss=sampled."""
+    """Shared negative items per batch for loss=sampled and loss=gbce."""
+    negative_sampler: str = "uniform"
+    """Distribution of the sampled negatives (loss=sampled): uniform, or popularity (proportional to
+    each item's interaction count in items.jsonl: more hard negatives from the head of the catalogue)."""
+    logq_correction: bool = True
+    """loss=sampled: subtract log P(the item is a candidate) from every candidate's logit (candidates:
+    the in-batch positives, drawn by popularity, plus the negatives drawn by train.negative_sampler), so
+    the sampled softmax estimates the full one without popularity bias (logQ correction: Bengio &
+    Senecal 2008; Yi et al., RecSys 2019, for in-batch negatives)."""
+    gbce_t: float = 0.75
+    """loss=gbce: calibration t in [0, 1] (0: plain BCE, 1: fully calibrated to the full softmax)."""
     eval_interval: int = 200
     """Evaluate on the valid split every N optimizer steps (0 = only at the end)."""
     checkpoint_interval: int = 200
@@ -407,8 +420,15 @@ class TrainConfig:
             "set train.max_steps or train.epochs > 0",
         )
         _choice(self.objective, "train.objective", ("all", "new", "last"))
-        _choice(self.loss, "train.loss", ("full", "sampled"))
+        _choice(self.loss, "train.loss", ("full", "sampled", "gbce"))
         _check(self.num_negatives >= 1, "train.num_negatives", "must be >= 1")
+        _choice(self.negative_sampler, "train.negative_sampler", ("uniform", "popularity"))
+        _check(0.0 <= self.gbce_t <= 1.0, "train.gbce_t", "must be in [0, 1]")
+        _check(
+            not (self.loss == "gbce" and self.negative_sampler != "uniform"),
+            "train.negative_sampler",
+            "loss=gbce calibrates for uniform negatives only",
+        )
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval", "must be >= 1")

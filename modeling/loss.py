@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs import RecGPTConfig
+from configs import ConfigError, RecGPTConfig
 from data_shards.records import IGNORE_INDEX
 from modeling.adversarial import perturbed_loss
 from modeling.model import RecModel
@@ -31,9 +31,24 @@ def unwrap(model: nn.Module) -> RecModel:
     return getattr(model, "module", model)
 
 
-def sample_negatives(num_items: int, num_negatives: int, device: torch.device) -> torch.Tensor:
-    """Shared uniform negatives for a sampled softmax (the global RNG: restored on resume per rank)."""
-    return torch.randint(num_items, (num_negatives,), device=device)
+def sample_negatives(
+    num_items: int, num_negatives: int, device: torch.device, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``num_negatives`` shared negative item indices (int64 [num_negatives]), drawn with replacement
+    uniformly or from ``probs`` ([num_items], summing to 1), with the global RNG (restored per rank on
+    resume)."""
+    if probs is None:
+        return torch.randint(num_items, (num_negatives,), device=device)
+    return torch.multinomial(probs, num_negatives, replacement=True)
+
+
+def popularity(counts: list[int] | None, num_items: int) -> torch.Tensor | None:
+    """Item popularity as probabilities (float32 [num_items]) from interaction counts (``count`` in
+    items.jsonl; each clipped at 1), or None when the counts are missing (shards of older builds)."""
+    if not counts or len(counts) != num_items:
+        return None
+    c = torch.tensor(counts, dtype=torch.float64).clamp_min(1.0)
+    return (c / c.sum()).float()
 
 
 def supervised_positions(batch: dict[str, torch.Tensor]) -> int:
@@ -56,12 +71,24 @@ def task_loss(
     cfg: RecGPTConfig,
     negatives=None,
     denominator: float | None = None,
+    log_expected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the losses at the supervised positions (``labels != IGNORE_INDEX``) / ``denominator``
     (None: their count, i.e. the mean; a batch without any gives 0).
 
-    next_item: cross-entropy over all items (full softmax), or — with ``negatives`` — over the batch's
-    positive items plus the shared negatives (sampled softmax; accidental hits appear once as positive).
+    next_item, by ``train.loss``:
+
+    * full: cross-entropy over all items;
+    * sampled (``negatives`` given): cross-entropy over the candidates = the batch's positive items
+      (in-batch negatives for the other positions) plus the shared ``negatives``, each candidate once
+      (an accidental hit is the positive). With ``log_expected`` ([num_items], float32: log of each
+      item's probability of being a candidate, :meth:`LossComputer.log_inclusion`) it is subtracted
+      from every candidate's logit — the logQ correction;
+    * gbce (``negatives`` given, uniform): gSASRec's generalised BCE, ``-beta log sigmoid(s+) - sum log
+      sigmoid(-s-)`` per position, ``beta = alpha (t (1 - 1/alpha) + 1/alpha)``, ``alpha = k / (N - 1)``
+      (k negatives, N items, t = ``train.gbce_t``; Petrov & Macdonald, RecSys 2023, eq. 9); a negative
+      equal to the position's positive is left out.
+
     rating: cross-entropy over rating levels, or squared error of the predicted rating (regression).
     """
     where = batch["labels"] != IGNORE_INDEX
@@ -75,9 +102,24 @@ def task_loss(
             total = F.cross_entropy(out, y, reduction="sum")
     elif negatives is None:
         total = F.cross_entropy(rec.item_logits(h).float(), y, reduction="sum")
+    elif cfg.train.loss == "gbce":
+        candidates = torch.cat([y, negatives]).unique()  # sorted: columns found by searchsorted
+        logits = rec.item_logits(h, items=candidates).float()
+        pos_col = torch.searchsorted(candidates, y)
+        neg_col = torch.searchsorted(candidates, negatives)
+        pos = logits.gather(1, pos_col[:, None]).squeeze(1)
+        neg = logits[:, neg_col]  # [P, k]
+        k, n = negatives.numel(), rec.num_items
+        alpha = k / max(n - 1, 1)
+        t = cfg.train.gbce_t
+        beta = alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+        hit = negatives[None, :] == y[:, None]
+        total = -(beta * F.logsigmoid(pos)).sum() - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum()
     else:
         candidates, inverse = torch.unique(torch.cat([y, negatives]), return_inverse=True)
         logits = rec.item_logits(h, items=candidates).float()
+        if log_expected is not None:
+            logits = logits - log_expected[candidates]
         total = F.cross_entropy(logits, inverse[: y.numel()], reduction="sum")
     return total / (max(y.numel(), 1) if denominator is None else denominator)
 
@@ -85,8 +127,41 @@ def task_loss(
 class LossComputer:
     """Clean task loss, or the adversarial one (``cfg.adversarial``) once ``step >= warmup_steps``."""
 
-    def __init__(self, cfg: RecGPTConfig) -> None:
+    def __init__(self, cfg: RecGPTConfig, item_counts: list[int] | None = None) -> None:
+        """``item_counts``: interactions per item (``count`` of items.jsonl, by item index), for the
+        popularity sampler and the logQ correction; without them both fall back to uniform."""
         self.cfg = cfg
+        self.item_counts = item_counts
+        self._probs: dict[str, torch.Tensor | None] = {}
+        if cfg.train.negative_sampler == "popularity" and cfg.train.loss == "sampled" and not item_counts:
+            raise ConfigError(
+                "train.negative_sampler: popularity needs each item's count (items.jsonl of these shards "
+                "has none: rebuild them with this version)"
+            )
+
+    def _dists(self, num_items: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(sampler probabilities or None for uniform, target popularity or None when unknown)."""
+        if "pop" not in self._probs:
+            pop = popularity(self.item_counts, num_items)
+            self._probs["pop"] = None if pop is None else pop.to(device)
+        pop = self._probs["pop"]
+        return (pop if self.cfg.train.negative_sampler == "popularity" else None), pop
+
+    def log_inclusion(self, num_items: int, positions: int, device: torch.device) -> torch.Tensor:
+        """log P(item j is among a micro-batch's candidates) (float32 [num_items]): the candidates are
+        ``positions`` in-batch positives, drawn by popularity (uniform when unknown), and
+        ``train.num_negatives`` draws from the sampler, all with replacement, so
+        ``P = 1 - (1 - p_j)^positions (1 - q_j)^num_negatives``. With it, ``sum over candidates of
+        exp(logit - log P)`` is an unbiased (Horvitz-Thompson) estimate of the full softmax's partition
+        function; for rare items it is ``log(positions p_j + num_negatives q_j)``, the usual logQ term."""
+        sampler, pop = self._dists(num_items, device)
+        uniform = torch.full((num_items,), 1.0 / num_items, device=device, dtype=torch.float64)
+        p = pop.double() if pop is not None else uniform
+        q = sampler.double() if sampler is not None else uniform
+        log_missed = positions * torch.log1p(
+            -p.clamp(max=1 - 1e-12)
+        ) + self.cfg.train.num_negatives * torch.log1p(-q.clamp(max=1 - 1e-12))
+        return torch.log(-torch.expm1(log_missed)).float()
 
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, denominator: float | None = None
@@ -96,13 +171,16 @@ class LossComputer:
         each logged loss value (``loss``, ``clean_loss``, ``adv_loss``)."""
         cfg, rec = self.cfg, unwrap(model)
         mask = batch["attention_mask"]
-        negatives = None
-        if cfg.task == "next_item" and cfg.train.loss == "sampled":
-            negatives = sample_negatives(rec.num_items, cfg.train.num_negatives, mask.device)
+        negatives = log_expected = None
+        if cfg.task == "next_item" and cfg.train.loss in ("sampled", "gbce"):
+            sampler, _ = self._dists(rec.num_items, mask.device)
+            negatives = sample_negatives(rec.num_items, cfg.train.num_negatives, mask.device, sampler)
+            if cfg.train.loss == "sampled" and cfg.train.logq_correction:
+                log_expected = self.log_inclusion(rec.num_items, supervised_positions(batch), mask.device)
 
         def loss_at(inputs_embeds: torch.Tensor, runner: nn.Module = model) -> torch.Tensor:
             hidden = runner(attention_mask=mask, inputs_embeds=inputs_embeds)
-            return task_loss(rec, hidden, batch, cfg, negatives, denominator)
+            return task_loss(rec, hidden, batch, cfg, negatives, denominator, log_expected)
 
         def probe_loss_at(inputs_embeds: torch.Tensor) -> torch.Tensor:
             # Ascent steps run the bare module: a DeepSpeed engine's forward hooks its outputs to

@@ -206,7 +206,7 @@ def test_sampled_softmax_over_every_item_equals_full_softmax(shards):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["train.loss=sampled"], ["task=rating", "eval.metric=accuracy"],
+    [[], ["train.loss=sampled"], ["train.loss=gbce", "train.num_negatives=16"], ["task=rating", "eval.metric=accuracy"],
      ["task=rating", "eval.metric=accuracy", "model.rating_head=regression"]],
 )  # fmt: skip
 def test_loss_is_the_sum_over_supervised_positions_over_the_denominator(shards, overrides):

@@ -262,7 +262,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         total_steps = tc.max_steps or tc.epochs * max(1, len(train_loader) // tc.grad_accum)
         engine = build_engine(cfg, model, info.world_size, total_steps)
         engine.train()
-        loss_fn = LossComputer(cfg)
+        counts = [it.get("count") for it in items]
+        loss_fn = LossComputer(cfg, None if None in counts else [int(c) for c in counts])
         seed_everything(cfg.seed + info.rank)  # per-rank dropout streams (the weights are already identical)
 
         st, rng, resume_lines = TrainState(), None, []
