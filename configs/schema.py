@@ -454,12 +454,16 @@ class EvalConfig:
     """Sequences per rank per evaluation batch."""
     metric: str = "ndcg@10"
     """Validation metric for the best checkpoint and early stopping (higher is better; rating: accuracy)."""
+    item_chunk: int = 65536
+    """Items scored at a time in full-ranking evaluation: memory eval.batch_size x item_chunk floats,
+    whatever the catalogue size (the metrics are exact; see modeling.metrics.chunked_target_ranks)."""
 
     def __post_init__(self) -> None:
         _check(
             len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", "must be a non-empty list of K >= 1"
         )
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.item_chunk >= 1, "eval.item_chunk", "must be >= 1")
 
 
 @dataclass
