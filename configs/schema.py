@@ -39,6 +39,8 @@ INPUT_FORMATS = (
     "csv",
     "parquet",
     "jsonl",
+    "s3rec",
+    "sasrec",
 )
 
 
