@@ -211,10 +211,14 @@ def test_local_asha_experiment_writes_table_and_best_config(ray_env, tmp_path):
     with open(exp / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["status"] for r in rows} <= {"finished", "stopped"}
-    for r in rows:  # each row is what its trial's own recgpt run logged
+    for r in rows:  # each row is what its trial's own recgpt run logged up to the step Tune last heard of
         evals = evals_of(exp / r["trial"] / "run")
-        assert int(r["steps"]) == max(evals) and (r["status"] == "finished") == (max(evals) == 4)
-        assert float(r["best_ndcg@10"]) == pytest.approx(max(evals.values()), rel=1e-6)
+        steps = int(r["steps"])
+        # ASHA's stop is asynchronous: a stopped trial may have logged one more evaluation meanwhile.
+        assert steps in evals and (r["status"] == "finished") == (steps == 4)
+        assert float(r["best_ndcg@10"]) == pytest.approx(
+            max(v for k, v in evals.items() if k <= steps), rel=1e-6
+        )
         assert list((exp / r["trial"] / "run" / "tensorboard").glob("events.out.tfevents.*"))
         params = json.loads((exp / r["trial"] / "params.json").read_text())
         assert float(r["optim.lr"]) == params["optim.lr"]
