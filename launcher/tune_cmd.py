@@ -44,6 +44,7 @@ TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
 # The experiment's command (base config + space): a rerun with the same name must match it to restore.
 EXPERIMENT_FILE = "recgpt_tune.json"
+EXPERIMENT_STATE_PERIOD_S = 2  # see run_experiment
 TRIAL_RUN_DIR = "run"  # a trial's recgpt run directory inside its Tune trial directory
 # ASHA keeps the top 1/REDUCTION_FACTOR of the trials at each rung (rungs at grace, 2 x grace, …).
 REDUCTION_FACTOR = 2
@@ -297,6 +298,9 @@ def run_experiment(exp: Experiment, max_concurrent: int | None = None):
     from launcher.ray_launch import _connect
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # paths are absolute; keep the job's cwd
+    # Tune saves the experiment state at most every 10 s by default: a trial that finished in that
+    # window before a driver crash would run again after the restore. The state is small; save often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
     _check_same_experiment(exp)
     _connect()
     trainable = tune.with_resources(
