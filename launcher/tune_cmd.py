@@ -358,21 +358,54 @@ def run_experiment(exp: Experiment, max_concurrent: int | None = None):
 # --------------------------------------------------------------------------- results
 
 
+def logged_evals(run_dir: Path, metric: str) -> tuple[dict[int, float], int | None]:
+    """``({step: metric}, last step)`` from a trial's ``train_log.jsonl`` (empty when there is none).
+
+    The run's own log is the record of a trial: it holds every evaluation, also those reported to a
+    driver that crashed before saving them (Tune's results of a restored trial start at the restore)
+    and one a worker logged while ASHA was stopping it.
+    """
+    evals: dict[int, float] = {}
+    last = None
+    log = run_dir / "train_log.jsonl"
+    if not log.is_file():
+        return evals, last
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        last = max(last or 0, int(rec.get("step", 0)))
+        if rec.get("kind") == "eval" and isinstance(rec.get(metric), (int, float)):
+            evals[int(rec["step"])] = float(rec[metric])
+    return evals, last
+
+
 def trial_rows(exp: Experiment, grid) -> list[dict[str, Any]]:
-    """One row per trial: id, status, the searched values, best metric, its step, steps run, wall time."""
+    """One row per trial: id, status, the searched values, best metric, its step, steps run, wall time.
+
+    Metrics and steps come from the trial's run log (:func:`logged_evals`), falling back to what Tune
+    received; the wall time is Tune's ``time_total_s`` (since the restore, for a restored trial).
+    """
     rows = []
     for result in grid:
         df = result.metrics_dataframe
         metric = exp.metric
+        trial_id = Path(result.path).name if result.path else ""
         best = best_step = steps = wall = None
-        if df is not None and metric in df.columns and df[metric].notna().any():
+        if df is not None and "time_total_s" in df.columns and len(df):
+            wall = float(df["time_total_s"].max())
+        evals, steps = logged_evals(exp.path / trial_id / TRIAL_RUN_DIR, metric)
+        if evals:
+            best_step = max(evals, key=lambda k: (evals[k], -k))
+            best = evals[best_step]
+        elif df is not None and metric in df.columns and df[metric].notna().any():
             i = df[metric].idxmax()
             best, best_step = float(df[metric][i]), int(df["step"][i])
             steps = int(df["step"].max())
-            wall = float(df["time_total_s"].max())
-        trial_id = Path(result.path).name if result.path else ""
-        max_steps = exp.base["train"]["max_steps"]
-        status = "error" if result.error else "finished" if steps == max_steps or not max_steps else "stopped"
+        # train() writes metrics.json last: without it the trial was stopped (ASHA) before its end.
+        finished = (exp.path / trial_id / TRIAL_RUN_DIR / "metrics.json").is_file()
+        status = "error" if result.error else "finished" if finished else "stopped"
         row: dict[str, Any] = {"trial": trial_id, "status": status}
         row.update({p.key: (result.config or {}).get(p.key) for p in exp.params})
         row.update({f"best_{metric}": best, "best_step": best_step, "steps": steps, "wall_s": wall})

@@ -187,8 +187,11 @@ def evals_of(run_dir: Path) -> dict[int, float]:
     for line in (run_dir / "train_log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["kind"] == "eval":
-            assert int(rec["step"]) not in out, f"step {rec['step']} evaluated twice"
-            out[int(rec["step"])] = float(rec["ndcg@10"])
+            step, value = int(rec["step"]), float(rec["ndcg@10"])
+            # A step runs twice only after a kill between its evaluation and its checkpoint; the resume
+            # is exact, so it evaluates to the same value.
+            assert out.get(step, value) == value, f"step {step}: {out[step]} then {value}"
+            out[step] = value
     return out
 
 
@@ -211,14 +214,14 @@ def test_local_asha_experiment_writes_table_and_best_config(ray_env, tmp_path):
     with open(exp / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["status"] for r in rows} <= {"finished", "stopped"}
-    for r in rows:  # each row is what its trial's own recgpt run logged up to the step Tune last heard of
-        evals = evals_of(exp / r["trial"] / "run")
-        steps = int(r["steps"])
-        # ASHA's stop is asynchronous: a stopped trial may have logged one more evaluation meanwhile.
-        assert steps in evals and (r["status"] == "finished") == (steps == 4)
-        assert float(r["best_ndcg@10"]) == pytest.approx(
-            max(v for k, v in evals.items() if k <= steps), rel=1e-6
-        )
+    for r in rows:  # each row is what its trial's own recgpt run logged
+        run = exp / r["trial"] / "run"
+        evals = evals_of(run)
+        last = max(json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines())
+        assert int(r["steps"]) == last and (r["status"] == "finished") == (run / "metrics.json").is_file()
+        assert r["status"] == "stopped" or max(evals) == 4
+        assert float(r["best_ndcg@10"]) == max(evals.values())
+        assert evals[int(r["best_step"])] == max(evals.values())
         assert list((exp / r["trial"] / "run" / "tensorboard").glob("events.out.tfevents.*"))
         params = json.loads((exp / r["trial"] / "params.json").read_text())
         assert float(r["optim.lr"]) == params["optim.lr"]
@@ -284,6 +287,7 @@ def test_driver_sigkill_then_same_command_resumes_without_rerunning_finished_tri
     other = next(name for name in rows if name != first_trial)
     assert f"Trial {other} started" in out and "resumed from" in out  # from its own checkpoint
     evals = evals_of(exp / other / "run")
-    assert sorted(evals) == [2, 4, 6, 8, 10, 12]  # each evaluation once: no step ran twice
-    assert float(rows[other]["best_ndcg@10"]) == pytest.approx(max(evals.values()), rel=1e-6)
+    assert sorted(evals) == [2, 4, 6, 8, 10, 12]
+    # The best of the whole trial, before and after the crash (Tune's own results restart at the restore).
+    assert float(rows[other]["best_ndcg@10"]) == max(evals.values())
     assert sorted(float(r["optim.lr"]) for r in rows.values()) == [0.001, 0.003]
