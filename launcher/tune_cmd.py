@@ -191,6 +191,11 @@ class Experiment:
         return Path(self.storage_path) / self.name
 
     @property
+    def num_trials(self) -> int:
+        """``trials`` samples, each repeated for every combination of the grid values."""
+        return self.trials * math.prod(len(p.args) for p in self.params if p.kind == "grid")
+
+    @property
     def metric(self) -> str:
         return self.base["eval"]["metric"]
 
@@ -214,11 +219,10 @@ def prepare(args: argparse.Namespace) -> Experiment:
     base = to_dict(cfg)
     params = parse_space(args.space)
     check_space(params, base, args.space)
-    storage, default_name = run_location(cfg)
+    storage, _ = run_location(cfg)
     name = args.name or f"tune-{Path(args.space).stem}"
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"--name: got {name!r}, must be one directory name")
-    del default_name
     return Experiment(base, params, storage, name, args.trials, args.scheduler)
 
 
@@ -327,7 +331,7 @@ def run_experiment(exp: Experiment, max_concurrent: int | None = None):
                 stop_last_trials=False,
             )
         _log(
-            f"experiment {path}: {exp.trials} trial(s), scheduler {exp.scheduler}, metric {exp.metric} (max), "
+            f"experiment {path}: {exp.num_trials} trial(s), scheduler {exp.scheduler}, metric {exp.metric} (max), "
             f"up to {concurrent} side by side, {exp.base['ray']['num_workers']} worker(s) per trial"
         )
         tuner = tune.Tuner(

@@ -116,6 +116,7 @@ def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path):
     )  # fmt: skip
     exp = tune_cmd.prepare(args)
     assert exp.path == tmp_path / "runs" / "exp" and exp.base["ray"]["num_workers"] == 1  # 0 -> one worker
+    assert exp.num_trials == 8  # --trials' default, no grid
     rows = [
         {"trial": "trial_a", "status": "stopped", "optim.lr": 0.001, "model.dropout": 0.05,
          "best_ndcg@10": 0.01, "best_step": 2, "steps": 2, "wall_s": 3.0},
