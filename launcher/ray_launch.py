@@ -288,9 +288,9 @@ def tune_report(metric: str) -> Callable[[dict[str, Any], str | None], None]:
     """The ``report`` callback of a Tune trial's workers: every evaluation (results holding ``metric``),
     without checkpoints.
 
-    Tune refuses a result that lacks the experiment's metric (a checkpoint at a step that was not
-    evaluated), and a trial needs no Ray checkpoints: a restarted trial resumes from recgpt's own
-    ``checkpoints/latest``. Every rank gets the same metrics, so every rank skips the same calls.
+    Tune refuses a result that lacks the experiment's metric, and a trial needs no Ray checkpoints: a
+    restarted trial resumes from recgpt's own ``checkpoints/latest``. Every rank gets the same
+    metrics, so every rank makes the same calls.
     """
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

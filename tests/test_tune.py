@@ -152,6 +152,41 @@ def test_rerun_with_another_space_under_the_same_name_is_refused(tmp_path):
         tune_cmd._check_same_experiment(exp_for("optim.lr: {choice: [0.001, 0.02]}\n"))
 
 
+# ---------------------------------------------------------------- what train() reports (one process)
+
+REPORT_SCRIPT = """
+import json, sys
+from configs import load_config
+from trainer.loop import train
+calls = []
+train(load_config(sys.argv[1], sys.argv[2:]), report=lambda m, c: calls.append([m["step"], m.get("ndcg@10"), c]))
+print("CALLS " + json.dumps(calls))
+"""
+
+
+def test_train_reports_every_evaluation_and_every_checkpoint(sample_shards, tmp_path):
+    """Evaluations at 2, 4, 6 and checkpoints at 4, 6: a scheduler hears of each evaluation once, Ray
+    Train of each checkpoint once."""
+    from tests.conftest import subprocess_env, train_log
+
+    out = tmp_path / "run"
+    overrides = [f"data.shards={sample_shards}", f"train.output_dir={out}", "train.max_steps=6",
+                 "train.eval_interval=2", "train.checkpoint_interval=4", "train.log_interval=2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT_SCRIPT, str(TINY), *overrides],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("CALLS "))[6:])
+    evals = {r["step"]: r["ndcg@10"] for r in train_log(out) if r["kind"] == "eval"}
+    ckpt = str(out / "checkpoints" / "step_{:08d}")
+    assert calls == [
+        [2, evals[2], None],
+        [4, evals[4], ckpt.format(4)],
+        [6, evals[6], ckpt.format(6)],
+    ]
+
+
 # ---------------------------------------------------------------- real local Ray Tune (slow)
 
 SHORT = ("train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=2")
