@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from configs import ConfigError, RecGPTConfig, atomic_write, config_from_dict, load_config, to_dict, to_yaml
+from data_shards.storage import is_url
 from launcher.common import add_config_args
 
 KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -220,6 +221,11 @@ def prepare(args: argparse.Namespace) -> Experiment:
     params = parse_space(args.space)
     check_space(params, base, args.space)
     storage, _ = run_location(cfg)
+    if is_url(storage):
+        # The experiment's files, trials.csv and best.yaml are plain files beside the trials' run dirs.
+        raise ConfigError(
+            f"ray.storage_path: got {storage!r}; recgpt tune needs a filesystem path (shared on a cluster)"
+        )
     name = args.name or f"tune-{Path(args.space).stem}"
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"--name: got {name!r}, must be one directory name")
