@@ -5,7 +5,8 @@ settings differ from that on resume:
 
 - **fixed** (:data:`FIXED`, :func:`refuse_fixed_changes`, :func:`check_data`): the model's shape and
   architecture, the task and prompt, the item vocabulary and data build (the shards' fingerprint), the
-  LoRA structure, ZeRO stage, precision, and the data plan (micro-batch size, seed). The checkpoint
+  LoRA structure and freeze depth, the optimizer, ZeRO stage, precision, and the data plan
+  (micro-batch size, seed). The checkpoint
   cannot be loaded into, or exactly continued with, another value: :class:`ConfigError` naming the key,
   raised before the model is built. (A different world size is refused by
   ``trainer.checkpoint.CheckpointManager.load``.)
