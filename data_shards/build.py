@@ -153,11 +153,11 @@ def build_shards(
     if remote:
         out = str(out)
         if storage.listdir(out) and not force:  # also: the bucket exists and the credentials work
-            raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
+            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
     else:
         out = Path(out)
         if out.exists() and any(out.iterdir()) and not force:
-            raise DataError(f"{out}: already exists and is not empty (build with force to replace it)")
+            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
 
     logs = read_interactions(input_path, cfg)
     frame, filter_stats = apply_filters(logs.frame, cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,10 @@ _SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # instances by their arguments, and these are not arguments).
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", *_SECRETS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
              "AWS_REGION", "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")  # fmt: skip
+# botocore logs "Found credentials in environment variables." at INFO: noise under INFO-level logging
+# (export, Ray workers); its warnings and errors still show.
+for _name in ("botocore", "aiobotocore", "s3fs"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 _READ_BLOCK = 8 << 20  # bytes fetched per ranged GET while a shard streams
 _cache: dict[tuple, Any] = {}
 
@@ -86,9 +91,11 @@ def filesystem(url: str | os.PathLike) -> tuple[Any, str]:
 
 
 def _scrub(text: str) -> str:
+    """``text`` without the secret values. Values shorter than 8 characters (test keys, never a real
+    secret) are left alone: replacing them would garble the URLs the message names."""
     for k in _SECRETS:
         value = os.environ.get(k)
-        if value:
+        if value and len(value) >= 8:
             text = text.replace(value, "***")
     return text
 
@@ -211,7 +218,7 @@ def publish(tmp: str | os.PathLike, url: str | os.PathLike, marker: str, force: 
         return str(publish_dir(tmp, url))
     tmp = Path(tmp)
     if listdir(url) and not force:
-        raise DataError(f"{url}: already exists and is not empty (force replaces it)")
+        raise DataError(f"{url}: already exists and is not empty (--force replaces it)")
     fs, path = filesystem(url)
     path = path.rstrip("/")
     parent, _, name = path.rpartition("/")

@@ -233,7 +233,10 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
         return 1
     _log(f"finished in {time.time() - t0:.1f}s; run dir {run_dir}")
     if result.checkpoint is not None:
-        _log(f"last reported checkpoint {result.checkpoint.path}")
+        where = result.checkpoint.path
+        if storage.is_url(run_dir):  # Ray holds the path inside the store's filesystem: give the URL
+            where = f"{run_dir.split('://', 1)[0]}://{where.lstrip('/')}"
+        _log(f"last reported checkpoint {where}")
     print(
         json.dumps({"final_metrics": json.loads(storage.read_bytes(final_file))}, sort_keys=True), flush=True
     )

@@ -90,7 +90,7 @@ def check_out(out: str | os.PathLike, force: bool) -> Path:
     """``out`` as an absolute path; an existing one is refused unless ``force``."""
     path = Path(out).absolute()
     if path.exists() and not force:
-        raise ExportError(f"{path}: already exists (force replaces it)")
+        raise ExportError(f"{path}: already exists (--force replaces it)")
     return path
 
 

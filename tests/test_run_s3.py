@@ -113,6 +113,17 @@ def test_train_to_s3_then_resume_with_more_steps(s3, s3_run, sample_shards, refe
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"
     _same_as_reference(reference, url)
     print(f"s3 runs: 3 steps {t1:.1f} s, resumed to 6 steps {t2:.1f} s")
+    assert (
+        f"resumed from {root}/step_00000003 at step 3" in p2.stdout
+    )  # the store's URL, not the staging copy
+    os.environ["S3_ENDPOINT"] = s3["AWS_ENDPOINT_URL"]
+    try:
+        acc = EventAccumulator(f"{url}/tensorboard")
+        acc.Reload()
+    finally:
+        os.environ.pop("S3_ENDPOINT")
+    # Step 3 belongs to the checkpoint the second run resumed from: kept, not purged.
+    assert [e.step for e in acc.Scalars(loss_tag)] == [1, 2, 3, 4, 5, 6]
 
     # Bit rot in the store: step 6's RNG state changes; the next run skips it (one line naming the object
     # and the file), resumes from step 3 and ends exactly as before.
@@ -339,3 +350,17 @@ def test_ray_train_with_storage_path_in_the_store(s3, sample_shards, reference2)
     for s in range(1, 7):
         assert got[s] == pytest.approx(want[s], abs=1e-6), s
     assert s3["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+
+
+def test_logs_up_to_a_checkpoint_are_in_the_store_with_it(s3, sample_shards):
+    """A crash between log syncs (log_interval 10) right after a checkpoint: the store's train_log.jsonl
+    already holds that checkpoint's evaluation, and the resumed run continues it."""
+    url = f"s3://{BUCKET}/runs/logs"
+    more = ("train.log_interval=10", "train.eval_interval=3")
+    p1, _ = _train(sample_shards, url, 6, fault="kill:4:0", more=more)
+    assert p1.returncode != 0
+    evals = [r["step"] for r in _log(url) if r["kind"] == "eval"]
+    assert evals == [3]
+    p2, _ = _train(sample_shards, url, 6, more=more)
+    assert p2.returncode == 0, p2.stderr[-4000:]
+    assert [r["step"] for r in _log(url) if r["kind"] == "eval"] == [3, 6]

@@ -87,7 +87,7 @@ def export_checkpoint(
     remote_out = str(out) if is_url(out) else None
     if remote_out is not None:  # written locally, then published in the store (storage.publish)
         if storage.listdir(remote_out) and not force:
-            raise ExportError(f"{remote_out}: already exists (force replaces it)")
+            raise ExportError(f"{remote_out}: already exists (--force replaces it)")
         staging = Path(tempfile.mkdtemp(prefix="recgpt-export-"))
         atexit.register(shutil.rmtree, staging, ignore_errors=True)
         out = staging / "export"

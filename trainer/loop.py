@@ -282,7 +282,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             save_resolved(cfg, out_dir)  # after apply_schedule: it says what the optimizer does
         monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
         if resume_from is not None:
-            monitor.message(f"resumed from {resume_from} at step {st.step}")
+            shown = sync.shown(resume_from) if sync is not None else resume_from
+            monitor.message(f"resumed from {shown} at step {st.step}")
             for line in resume_lines:
                 monitor.message(line)
             set_rng_state(rng)  # last: nothing may draw from the RNGs between here and the first step
@@ -405,6 +406,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 )
                 last_ckpt_step = st.step
                 if sync is not None:
+                    if info.is_main:
+                        monitor.flush()  # the logs up to this checkpoint go to the store with it
                     sync.publish_checkpoint(path.name, st.step, ckpts.written, ckpts.owned)
                     path = sync.store(f"checkpoints/{path.name}")
                 if report is not None:
@@ -432,9 +435,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             atomic_write(out_dir / "metrics.json", json.dumps(final, indent=2, sort_keys=True))
             monitor.message("final: " + json.dumps(final, sort_keys=True))
             monitor.message(
-                f"run directory {out_dir}: checkpoints/ (latest: {checkpoint_name(st.step)}, best: "
+                f"run directory {sync.url if sync is not None else out_dir}: checkpoints/ (latest: "
+                f"{checkpoint_name(st.step)}, best: "
                 f"{st.best_checkpoint}), tensorboard/, train_log.jsonl, metrics.json, config.yaml"
-                + (f"; mirrored to {sync.url}" if sync is not None else "")
             )
             if sync is not None:
                 monitor.flush()

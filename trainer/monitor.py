@@ -208,8 +208,11 @@ class Monitor:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a crashed run wrote after the checkpoint we resume from.
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step or None)
+            # purge_step drops events at steps >= it: those a crashed run wrote after the checkpoint we
+            # resume from (step start_step's own events belong to the checkpoint and stay).
+            self.writer = SummaryWriter(
+                str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         mode = cfg.logging.progress
         if mode == "auto":
             mode = "tqdm" if sys.stderr.isatty() else "plain"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -105,6 +106,15 @@ class RunSync:
     def store(self, rel: str) -> str:
         return storage.join(self.url, rel)
 
+    def shown(self, local: str | os.PathLike) -> str:
+        """A path in the staging directory as the URL of its copy in the store (else unchanged)."""
+        p = Path(local)
+        if p == self.local or p.is_relative_to(self.local):
+            return (
+                storage.join(self.url, p.relative_to(self.local).as_posix()) if p != self.local else self.url
+            )
+        return str(local)
+
     # ------------------------------------------------------------------ start
     def prepare(self, resume: str) -> str:
         """Every rank (collective): each node's leader empties its staging directory; rank 0 fetches
@@ -122,6 +132,7 @@ class RunSync:
                 self.local.mkdir(parents=True)
             if self.rank != 0:
                 return None
+            storage.listdir(self.url)  # an unknown bucket or bad credentials: one line naming the run URL
             for name in ("train_log.jsonl",):
                 if storage.exists(self.store(name)):
                     fs, path = storage.filesystem(self.store(name))
@@ -134,7 +145,11 @@ class RunSync:
                 return fetch_checkpoint(resume, local_resume)[1]
             return None
 
-        chosen = _together(start)[0]
+        try:
+            chosen = _together(start)[0]
+        except BaseException:
+            self.cleanup(logs=False)
+            raise
 
         def follow() -> None:  # the other nodes: the same checkpoint, verified
             if not self.leader or self.rank == 0 or chosen is None:
@@ -153,7 +168,11 @@ class RunSync:
             if problem is not None:
                 raise CheckpointError(f"{chosen}: the copy on node {node_rank()} is damaged ({problem})")
 
-        _together(follow)
+        try:
+            _together(follow)
+        except BaseException:
+            self.cleanup(logs=False)
+            raise
         return str(local_resume) if explicit else resume
 
     def _fetch_checkpoint(self) -> str | None:
@@ -214,6 +233,8 @@ class RunSync:
         self.faults.maybe_kill("kill_during_upload", step)
         sizes = all_gather_object(sum((written / rel).stat().st_size for rel in owned))  # also a barrier
         if self.rank == 0:
+            # The logs up to this checkpoint first: a crash after it resumes with them in the store.
+            self.sync_logs()
             storage.upload(local_root / name / COMPLETE, storage.join(target, COMPLETE))  # last
             for pointer in ("latest", "best"):
                 p = local_root / pointer
@@ -250,11 +271,11 @@ class RunSync:
                     fs.rm_file(f"{path}/{COMPLETE}")
                 fs.rm(path, recursive=True)
 
-    def cleanup(self) -> None:
+    def cleanup(self, logs: bool = True) -> None:
         """When the run ends (finished or failed): rank 0 uploads the logs written since the last sync
         (best effort: a failing store must not hide the run's own error), then each node's leader
         deletes its staging directory — the store holds the run, and the next start empties it anyway."""
-        if self.rank == 0:
+        if self.rank == 0 and logs:
             try:
                 self.sync_logs()
             except Exception as e:  # noqa: BLE001 — reported, and the run's own outcome stands
@@ -321,8 +342,9 @@ def fetch_checkpoint(checkpoint: str, into: Path, best: bool = False) -> tuple[P
         which = "best" if best else "latest"
         name = _read_text(storage.join(root, which))
         if name is None or not storage.exists(storage.join(root, f"{name}/{COMPLETE}")):
-            raise CheckpointError(f"{url}: no complete checkpoint ({storage.join(root, which)} missing or "
-                                  "points at an incomplete one)")  # fmt: skip
+            where = storage.join(url, f"{CHECKPOINTS}/{which}") if root == url else storage.join(root, which)
+            raise CheckpointError(f"{url}: no complete checkpoint ({where} missing or points at an "
+                                  "incomplete one)")  # fmt: skip
     dest = into / name
     download(storage.join(root, name), dest)
     (into / "latest").write_text(name)
