@@ -266,8 +266,8 @@ def detect_format(
             for f in files
             if _strip_gz(f.basename).endswith(".txt") and not f.basename.upper().startswith("README")
         ]
-        if len(texts) == 1:
-            return (fmt if fmt != "auto" else _sequence_kind(texts[0])), texts[0], None
+        if len(texts) == 1 and (kind := fmt if fmt != "auto" else _sequence_kind(texts[0])):
+            return kind, texts[0], None
     if fmt in ("auto", "parquet"):
         parquets = [f for f in files if f.basename.endswith(".parquet")]
         if len(parquets) == 1:
@@ -290,13 +290,16 @@ def detect_format(
 SEQUENCE_PEEK_LINES = 2000
 
 
-def _sequence_kind(f: InputFile) -> str:
+def _sequence_kind(f: InputFile) -> str | None:
     """``s3rec`` or ``sasrec`` from the first lines of a whitespace-separated ``.txt`` file: a line with
     more than two fields is a user's sequence (s3rec); two fields on every line with a user on several
-    lines are pairs (sasrec); anything else is ambiguous — shards.format must say."""
+    lines are pairs (sasrec); None when no line has more than two fields and one has fewer (not such
+    a file); a DataError when it could be either — shards.format must say."""
     lines = [ln.split() for ln in f.read_bytes().splitlines()[:SEQUENCE_PEEK_LINES] if ln.strip()]
     if any(len(t) > 2 for t in lines):
-        return "s3rec"
+        return "s3rec"  # a shorter line is a bad line of it, named by the reader
+    if not lines or any(len(t) < 2 for t in lines):
+        return None
     users = [t[0] for t in lines if len(t) == 2]
     if lines and len(users) == len(lines) and len(set(users)) < len(users):
         return "sasrec"
