@@ -121,6 +121,13 @@ class ShardsConfig:
     """Size cap of one shard file in MiB."""
     skip_bad_lines: bool = False
     """Count and report malformed input lines and lines missing a value instead of stopping at the first."""
+    base: str | None = None
+    """Periodic builds: the shard directory (or URL) of the previous period. The input then holds only
+    the interactions after it; old items keep their index, new ones are appended, every user's history
+    continues from the base, and valid/test are each user's last two interactions of the new period."""
+    carry_base_train: bool = True
+    """With shards.base: also write the base's training records into the new train split (the new
+    shards then hold every period, for from-scratch training); false: only the new targets (re-tuning)."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "shards.format", INPUT_FORMATS)
