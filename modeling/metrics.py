@@ -83,7 +83,9 @@ def eval_outputs(
 ) -> dict[str, torch.Tensor]:
     """Per-example CPU tensors for one eval batch, rows with ``valid=False`` dropped.
 
-    next_item: ``rank`` [B] (1-based, full ranking). rating: ``pred_class``, ``pred_rating``,
+    next_item: ``rank`` [B] (1-based, full ranking; with ``unknown_target`` / ``unknown_history`` in
+    the batch — shards of another item vocabulary — those rows get rank num_items + 1, a miss, and
+    the two flags are passed on). rating: ``pred_class``, ``pred_rating``,
     ``like_score``, and the truth ``label`` (level index) and ``rating``. With ``attack_epsilon > 0``
     the same per-example keys again under an FGM attack, prefixed ``adv_``.
     """
@@ -93,6 +95,14 @@ def eval_outputs(
         embeds = rec.embed(batch["input_ids"])
         scores = _score(rec, batch, embeds, cfg)
     out = _per_example(scores, batch, rec, cfg, "")
+    # Shards with another item vocabulary (modeling.collate.RemappedCollate): an example the model
+    # cannot score — its target is an item it does not know, or its history holds none it knows — is
+    # a miss, ranked after every item: it stays in the denominator of every metric.
+    unscorable = None
+    if "unknown_target" in batch:
+        unscorable = batch["unknown_target"] | batch["unknown_history"]
+        out["unknown_target"], out["unknown_history"] = batch["unknown_target"], batch["unknown_history"]
+        out["rank"] = torch.where(unscorable, scores.shape[1] + 1, out["rank"])
     if attack_epsilon > 0:
         with torch.enable_grad():
 
@@ -102,6 +112,8 @@ def eval_outputs(
             delta = attack_epsilon * ascent_direction(loss_at, embeds, torch.zeros_like(embeds), mask)
         with torch.no_grad():
             out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
+        if unscorable is not None:
+            out["adv_rank"] = torch.where(unscorable, scores.shape[1] + 1, out["adv_rank"])
     if cfg.task == "rating":
         where = batch["labels"] != -100
         out["label"] = batch["labels"][where]
@@ -169,9 +181,21 @@ def _rating_metrics(out: dict[str, torch.Tensor], prefix: str, name: str) -> dic
 def compute_metrics(outputs: dict[str, torch.Tensor], cfg: RecGPTConfig) -> dict[str, float]:
     """Metrics of concatenated ``eval_outputs``: hr@K / ndcg@K (1/log2(rank+1)) / mrr@K for K in
     ``eval.ks`` (next_item), or accuracy / rmse / neg_rmse / auc (rating); ``robust_``-prefixed
-    versions when the outputs carry an FGM attack. ``num_examples`` counts the examples."""
+    versions when the outputs carry an FGM attack. ``num_examples`` counts the examples.
+
+    Scored on shards with another item vocabulary (``unknown_target`` in the outputs):
+    ``unknown_targets`` counts the examples whose target the model does not know (an item new since it
+    was trained) and ``unknown_target_fraction`` is their share; ``unknown_histories`` counts those
+    with a known target but no known history item. Both kinds are misses *inside* the denominator:
+    hr/ndcg/mrr are means over all ``num_examples``, so they are what the model achieves on the split
+    as it is, unknown items included."""
     key = "rank" if cfg.task == "next_item" else "label"
     metrics: dict[str, float] = {"num_examples": float(outputs[key].numel()) if key in outputs else 0.0}
+    if "unknown_target" in outputs:
+        unknown = int(outputs["unknown_target"].sum())
+        metrics["unknown_targets"] = float(unknown)
+        metrics["unknown_target_fraction"] = unknown / max(1.0, metrics["num_examples"])
+        metrics["unknown_histories"] = float(outputs["unknown_history"].sum())
     if not metrics["num_examples"]:
         return metrics
     for prefix, name in (("", ""), ("adv_", "robust_")):
