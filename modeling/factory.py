@@ -223,13 +223,19 @@ def cooccurrence_pmi(
     from modeling.data import build_loader
 
     pairs: dict[tuple[int, int], float] = {}
+    from data_shards.manifest import load_manifest
+
     # Seed 0 and whole batches of 256, independent of the run's seed: the sample of windows counted
     # (all but the last partial batch) is the one every recgpt version has used, so runs stay comparable.
+    # A split smaller than one batch is counted whole.
+    whole = load_manifest(shards_dir)["splits"]["train"]["records"] < 256
     loader = build_loader(
-        cfg, "train", shards=shards_dir, batch_size=256, num_workers=0, seed=0, drop_last=True
+        cfg, "train", shards=shards_dir, batch_size=256, num_workers=0, seed=0, drop_last=not whole
     )
     for batch in loader:
         for rec in batch:
+            if rec.get("pad"):
+                continue
             seq = rec["items"]
             # Count each pair once across overlapping windows: only pairs ending at a new target.
             for b in range(max(1, int(rec.get("first_new_target", 1))), len(seq)):
