@@ -265,7 +265,7 @@ class RemappedCollate:
     History items the model does not know are left out of the prompt and of ``seen``. A record whose
     target is unknown, or whose history holds no known item, is still one example (a placeholder
     prompt is scored): ``unknown_target`` / ``unknown_history`` [B] bool mark it, and the metrics count
-    it as a miss ranked after every item (:func:`modeling.metrics.eval_outputs`).
+    it as a miss (:func:`modeling.metrics.eval_outputs`).
     """
 
     def __init__(self, collate: RecordCollator, remap: list[int]) -> None:

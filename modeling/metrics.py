@@ -21,6 +21,7 @@ from modeling.adversarial import ascent_direction
 from modeling.loss import unwrap
 
 LIKE_THRESHOLD = 4.0  # "like" = rating >= 4 for the AUC
+MISS_RANK = 2**31 - 1  # the rank of an example the model cannot score: beyond every K (a miss)
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +85,7 @@ def eval_outputs(
     """Per-example CPU tensors for one eval batch, rows with ``valid=False`` dropped.
 
     next_item: ``rank`` [B] (1-based, full ranking; with ``unknown_target`` / ``unknown_history`` in
-    the batch — shards of another item vocabulary — those rows get rank num_items + 1, a miss, and
+    the batch — shards of another item vocabulary — those rows get :data:`MISS_RANK`, a miss, and
     the two flags are passed on). rating: ``pred_class``, ``pred_rating``,
     ``like_score``, and the truth ``label`` (level index) and ``rating``. With ``attack_epsilon > 0``
     the same per-example keys again under an FGM attack, prefixed ``adv_``.
@@ -97,12 +98,13 @@ def eval_outputs(
     out = _per_example(scores, batch, rec, cfg, "")
     # Shards with another item vocabulary (modeling.collate.RemappedCollate): an example the model
     # cannot score — its target is an item it does not know, or its history holds none it knows — is
-    # a miss, ranked after every item: it stays in the denominator of every metric.
+    # a miss (MISS_RANK, beyond every K even in a catalogue smaller than K): it stays in the
+    # denominator of every metric.
     unscorable = None
     if "unknown_target" in batch:
         unscorable = batch["unknown_target"] | batch["unknown_history"]
         out["unknown_target"], out["unknown_history"] = batch["unknown_target"], batch["unknown_history"]
-        out["rank"] = torch.where(unscorable, scores.shape[1] + 1, out["rank"])
+        out["rank"] = torch.where(unscorable, MISS_RANK, out["rank"])
     if attack_epsilon > 0:
         with torch.enable_grad():
 
@@ -113,7 +115,7 @@ def eval_outputs(
         with torch.no_grad():
             out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
         if unscorable is not None:
-            out["adv_rank"] = torch.where(unscorable, scores.shape[1] + 1, out["adv_rank"])
+            out["adv_rank"] = torch.where(unscorable, MISS_RANK, out["adv_rank"])
     if cfg.task == "rating":
         where = batch["labels"] != -100
         out["label"] = batch["labels"][where]

@@ -341,9 +341,25 @@ def test_init_from_export_and_checkpoint_end_to_end(periods, tmp_path):
     assert metrics["unknown_targets"] == unknown and metrics["unknown_target_fraction"] == pytest.approx(
         unknown / 5
     )
-    assert metrics["hr@20"] <= (5 - unknown) / 5  # at most the known targets can be hits
+    # 12 items < K = 20: every known target is a hit, every unknown one a miss
+    assert metrics["hr@20"] == pytest.approx((5 - unknown) / 5)
     assert metrics["vocabulary"] == {"model_items": 12, "data_items": 14, "data_items_unknown_to_model": 2}
 
 
 def _as_overrides(cfg) -> list[str]:
     return [f"data.shards={cfg.data.shards}", "model.tokenizer_vocab_size=280"]
+
+
+def test_unknown_targets_are_misses_in_the_denominator():
+    from modeling.metrics import MISS_RANK, compute_metrics
+
+    cfg = load_config(None, ["eval.ks=[1,5]", "eval.metric=hr@5"])
+    outputs = {
+        "rank": torch.tensor([1, MISS_RANK, 3, MISS_RANK]),
+        "unknown_target": torch.tensor([False, True, False, False]),
+        "unknown_history": torch.tensor([False, False, False, True]),
+    }
+    m = compute_metrics(outputs, cfg)
+    assert m["num_examples"] == 4 and m["unknown_targets"] == 1 and m["unknown_histories"] == 1
+    assert m["unknown_target_fraction"] == 0.25
+    assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["mrr@5"] == pytest.approx((1 + 1 / 3) / 4)
