@@ -359,3 +359,16 @@ def test_unknown_targets_are_misses_in_the_denominator():
     assert m["num_examples"] == 4 and m["unknown_targets"] == 1 and m["unknown_histories"] == 1
     assert m["unknown_target_fraction"] == 0.25
     assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["mrr@5"] == pytest.approx((1 + 1 / 3) / 4)
+
+
+@pytest.mark.s3
+def test_base_build_reads_and_writes_s3(periods, s3, tmp_path):
+    """A base in the object store (and the new build written there) gives the local build's records."""
+    from tests.conftest import BUCKET
+
+    old_url, new_url = f"s3://{BUCKET}/retune/old", f"s3://{BUCKET}/retune/new"
+    build_shards(periods["root"] / "old.csv", old_url, _cfg())
+    build_shards(periods["new_log"], new_url, _cfg(base=old_url))
+    remote, local = load_manifest(new_url), load_manifest(periods["all"])
+    assert remote["fingerprint"] == local["fingerprint"] and remote["base"]["location"] == old_url
+    assert _records(new_url, "test") == _records(periods["all"], "test")
