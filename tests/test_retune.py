@@ -277,9 +277,21 @@ def _train(shards: Path, out: Path, *overrides: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def old_model(periods, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, export) of a LoRA model trained 2 steps on the old period."""
+    from trainer.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("old-model")
+    old_run, old_export = root / "old", root / "old-export"
+    _train(periods["old"], old_run, "lora.enabled=true", "optim.lr=0.05")
+    export_checkpoint(old_run, old_export)
+    return old_run, old_export
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_init_from_export_and_checkpoint_end_to_end(periods, tmp_path):
+def test_init_from_export_and_checkpoint_end_to_end(periods, old_model, tmp_path):
     """Old model (LoRA) -> export; the export and the checkpoint give the same source weights (LoRA
     merged); a run warm-started from the export (full tuning; LoRA warm starts: the unit test above)
     exports both vocabularies; the old export scored on the new build counts the targets it cannot know."""
@@ -287,9 +299,7 @@ def test_init_from_export_and_checkpoint_end_to_end(periods, tmp_path):
     from trainer.export import export_checkpoint
     from trainer.warm_start import load_source
 
-    old_run, old_export = tmp_path / "old", tmp_path / "old-export"
-    _train(periods["old"], old_run, "lora.enabled=true", "optim.lr=0.05")
-    export_checkpoint(old_run, old_export)
+    old_run, old_export = old_model
     cfg = load_config(
         REPO / "configs" / "tiny.yaml", [f"data.shards={periods['new']}", "model.tokenizer_vocab_size=280"]
     )
@@ -372,3 +382,22 @@ def test_base_build_reads_and_writes_s3(periods, s3, tmp_path):
     remote, local = load_manifest(new_url), load_manifest(periods["all"])
     assert remote["fingerprint"] == local["fingerprint"] and remote["base"]["location"] == old_url
     assert _records(new_url, "test") == _records(periods["all"], "test")
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_init_from_an_export_in_the_store(periods, old_model, s3):
+    from data_shards import storage
+    from tests.conftest import BUCKET
+    from trainer.warm_start import load_source
+
+    url = f"s3://{BUCKET}/retune/old-export"
+    storage.upload(old_model[1], url)
+    cfg = load_config(
+        None, [f"data.shards={periods['new']}", "model.tokenizer_vocab_size=280", f"train.init_from={url}"]
+    )
+    remote = load_source(cfg)
+    local = load_source(load_config(None, [f"data.shards={periods['new']}", "model.tokenizer_vocab_size=280",
+                                           f"train.init_from={old_model[1]}"]))  # fmt: skip
+    assert remote.source == url and remote.kind == "export" and remote.items == local.items
+    assert all(torch.equal(remote.state[k], local.state[k]) for k in local.state)

@@ -3,7 +3,8 @@
 A source is an export directory (``recgpt export``: merged weights, ``items.jsonl``) or a checkpoint
 (a run directory — its latest complete checkpoint — or one checkpoint directory: verified, its ZeRO
 shards consolidated, LoRA merged; its item vocabulary is read from the run's ``data.shards``, which
-must still be readable). :func:`load_source` returns a :class:`modeling.warm_start.WarmStart`; the
+must still be readable), local or in an object store (``s3://…``: a verified local copy is read).
+:func:`load_source` returns a :class:`modeling.warm_start.WarmStart`; the
 factory copies its weights, item rows by item id.
 
 It must be the same model as this run's: task, preset or ``model.name_or_path``, block layout, shape,
@@ -28,6 +29,7 @@ import torch
 
 from configs import CheckpointError, ConfigError, DataError, ExportError, RecGPTConfig, load_config, one_line
 from configs.files import sha256_bytes
+from data_shards import storage
 from modeling.warm_start import WarmStart
 
 log = logging.getLogger("recgpt.warm_start")
@@ -125,11 +127,23 @@ def _from_checkpoint(path: Path) -> WarmStart:
 
 def load_source(cfg: RecGPTConfig) -> WarmStart:
     """The model ``train.init_from`` names, checked against ``cfg`` (one ConfigError line otherwise)."""
-    path = Path(str(cfg.train.init_from))
+    given = str(cfg.train.init_from)
+    path = Path(given)
+    if storage.is_url(given):  # an export or a run/checkpoint in an object store: a verified local copy
+        from trainer.remote import local_copy, local_export
+
+        try:
+            if storage.exists(storage.join(given.rstrip("/"), "export_manifest.json")):
+                path = local_export(given)
+            else:
+                path = local_copy(given)[0]
+        except (CheckpointError, DataError, ExportError) as e:
+            raise ConfigError(f"train.init_from: {one_line(e)}") from None
     if not path.exists():
         raise ConfigError(f"train.init_from: {path}: no such export, run or checkpoint directory")
     with torch.random.fork_rng(devices=[]):  # reading a source must not move this run's RNG streams
         warm = _from_export(path) if (path / "export_manifest.json").is_file() else _from_checkpoint(path)
+    warm.source = warm.info["source"] = given
     check_same_model(warm.config, cfg, f"{warm.kind} {path}")
     log.info(
         "train.init_from: %s %s (step %s, %d items)", warm.kind, path, warm.info.get("step"), len(warm.items)
