@@ -412,9 +412,9 @@ class TrainConfig:
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
     init_from: str | None = None
-    """Warm start a new run from an export directory or a checkpoint (run or checkpoint directory): its
-    weights, item rows copied by item id, items new to these shards initialised by model.item_init;
-    fresh optimizer, schedule and step 0. Same model as the source (LoRA may differ). A crashed
+    """Warm start a new run from an export directory or a checkpoint (run or checkpoint directory; local
+    or an object-store URL): its weights, item rows copied by item id, items new to these shards
+    initialised by model.item_init; fresh optimizer, schedule and step 0. Same model as the source (LoRA may differ). A crashed
     warm-started run resumes from its own checkpoints (train.resume=auto)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses skipped before the run stops with an error."""
