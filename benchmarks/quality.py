@@ -55,6 +55,8 @@ class Row:
 # FGM attack at evaluation: 0.05 already costs an untrained-for model ~40% of its NDCG@10, 0.2 ~90%.
 EPSILON = 0.1
 ATTACK = f"adversarial.eval_epsilon={EPSILON}"
+# SGD's peak learning rate, chosen on the valid split (docs/RESULTS.md, "What helped").
+SGD_LR = 0.3
 
 
 def rows() -> dict[str, Row]:
@@ -77,6 +79,26 @@ def rows() -> dict[str, Row]:
             [],
             config="configs/quality_lora.yaml",
             after="ids_s1",
+        )
+    )
+    # Freeze tuning in the LoRA row's place: the same adaptation, training the top block (of 2) and
+    # the item rows instead of adapters.
+    r.append(
+        Row(
+            "freeze",
+            "recgpt ids, freeze tuning (top block + item rows) + PGD adaptation of the ids export",
+            ["lora.enabled=false", "model.trainable_layers=1"],
+            config="configs/quality_lora.yaml",
+            after="ids_s1",
+        )
+    )
+    # The headline row with SGD (Nesterov momentum 0.9) instead of AdamW; L2 decay off (see RESULTS.md).
+    r.append(
+        Row(
+            "sgd",
+            "recgpt ids, full tuning from scratch, SGD",
+            ["seed=1", "optim.name=sgd", f"optim.lr={SGD_LR}", "optim.weight_decay=0"],
+            group="ids",
         )
     )
     for m in ("fgm", "pgd", "freelb"):
@@ -507,7 +529,8 @@ def main() -> int:
                 r.name: pool.submit(run_row, r, out, shards, args.override) for r in todo if not r.after
             }
             for r in later:  # starts once the row it adapts has finished (its export exists)
-                futures[r.after].result()
+                if r.after in futures:  # else finished by an earlier invocation
+                    futures[r.after].result()
                 futures[r.name] = pool.submit(run_row, r, out, shards, args.override)
             for name, fut in futures.items():
                 res = fut.result()

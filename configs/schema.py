@@ -39,6 +39,8 @@ INPUT_FORMATS = (
     "csv",
     "parquet",
     "jsonl",
+    "s3rec",
+    "sasrec",
 )
 
 
@@ -217,6 +219,11 @@ class ModelConfig:
     """Rating task output: classes (one per rating level) or regression."""
     gradient_checkpointing: bool = False
     """Non-reentrant Hugging Face gradient checkpointing (safe with the adversarial step)."""
+    trainable_layers: int | None = None
+    """Freeze tuning: train only the top N transformer blocks plus the item-token rows (PEFT trainable
+    tokens, as under LoRA), the head's item rows and the rating head; every other weight (lower blocks,
+    other token rows, positions, final norm) stays frozen. 0 = item rows and heads only; null = full
+    tuning. Not with lora.enabled; N may not exceed the model's block count."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with a model directory."""
 
@@ -250,6 +257,11 @@ class ModelConfig:
                 shape["n_embd"] % shape["n_head"] == 0, "model.n_embd", "must be divisible by model.n_head"
             )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(
+            self.trainable_layers is None or self.trainable_layers >= 0,
+            "model.trainable_layers",
+            f"got {self.trainable_layers}, must be >= 0 (null = full tuning)",
+        )
 
     def shape(self) -> dict[str, int]:
         """n_layer / n_embd / n_head of the preset, each overridden by the field when it is set."""
@@ -333,23 +345,40 @@ class ZeroConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw, or sgd (with momentum; Nesterov by default). Both get the same LR schedule,
+    gradient clipping and param groups; each ignores the other's settings (beta1/beta2/eps are AdamW's,
+    momentum/nesterov SGD's)."""
     lr: float = 1e-3
-    """Peak learning rate of AdamW."""
+    """Peak learning rate (SGD typically needs a far larger one than AdamW)."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    """Weight decay, not applied to biases and norms: decoupled under adamw, L2 added to the gradient
+    under sgd."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.98
     """AdamW beta2."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    momentum: float = 0.9
+    """SGD momentum (0 = plain SGD)."""
+    nesterov: bool = True
+    """SGD with Nesterov momentum (needs momentum > 0)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
 
     def __post_init__(self) -> None:
+        _choice(self.name, "optim.name", ("adamw", "sgd"))
         _check(self.lr > 0, "optim.lr", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"got {self.momentum}, must be in [0, 1)")
+        if self.name == "sgd":
+            _check(
+                not self.nesterov or self.momentum > 0,
+                "optim.nesterov",
+                "Nesterov momentum needs optim.momentum > 0 (or optim.nesterov=false)",
+            )
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
@@ -466,12 +495,16 @@ class EvalConfig:
     """Sequences per rank per evaluation batch."""
     metric: str = "ndcg@10"
     """Validation metric for the best checkpoint and early stopping (higher is better; rating: accuracy)."""
+    item_chunk: int = 65536
+    """Items scored at a time in full-ranking evaluation: memory eval.batch_size x item_chunk floats,
+    whatever the catalogue size (the metrics are exact; see modeling.metrics.chunked_target_ranks)."""
 
     def __post_init__(self) -> None:
         _check(
             len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", "must be a non-empty list of K >= 1"
         )
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.item_chunk >= 1, "eval.item_chunk", "must be >= 1")
 
 
 @dataclass
@@ -540,13 +573,13 @@ class RecGPTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The causal LM (a preset or any HF model) and its item tokens."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    """PEFT adapters instead of full tuning."""
+    """PEFT adapters instead of full tuning (model.trainable_layers: freeze tuning)."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     """Perturbation of inputs_embeds during training (and the eval-time attack)."""
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     """DeepSpeed ZeRO stage and offload."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW settings and gradient clipping."""
+    """The optimizer (AdamW or SGD), its settings and gradient clipping."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate warm-up and decay."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -568,6 +601,11 @@ class RecGPTConfig:
             _check(
                 self.zero.stage == 0, "lora.method", "adalora needs zero.stage 0 (it reads parameter .grad)"
             )
+        _check(
+            not (self.lora.enabled and self.model.trainable_layers is not None),
+            "model.trainable_layers",
+            "freeze tuning and lora.enabled exclude each other (set one of them)",
+        )
         if self.task == "rating":
             _check(
                 self.train.objective == "all", "train.objective", "the rating task supervises every position"

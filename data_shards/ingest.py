@@ -1,5 +1,7 @@
-"""Interaction-log readers: MovieLens (100K, 1M/10M, ml-latest), Amazon reviews JSONL (2018, 2023) and
-generic CSV/Parquet/JSON lines with a column mapping.
+"""Interaction-log readers: MovieLens (100K, 1M/10M, ml-latest), Amazon reviews JSONL (2018, 2023),
+generic CSV/Parquet/JSON lines with a column mapping, and the academic sequence files: ``s3rec`` (one
+line per user, ``user item item …`` in time order: the S3-Rec preprocessing many papers reuse) and
+``sasrec`` (one interaction per line, ``user item``, in time order: SASRec's data files).
 
 Every reader returns :class:`Interactions`: one row per interaction in **original file order** (the
 leave-one-out tie-break needs it) plus item titles/metadata when the source has them. Input may be a
@@ -258,6 +260,14 @@ def detect_format(
                         f"shards.user_col/item_col = {'/'.join(columns)}); set shards.format"
                     )
             return fmt, logs[0], metas[0] if len(metas) == 1 else None
+    if fmt in ("auto", "s3rec", "sasrec"):
+        texts = [
+            f
+            for f in files
+            if _strip_gz(f.basename).endswith(".txt") and not f.basename.upper().startswith("README")
+        ]
+        if len(texts) == 1:
+            return (fmt if fmt != "auto" else _sequence_kind(texts[0])), texts[0], None
     if fmt in ("auto", "parquet"):
         parquets = [f for f in files if f.basename.endswith(".parquet")]
         if len(parquets) == 1:
@@ -269,9 +279,77 @@ def detect_format(
     wanted = "a known format" if fmt == "auto" else f"format {fmt}"
     raise DataError(
         f"cannot find {wanted} among the input files ({listing}): expected u.data (ML-100K), ratings.dat "
-        "(ML-1M/10M), ratings.csv (ml-latest), one Amazon or generic *.jsonl, one *.parquet or one *.csv; "
+        "(ML-1M/10M), ratings.csv (ml-latest), one Amazon or generic *.jsonl, one *.parquet, one *.csv or "
+        "one *.txt of user sequences (s3rec: user item item …) or pairs (sasrec: user item); "
         "set shards.format to choose"
     )
+
+
+# --------------------------------------------------------------------------- academic sequence files
+
+SEQUENCE_PEEK_LINES = 2000
+
+
+def _sequence_kind(f: InputFile) -> str:
+    """``s3rec`` or ``sasrec`` from the first lines of a whitespace-separated ``.txt`` file: a line with
+    more than two fields is a user's sequence (s3rec); two fields on every line with a user on several
+    lines are pairs (sasrec); anything else is ambiguous — shards.format must say."""
+    lines = [ln.split() for ln in f.read_bytes().splitlines()[:SEQUENCE_PEEK_LINES] if ln.strip()]
+    if any(len(t) > 2 for t in lines):
+        return "s3rec"
+    users = [t[0] for t in lines if len(t) == 2]
+    if lines and len(users) == len(lines) and len(set(users)) < len(users):
+        return "sasrec"
+    raise DataError(
+        f"{f.name}: cannot tell user sequences (s3rec: user item item …) from user-item pairs (sasrec: "
+        "user item) from its first lines; set shards.format=s3rec or sasrec"
+    )
+
+
+def _read_sequences(log: InputFile, fmt: str, opts: _ReadOptions) -> tuple:
+    """``s3rec``: every line ``user item item …`` (one user; the items in time order); ``sasrec``: every
+    line ``user item`` (the file in time order). The time is the order: the position in the user's line
+    (s3rec) or the line number (sasrec), stored as integer "seconds" so the leave-one-out split keeps
+    the file's order exactly. Ratings are 1. A line with too few fields (or, sasrec, too many) is a
+    DataError naming it, or skipped and counted with shards.skip_bad_lines."""
+    try:
+        text = log.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{log.name}: not UTF-8 text ({one_line(e)})") from None
+    users, items, times, lines = [], [], [], []
+    bad = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        ok = len(fields) >= 2 if fmt == "s3rec" else len(fields) == 2
+        if not ok:
+            if not opts.skip_bad:
+                want = "a user and at least one item" if fmt == "s3rec" else "exactly 2 fields (user item)"
+                raise DataError(f"{log.name}: line {number}: {len(fields)} field(s), {fmt} needs {want} "
+                                "(shards.skip_bad_lines=true skips such lines)")  # fmt: skip
+            bad += 1
+            continue
+        n = len(fields) - 1
+        users.append(np.full(n, fields[0], dtype=object))
+        items.append(np.array(fields[1:], dtype=object))
+        times.append(np.arange(n, dtype=np.int64) if fmt == "s3rec" else np.array([number], dtype=np.int64))
+        lines.append(np.full(n, number, dtype=np.int64))
+    if not users:
+        raise DataError(f"{log.name}: no interactions found")
+    frame = pd.DataFrame(
+        {
+            "user": pd.Series(np.concatenate(users), dtype=object),
+            "item": pd.Series(np.concatenate(items), dtype=object),
+            "rating": np.ones(sum(len(u) for u in users)),
+            "timestamp": np.concatenate(times),
+            "line": np.concatenate(lines),
+        }
+    )
+    where = "position in the line" if fmt == "s3rec" else "line number"
+    info = {"time_format": f"{fmt}: order only ({where})", "time_unit": None, "time_unit_from": None}
+    table = _Table(frame, len(frame) + bad, {"bad_line": bad, "missing_value": 0}, info, "s")
+    return table, {}, {}, 0
 
 
 # --------------------------------------------------------------------------- delimited text
@@ -773,7 +851,7 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
         # A single log file: its metadata file (movies.csv, u.item, meta_*.jsonl) sits beside it.
         siblings = [f for f in list_files(Path(path).parent) if f.path != files[0].path]
         fmt, log, meta_file = detect_format(files, fmt, columns)
-        if meta_file is None and fmt not in ("csv", "parquet", "jsonl"):
+        if meta_file is None and fmt not in ("csv", "parquet", "jsonl", "s3rec", "sasrec"):
             names = {"ml-100k": ("u.item",), "ml-1m": ("movies.dat",), "ml-latest": ("movies.csv",)}
             if fmt.startswith("amazon"):
                 meta_file = next((f for f in siblings if _is_json(f) and f.basename.startswith("meta")), None)
@@ -788,8 +866,12 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
         "amazon": lambda: _read_amazon(log, meta_file, fmt, opts),
         "ml": lambda: _read_movielens(log, meta_file, fmt, opts),
         "generic": lambda: _read_generic(log, fmt, cfg, opts),
+        "sequence": lambda: _read_sequences(log, fmt, opts),
     }
-    kind = "amazon" if fmt.startswith("amazon") else "ml" if fmt.startswith("ml") else "generic"
+    kind = (
+        "amazon" if fmt.startswith("amazon") else "ml" if fmt.startswith("ml")
+        else "sequence" if fmt in ("s3rec", "sasrec") else "generic"
+    )  # fmt: skip
     table, titles, item_meta, meta_skipped = readers[kind]()
     where = "row" if fmt == "parquet" else "line"
     frame, duplicates = _drop_duplicates(table, log, cfg.duplicates, where)

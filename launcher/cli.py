@@ -1,6 +1,6 @@
 """The ``recgpt`` command line: ``recgpt <subcommand> …`` or ``python -m launcher <subcommand> …``.
 
-Command handlers live only in ``launcher/`` (this module, ``shards_cmd``, ``model_cmd``): they parse
+Command handlers live only in ``launcher/`` (this module, ``shards_cmd``, ``model_cmd``, ``tune_cmd``): they parse
 arguments, call library functions with typed arguments and print. The packages are imported lazily so
 ``--help`` is fast and ``shards`` never imports torch's distributed stack. Any
 :class:`~configs.errors.RecgptError` becomes one line on stderr and exit code 2 — never a traceback.
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from configs import ConfigError, RecgptError, load_config
-from launcher import model_cmd, shards_cmd
+from launcher import model_cmd, shards_cmd, tune_cmd
 from launcher.common import add_config_args
 
 EXIT_USAGE = 2
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(t)
 
+    tune_cmd.add_parsers(sub)
     model_cmd.add_parsers(sub)
     return parser
 
@@ -61,6 +62,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         train(cfg)
         return 0
+    if args.command == "tune":
+        return tune_cmd.run(args)
     if args.command in model_cmd.COMMANDS:
         return model_cmd.run(args)
     raise AssertionError(args.command)

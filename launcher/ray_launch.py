@@ -12,7 +12,7 @@ the single owner of checkpoint files:
   workers run the same function and ``train.resume=auto`` picks the latest complete checkpoint.
   Re-running the same name after a driver crash does the same.
 
-This is the only module that imports Ray (lazily, so ``recgpt --help`` stays fast).
+Ray is imported lazily here and in ``launcher.tune_cmd`` (``recgpt tune``), so ``recgpt --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -150,8 +150,19 @@ def _connect() -> None:
     ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
 
 
-def build_trainer(cfg: RecGPTConfig, train_fn: TrainFn | None = None):
-    """The ``TorchTrainer`` for a config already passed through :func:`prepare_config`."""
+def build_trainer(
+    cfg: RecGPTConfig,
+    train_fn: TrainFn | None = None,
+    *,
+    callbacks: list[Any] | None = None,
+    report_metric: str | None = None,
+):
+    """The ``TorchTrainer`` for a config already passed through :func:`prepare_config`.
+
+    ``callbacks``: Ray Train run callbacks (``recgpt tune`` passes Tune's ``TuneReportCallback``).
+    ``report_metric``: report only evaluations (results holding this metric) and no checkpoints, the
+    Tune trial's way (see :func:`tune_report`); default every :func:`ray_report`.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -173,10 +184,11 @@ def build_trainer(cfg: RecGPTConfig, train_fn: TrainFn | None = None):
         failure_config=FailureConfig(max_failures=r.max_failures),
         # recgpt prunes (keep_last + best); Ray keeping every reported checkpoint means it deletes none.
         checkpoint_config=CheckpointConfig(num_to_keep=None),
+        callbacks=callbacks,
     )
     return TorchTrainer(
         _worker_main,
-        train_loop_config={"config": to_dict(cfg), "train_fn": train_fn},
+        train_loop_config={"config": to_dict(cfg), "train_fn": train_fn, "report_metric": report_metric},
         scaling_config=scaling,
         run_config=run,
     )
@@ -308,6 +320,22 @@ def ray_report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
     )
 
 
+def tune_report(metric: str) -> Callable[[dict[str, Any], str | None], None]:
+    """The ``report`` callback of a Tune trial's workers: every evaluation (results holding ``metric``),
+    without checkpoints.
+
+    Tune refuses a result that lacks the experiment's metric, and a trial needs no Ray checkpoints: a
+    restarted trial resumes from recgpt's own ``checkpoints/latest``. Every rank gets the same
+    metrics, so every rank makes the same calls.
+    """
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if metric in metrics:
+            ray_report(metrics, None)
+
+    return report
+
+
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (a fresh process after each group restart)."""
     import ray.train
@@ -323,7 +351,8 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
         f"local_rank {os.environ['LOCAL_RANK']} device {device} "
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
     )
-    train_fn(cfg, report=ray_report)
+    metric = loop_config.get("report_metric")
+    train_fn(cfg, report=tune_report(metric) if metric else ray_report)
 
 
-__all__ = ["build_trainer", "prepare_config", "ray_report", "run_location", "train_with_ray"]
+__all__ = ["build_trainer", "prepare_config", "ray_report", "run_location", "train_with_ray", "tune_report"]

@@ -239,7 +239,7 @@ def write_export(
     t0 = time.time()
     out = check_out(out, force)
     dtype_name = check_dtype(dtype or cfg.export.dtype)
-    if save_adapter and not hasattr(model.lm, "peft_config"):
+    if save_adapter and not cfg.lora.enabled:
         raise ExportError(f"{source.checkpoint}: no adapter to save (lora.enabled was false in this run)")
     reference = [score_batch(model, b, cfg.task) for b in batches]
 

@@ -8,7 +8,8 @@
   through the Auto classes.
 
 Then one added token ``<item_i>`` per item (contiguous ids), embeddings resized, the new rows
-initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA.
+initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA or
+freeze tuning (``model.trainable_layers``).
 The tokenizer carries ``recgpt_rating_levels`` / ``recgpt_num_items`` / ``recgpt_items_sha256`` in its
 ``init_kwargs`` so that a saved tokenizer directory describes the vocabulary it was built for.
 """
@@ -36,7 +37,7 @@ from transformers import (
 
 from configs import ConfigError, RecGPTConfig
 from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
-from modeling.lora import apply_lora, trainable_parameters
+from modeling.lora import apply_freeze, apply_lora, trainable_parameters
 from modeling.model import RecModel, is_tied
 from modeling.warm_start import WarmStart, base_tokenizer, load_warm_weights
 
@@ -351,11 +352,12 @@ def build_model_and_tokenizer(
     item_ids = torch.arange(first_item, first_item + len(items))
     # ZeRO-3 initialises the LM on rank 0 only: re-seed so adapters and heads start equal everywhere.
     torch.manual_seed(cfg.seed + 1)
-    if cfg.lora.enabled:
+    if cfg.lora.enabled or cfg.model.trainable_layers is not None:
         # PEFT copies the item rows into its trainable-token wrapper: give it the full matrices.
         heads = [lm.get_input_embeddings().weight] + ([] if tied else [lm.get_output_embeddings().weight])
+        partial = apply_lora if cfg.lora.enabled else apply_freeze
         with _gathered(heads, modifier_rank=None):
-            lm = apply_lora(lm, cfg, item_ids.tolist(), tied=tied)
+            lm = partial(lm, cfg, item_ids.tolist(), tied=tied)
     model = RecModel(
         lm,
         item_ids,

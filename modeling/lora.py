@@ -1,8 +1,10 @@
-"""PEFT LoRA / AdaLoRA on the causal LM, with the item-token rows (and the head's item rows) trainable.
+"""Partial tuning of the causal LM: PEFT LoRA / AdaLoRA, or freeze tuning (the top N blocks), each
+with the item-token rows (and the head's item rows) trainable.
 
-Without trainable item rows a LoRA model cannot learn items at all: the new ``<item_i>`` rows are
-made trainable through PEFT ``trainable_token_indices`` (only those rows, not the whole vocabulary).
-With a tied head PEFT ties the head's wrapper to the same rows; an untied head gets its own.
+Without trainable item rows a model with frozen embeddings cannot learn items at all: the new
+``<item_i>`` rows are made trainable through PEFT trainable tokens (only those rows, not the whole
+vocabulary) — ``trainable_token_indices`` beside LoRA, the ``TrainableTokensConfig`` tuner under freeze
+tuning. With a tied head PEFT ties the head's wrapper to the same rows; an untied head gets its own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def _module_name(lm: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in lm.named_modules() if m is module)
 
 
+def _token_modules(lm: nn.Module, tied: bool) -> list[str]:
+    """Names of the modules whose item rows train: the input embeddings (PEFT ties a tied head to
+    them) and an untied output head."""
+    names = [_module_name(lm, lm.get_input_embeddings())]
+    return names if tied else [*names, _module_name(lm, lm.get_output_embeddings())]
+
+
 def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int], tied: bool) -> nn.Module:
     """Wrap ``lm`` in a PEFT model: adapters on the target modules, item rows trainable, rest frozen."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
@@ -46,10 +55,7 @@ def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int]
     if tied:
         token_indices: list[int] | dict[str, list[int]] = list(item_token_ids)
     else:
-        token_indices = {
-            _module_name(lm, lm.get_input_embeddings()): list(item_token_ids),
-            _module_name(lm, lm.get_output_embeddings()): list(item_token_ids),
-        }
+        token_indices = {name: list(item_token_ids) for name in _token_modules(lm, tied)}
     # A decoder-only BART never runs its cross-attention (no encoder states): no adapters there. Only
     # passed when such modules exist (PEFT warns about an exclusion that matches nothing).
     has_cross_attention = any(".encoder_attn." in f"{n}." for n, _ in lm.named_modules())
@@ -83,6 +89,56 @@ def apply_lora(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int]
         # renamed it is_activation_checkpointing): a FutureWarning that no setting of ours avoids.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(lm, peft_cfg)
+
+
+def decoder_blocks(lm: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM, bottom first, found by structure rather than by name: its
+    longest ``ModuleList`` whose entries are all of one class (GPT-2's ``transformer.h``, Llama's
+    ``model.layers``, BART's ``decoder.layers``). :class:`ConfigError` if it has none."""
+    stacks = [
+        m
+        for m in lm.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(block) for block in m}) == 1
+    ]
+    if not stacks:
+        raise ConfigError(
+            f"model.trainable_layers: no list of transformer blocks found in {type(lm).__name__}"
+        )
+    return max(stacks, key=len)
+
+
+def apply_freeze(lm: PreTrainedModel, cfg: RecGPTConfig, item_token_ids: list[int], tied: bool) -> nn.Module:
+    """Freeze tuning: wrap ``lm`` in PEFT's trainable-tokens tuner (the item rows of the embeddings and
+    of an untied head trainable, every base weight frozen), then let the top ``model.trainable_layers``
+    blocks train again — those of their weights that were trainable before (BART's never-run
+    cross-attention stays frozen). The blocks are trained in place, so the export merges only the
+    item rows (PEFT ``merge_and_unload``) and is a plain model like a full-tuning run's.
+
+    Raises :class:`ConfigError` when the model has fewer blocks than asked for."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    n = cfg.model.trainable_layers
+    if n is None:
+        raise ValueError("apply_freeze needs model.trainable_layers")
+    blocks = decoder_blocks(lm)
+    if n > len(blocks):
+        raise ConfigError(
+            f"model.trainable_layers: got {n}, but {type(lm).__name__} has only {len(blocks)} blocks"
+        )
+    top = [p for block in list(blocks)[len(blocks) - n :] for p in block.parameters() if p.requires_grad]
+    peft_cfg = TrainableTokensConfig(
+        target_modules=_token_modules(lm, tied), token_indices=list(item_token_ids)
+    )
+    with warnings.catch_warnings():
+        # As in apply_lora: PEFT reads transformers' deprecated is_gradient_checkpointing attribute.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # PEFT's generic check warns that a tied embedding is targeted; this tuner ties the head's rows
+        # to the embedding's adapter itself (TrainableTokensModel.inject_adapter).
+        warnings.filterwarnings("ignore", message=".*no implementation exists to tie the adapters.*")
+        wrapped = get_peft_model(lm, peft_cfg)
+    for p in top:
+        p.requires_grad_(True)
+    return wrapped
 
 
 def adalora_update(model: nn.Module, global_step: int) -> None:

@@ -37,6 +37,48 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor 
     return (scores >= target_score).sum(1)
 
 
+def chunked_target_ranks(
+    score_items,
+    num_items: int,
+    target: torch.Tensor,
+    seen: torch.Tensor | None,
+    max_k: int,
+    chunk: int,
+) -> torch.Tensor:
+    """1-based rank of ``target`` [B] among all ``num_items`` items, scored ``chunk`` items at a time by
+    ``score_items(lo, hi) -> [B, hi - lo]``: memory B x chunk, never B x num_items.
+
+    Exact where the rank is <= ``max_k`` (equal to :func:`target_ranks` there: ties count against the
+    target, ``seen`` [B, S] (-1 padded) masked out, the target never); any larger rank is returned as
+    ``max_k + 1`` — HR/NDCG/MRR@K for K <= max_k are then exactly the full ranking's. A target outside
+    ``0..num_items-1`` (an item the model does not know) gets ``max_k + 1``: a miss at every K.
+
+    How: a running top-(max_k + 1) of every row's masked scores, merged chunk by chunk, and the target's
+    score from its own chunk; the rank is the count of top values >= the target's score.
+    """
+    b = target.numel()
+    keep = max_k + 1
+    best = torch.full((b, keep), float("-inf"))
+    t_score = torch.full((b,), float("nan"))
+    rows = torch.arange(b)
+    for lo in range(0, num_items, chunk):
+        hi = min(lo + chunk, num_items)
+        s = score_items(lo, hi).float()
+        best = best.to(s.device)
+        t_score = t_score.to(s.device)
+        here = (target >= lo) & (target < hi)
+        t_score[here] = s[rows[here], target[here] - lo]
+        if seen is not None:
+            hit = (seen >= lo) & (seen < hi) & (seen != target[:, None])
+            r, c = hit.nonzero(as_tuple=True)
+            s[r, seen[r, c] - lo] = float("-inf")
+        top = s.topk(min(keep, hi - lo), dim=1).values
+        best = torch.cat([best, top], 1).topk(keep, dim=1).values
+    ranks = (best >= t_score[:, None]).sum(1)
+    known = (target >= 0) & (target < num_items)
+    return torch.where(known, ranks, torch.full_like(ranks, keep))
+
+
 def _rows_at_labels(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The hidden state at each row's single supervised position [B, H]."""
     where = labels != -100
@@ -45,13 +87,29 @@ def _rows_at_labels(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return hidden[where]
 
 
-def _score(rec, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
+def _hidden(rec, batch, embeds) -> torch.Tensor:
     # The bare module, not a DeepSpeed engine: the engine's forward hooks its outputs to start a
     # training backward, which the attack's autograd.grad would trigger (ZeRO's weight-gathering
     # hooks sit on the submodules, so ZeRO-3 still works).
     hidden = rec(attention_mask=batch["attention_mask"], inputs_embeds=embeds)
-    h = _rows_at_labels(hidden, batch["labels"])
+    return _rows_at_labels(hidden, batch["labels"])
+
+
+def _score(rec, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
+    h = _hidden(rec, batch, embeds)
     return rec.rating_output(h).float() if cfg.task == "rating" else rec.item_logits(h).float()
+
+
+def _ranks(rec, h: torch.Tensor, batch, cfg: RecGPTConfig) -> torch.Tensor:
+    """Full-ranking ranks of the batch's targets from the hidden rows ``h`` [B, H], in item chunks."""
+    seen = batch["seen"] if cfg.eval.exclude_seen else None
+    device = h.device
+
+    def score_items(lo: int, hi: int) -> torch.Tensor:
+        return rec.item_logits(h, items=torch.arange(lo, hi, device=device))
+
+    return chunked_target_ranks(score_items, rec.num_items, batch["target"], seen, max(cfg.eval.ks),
+                                cfg.eval.item_chunk)  # fmt: skip
 
 
 def _loss_of_scores(scores: torch.Tensor, batch, rec, cfg: RecGPTConfig) -> torch.Tensor:
@@ -63,9 +121,7 @@ def _loss_of_scores(scores: torch.Tensor, batch, rec, cfg: RecGPTConfig) -> torc
 
 
 def _per_example(scores: torch.Tensor, batch, rec, cfg: RecGPTConfig, prefix: str) -> dict[str, torch.Tensor]:
-    if cfg.task == "next_item":
-        seen = batch["seen"] if cfg.eval.exclude_seen else None
-        return {prefix + "rank": target_ranks(scores, batch["target"], seen)}
+    """Rating task: the per-example predictions from the rating scores."""
     levels = rec.rating_values.float()
     if rec.regression:
         pred = scores
@@ -84,9 +140,10 @@ def eval_outputs(
 ) -> dict[str, torch.Tensor]:
     """Per-example CPU tensors for one eval batch, rows with ``valid=False`` dropped.
 
-    next_item: ``rank`` [B] (1-based, full ranking; with ``unknown_target`` / ``unknown_history`` in
-    the batch — shards of another item vocabulary — those rows get :data:`MISS_RANK`, a miss, and
-    the two flags are passed on). rating: ``pred_class``, ``pred_rating``,
+    next_item: ``rank`` [B] (1-based, full ranking in ``eval.item_chunk`` item chunks, exact up to
+    max(``eval.ks``), larger ranks as max(ks) + 1: :func:`chunked_target_ranks`; with
+    ``unknown_target`` / ``unknown_history`` in the batch — shards of another item vocabulary — those
+    rows get :data:`MISS_RANK`, a miss, and the two flags are passed on). rating: ``pred_class``, ``pred_rating``,
     ``like_score``, and the truth ``label`` (level index) and ``rating``. With ``attack_epsilon > 0``
     the same per-example keys again under an FGM attack, prefixed ``adv_``.
     """
@@ -94,8 +151,10 @@ def eval_outputs(
     mask = batch["attention_mask"]
     with torch.no_grad():
         embeds = rec.embed(batch["input_ids"])
-        scores = _score(rec, batch, embeds, cfg)
-    out = _per_example(scores, batch, rec, cfg, "")
+        if cfg.task == "next_item":
+            out = {"rank": _ranks(rec, _hidden(rec, batch, embeds), batch, cfg)}
+        else:
+            out = _per_example(_score(rec, batch, embeds, cfg), batch, rec, cfg, "")
     # Shards with another item vocabulary (modeling.collate.RemappedCollate): an example the model
     # cannot score — its target is an item it does not know, or its history holds none it knows — is
     # a miss (MISS_RANK, beyond every K even in a catalogue smaller than K): it stays in the
@@ -113,7 +172,10 @@ def eval_outputs(
 
             delta = attack_epsilon * ascent_direction(loss_at, embeds, torch.zeros_like(embeds), mask)
         with torch.no_grad():
-            out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
+            if cfg.task == "next_item":
+                out["adv_rank"] = _ranks(rec, _hidden(rec, batch, embeds + delta), batch, cfg)
+            else:
+                out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
         if unscorable is not None:
             out["adv_rank"] = torch.where(unscorable, MISS_RANK, out["adv_rank"])
     if cfg.task == "rating":

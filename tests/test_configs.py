@@ -9,7 +9,9 @@ import pytest
 from configs import ConfigError, load_config
 from launcher.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SPACES = [p for p in ALL if p.name.endswith("_space.yaml")]  # `recgpt tune --space` files
+CONFIGS = [p for p in ALL if p not in SPACES]
 
 
 def test_there_are_configs():
@@ -22,6 +24,16 @@ def test_config_loads(path):
     cfg = load_config(path)
     if cfg.train.eval_interval and cfg.train.checkpoint_interval:
         assert cfg.train.checkpoint_interval % cfg.train.eval_interval == 0
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_search_space_parses_and_every_value_is_a_valid_config(path):
+    from configs import to_dict
+    from launcher.tune_cmd import check_space, parse_space
+
+    params = parse_space(path)
+    assert params
+    check_space(params, to_dict(load_config(Path(path).parent / "demo_base.yaml")), path)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

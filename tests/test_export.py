@@ -1,4 +1,5 @@
-"""recgpt export: ZeRO-2/3 checkpoints of LoRA and full runs (2 processes) -> plain HF directories.
+"""recgpt export: ZeRO-2/3 checkpoints of LoRA and full runs (2 processes) -> plain HF directories;
+freeze tuning and SGD: train, resume exactly, export.
 
 One small shard set (60 MovieLens users, 300 items) and four 3-step training runs are shared by every
 test here (session fixtures); tests/test_recommend.py covers recommend on an untrained export.
@@ -392,3 +393,72 @@ def test_recommend_scores_equal_evaluation_prompt(export_of, small_shards):
     best = want.topk(5)
     assert [r["item_id"] for r in top] == [items[i]["item_id"] for i in best.indices.tolist()]
     assert torch.allclose(torch.tensor([r["score"] for r in top]), best.values, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- freeze tuning and SGD
+
+PARTIAL = {
+    "freeze-z0": ["zero.stage=0", "model.trainable_layers=1"],
+    # Items and head only; ZeRO-1 saves the frozen weights only in the module state dict.
+    "freeze-items-z1": ["zero.stage=1", "model.trainable_layers=0"],
+    # SGD under ZeRO-3 (DeepSpeed's untested-optimizer path) with frozen weights; its lr is ~100x
+    # AdamW's (unnormalised steps).
+    "freeze-sgd-z3": ["zero.stage=3", "model.trainable_layers=1", "optim.name=sgd", "optim.lr=1.0"],
+}
+SIX_STEPS = ["train.max_steps=6", "train.checkpoint_interval=2", "train.keep_last=3", "train.log_interval=1",
+             "schedule.warmup_steps=1"]  # fmt: skip
+
+
+def _losses(run: Path) -> dict[int, float]:
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in log if r["kind"] == "train"}  # a resumed step: the last value
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(PARTIAL))
+def test_freeze_and_sgd_train_resume_exactly_and_export(small_shards, tmp_path, name):
+    """2 processes, 6 steps, checkpoints at 2/4/6. Freeze tuning: between checkpoints 2 and 6 every
+    frozen weight is bit-identical (under ZeRO-3 partitioning too) and every trainable one moved.
+    Resumed from checkpoint 4, steps 5-6 and the final weights equal the uninterrupted run's. The
+    export (PEFT trainable tokens merged, a plain model) passes the parity check and holds the
+    trained item rows."""
+    from trainer.checkpoint import consolidate
+
+    overrides = [*PARTIAL[name], *SIX_STEPS]
+    run = _train(small_shards, tmp_path / "run", overrides)
+    cfg = load_config(run / "config.yaml", saved=True)
+    ckpts = run / "checkpoints"
+    first, last = (consolidate(ckpts / f"step_0000000{s}", 2) for s in (2, 6))
+    assert first.keys() == last.keys()
+    moved = {k for k in first if not torch.equal(first[k], last[k])}
+    n = cfg.model.trainable_layers
+    assert n == (0 if "items" in name else 1) and cfg.optim.name == ("sgd" if "sgd" in name else "adamw")
+    # The top block (of 2) and the item rows (the tied head's are the same tensor) moved, nothing else.
+    trained = {k for k in first if "trainable_tokens_delta" in k or (n and ".h.1." in k)}
+    assert moved == trained and "lm.base_model.model.transformer.wte.trainable_tokens_delta.default" in moved
+    assert n == 0 or "lm.base_model.model.transformer.h.1.mlp.c_fc.weight" in moved
+    ref = _losses(run)
+    assert all(torch.isfinite(torch.tensor(v)) for v in ref.values()) and sorted(ref) == [1, 2, 3, 4, 5, 6]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    for pointer in ("latest", "best"):
+        (resumed / "checkpoints" / pointer).write_text("step_00000004")
+    (resumed / "metrics.json").unlink()
+    _train(small_shards, resumed, overrides)
+    again = _losses(resumed)
+    assert [again[s] for s in (5, 6)] == pytest.approx([ref[5], ref[6]], abs=1e-6)
+    final = consolidate(resumed / "checkpoints" / "step_00000006", 2)
+    for k, v in last.items():
+        torch.testing.assert_close(final[k], v, rtol=0, atol=1e-6, msg=k)
+
+    manifest = export_checkpoint(resumed, tmp_path / "export")
+    assert manifest["parity"]["max_abs_diff"] <= 1e-5 and manifest["step"] == 6
+    model, *_ = load_export(tmp_path / "export")
+    exported = dict(model.causal_lm.named_parameters())
+    items = exported["transformer.wte.weight"][model.item_token_ids]
+    assert torch.equal(items, last["lm.base_model.model.transformer.wte.trainable_tokens_delta.default"])
+    for block in ("h.0", "h.1"):
+        assert torch.equal(exported[f"transformer.{block}.mlp.c_fc.weight"],
+                           last[f"lm.base_model.model.transformer.{block}.mlp.c_fc.weight"])  # fmt: skip

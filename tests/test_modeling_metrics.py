@@ -9,7 +9,7 @@ import torch
 
 from configs import AdversarialConfig, load_config
 from modeling.adversarial import example_norms, perturbed_loss
-from modeling.metrics import auc, compute_metrics, concat_outputs, target_ranks
+from modeling.metrics import auc, chunked_target_ranks, compute_metrics, concat_outputs, target_ranks
 
 
 def _brute_rank(scores: list[float], target: int, seen: list[int]) -> int:
@@ -41,6 +41,34 @@ def test_ranking_metrics_match_brute_force(exclude_seen):
             sum(1 / math.log2(r + 1) for r in brute if r <= k) / B, abs=1e-12
         )
         assert metrics[f"mrr@{k}"] == pytest.approx(sum(1 / r for r in brute if r <= k) / B, abs=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 1000])
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_chunked_ranks_equal_the_full_ranking_up_to_max_k(chunk, exclude_seen):
+    """Item chunks of any size give the full ranking's ranks where they are <= max_k (ties and masking
+    included) and max_k + 1 beyond, so every metric @K <= max_k is identical; an unknown target misses."""
+    g = torch.Generator().manual_seed(3)
+    B, N, max_k = 300, 50, 10
+    scores = torch.randint(0, 8, (B, N), generator=g).float()  # many ties
+    target = torch.randint(0, N, (B,), generator=g)
+    seen = torch.randint(-1, N, (B, 6), generator=g)
+    seen[:5, 0] = target[:5]
+    seen = seen if exclude_seen else None
+    full = target_ranks(scores, target, seen)
+    got = chunked_target_ranks(lambda lo, hi: scores[:, lo:hi].clone(), N, target, seen, max_k, chunk)
+    assert got.tolist() == full.clamp(max=max_k + 1).tolist()
+    assert (full > max_k).any() and (full <= 3).any()
+    cfg = load_config(None, ["eval.ks=[1,5,10]"])
+    assert compute_metrics({"rank": got}, cfg) == compute_metrics({"rank": full}, cfg)
+    unknown = target.clone()
+    unknown[:4] = N  # an item the model does not know
+    assert (
+        chunked_target_ranks(lambda lo, hi: scores[:, lo:hi].clone(), N, unknown, seen, max_k, chunk)[
+            :4
+        ].tolist()
+        == [max_k + 1] * 4
+    )
 
 
 def test_two_rank_reduction_equals_single_process():

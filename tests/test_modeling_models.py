@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from configs import load_config
+from configs import ConfigError, load_config
 from modeling.collate import PromptSpec, make_collate
 from modeling.factory import build_model_and_tokenizer, load_model_for_eval, train_tokenizer
 from modeling.loss import LossComputer, task_loss
@@ -374,6 +374,81 @@ def test_adalora_builds_and_reallocates(shards):
     loss, _ = LossComputer(cfg)(model, batch, step=0)
     loss.backward()
     adalora_update(model, 0)  # reads .grad: between backward and the optimizer step
+
+
+def _tiny_llama(tmp_path, tok):
+    """A tiny Llama (untied head, RMSNorm, rotary positions) saved as an HF directory with ``tok``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart", "llama"])
+@pytest.mark.parametrize("n", [0, 1])
+def test_freeze_trains_only_the_top_blocks_item_rows_and_heads(shards, tmp_path, arch, n):
+    """model.trainable_layers=N: exactly the top N blocks (BART's cross-attention excepted) and the item
+    rows of the embeddings and of an untied head (PEFT trainable tokens) train; every other weight is
+    bit-identical after steps, every trainable one moved."""
+    from modeling.lora import decoder_blocks
+
+    if arch == "llama":
+        path = _tiny_llama(tmp_path, train_tokenizer(_items(), LEVELS, 300))
+        over = ["model.preset=null", f"model.name_or_path={path}"]
+    else:
+        over = [f"model.architecture={arch}"]
+    cfg = _cfg(*over, f"model.trainable_layers={n}")
+    model, tok = build_model_and_tokenizer(cfg, shards)
+    blocks = decoder_blocks(model.causal_lm)
+    assert len(blocks) == (3 if arch == "llama" else 2) and model.tied == (arch != "llama")
+    top = {id(p) for b in list(blocks)[len(blocks) - n :] for p in b.parameters()}
+    trainable = {n_ for n_, p in model.named_parameters() if p.requires_grad}
+    expected = {
+        n_
+        for n_, p in model.named_parameters()
+        if (id(p) in top and ".encoder_attn" not in n_) or "trainable_tokens_delta" in n_
+    }
+    assert trainable == expected
+    tokens = [n_ for n_ in trainable if "trainable_tokens_delta" in n_]
+    assert len(tokens) == (2 if arch == "llama" else 1)  # an untied head gets its own item rows
+    assert (n == 0) == all("trainable_tokens" in n_ for n_ in trainable)
+
+    before = _snapshot(model)
+    item_ids = model.item_token_ids
+    with torch.no_grad():
+        emb_items, emb_other = model.embed(item_ids).clone(), model.embed(torch.arange(10)).clone()
+    batch = _collate(cfg, tok, _items(), "train")(_records(4))
+    _train(model, cfg, batch, steps=3, lr=1e-2)
+    for name, p in model.named_parameters():
+        same = torch.equal(p, before[name])
+        assert same == (name not in trainable), f"{name}: {'frozen but changed' if not same else 'unchanged'}"
+    with torch.no_grad():
+        assert not torch.allclose(model.embed(item_ids), emb_items)
+        assert torch.equal(model.embed(torch.arange(10)), emb_other)
+
+
+def test_freeze_refuses_more_layers_than_the_model_has_and_lora(shards):
+    with pytest.raises(ConfigError, match=r"model.trainable_layers: got 3, but GPT2LMHeadModel has only 2"):
+        build_model_and_tokenizer(_cfg("model.trainable_layers=3"), shards)
+    with pytest.raises(ConfigError, match=r"^model.trainable_layers: freeze tuning and lora.enabled"):
+        _cfg("model.trainable_layers=1", "lora.enabled=true")
+    with pytest.raises(ConfigError, match=r"^model.trainable_layers: got -1, must be >= 0"):
+        _cfg("model.trainable_layers=-1")
 
 
 def test_rebuild_from_saved_tokenizer_reproduces_the_model(shards, tmp_path):

@@ -170,11 +170,13 @@ def test_non_finite_losses_stop_the_run_without_checkpoint(sample_shards, tmp_pa
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
-def test_evaluate_checkpoint_matches_training_eval(zero0_run, sample_shards):
-    """``recgpt evaluate`` in one process on consolidated weights = the 2-rank evaluation in training."""
+@pytest.mark.parametrize("chunk", [[], ["eval.item_chunk=97"]], ids=["one-chunk", "chunks-of-97"])
+def test_evaluate_checkpoint_matches_training_eval(zero0_run, sample_shards, chunk):
+    """``recgpt evaluate`` in one process on consolidated weights = the 2-rank evaluation in training
+    (which scores the 9.7K items in one chunk), also when it ranks the catalogue 97 items at a time."""
     p = subprocess.run(
         [str(BIN / "recgpt"), "evaluate", "--checkpoint", str(zero0_run.dir), "--split", "valid",
-         "--data", str(sample_shards)],
+         "--data", str(sample_shards), *chunk],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]

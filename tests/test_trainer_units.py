@@ -42,6 +42,33 @@ def test_no_weight_decay_on_biases_norms_or_frozen():
     assert len(no_decay["params"]) == 3  # linear bias, norm weight and bias
 
 
+@pytest.mark.parametrize("stage,offload", [(0, False), (2, False), (3, True)])
+def test_sgd_optimizer_and_its_deepspeed_keys(stage, offload):
+    """optim.name=sgd: torch's SGD over the same groups (L2 decay on matrices only), Nesterov momentum;
+    the DeepSpeed JSON lets ZeRO step it (and offload it to the CPU); clipping is the same key."""
+    from configs import ConfigError, load_config
+    from trainer.engine import build_optimizer, deepspeed_config
+
+    over = ["optim.name=sgd", "optim.lr=0.5", f"zero.stage={stage}", f"zero.offload_optimizer={offload}"]
+    cfg = load_config(None, over)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    opt = build_optimizer(cfg, model)
+    assert type(opt) is torch.optim.SGD and len(opt.param_groups) == 2
+    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in opt.param_groups] == [
+        (0.5, 0.9, True, 0.01),
+        (0.5, 0.9, True, 0.0),
+    ]
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["gradient_clipping"] == 1.0 and "optimizer" not in ds
+    assert ds.get("zero_allow_untested_optimizer", False) == (stage >= 1)
+    assert ds.get("zero_force_ds_cpu_optimizer", True) == (not offload)
+    assert "zero_allow_untested_optimizer" not in deepspeed_config(load_config(None, over[2:]), 2)
+    with pytest.raises(ConfigError, match=r"^optim.nesterov: Nesterov momentum needs optim.momentum > 0"):
+        load_config(None, ["optim.name=sgd", "optim.momentum=0"])
+    with pytest.raises(ConfigError, match=r"^optim.name: got 'adam', allowed: adamw, sgd"):
+        load_config(None, ["optim.name=adam"])
+
+
 def test_faults_parse_and_fire_once(monkeypatch):
     monkeypatch.setenv("RECGPT_FAULT", "nan:3:1,kill_before_publish:20:0")
     f1 = Faults.from_env(rank=1)

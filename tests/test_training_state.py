@@ -109,6 +109,24 @@ def test_resume_applies_every_schedule_and_optimizer_setting():
     assert _next_lrs(opt, sched, 3) == pytest.approx(want)
 
 
+def test_resume_applies_sgd_settings_and_ignores_adamw_ones():
+    base = ["optim.name=sgd", "optim.lr=0.5", "train.max_steps=10"]
+    new = [*base, "optim.momentum=0.8", "optim.nesterov=false", "optim.beta2=0.9", "optim.eps=1e-3"]
+    cfg, model, opt, sched = _restored(base, new, 10, 10, 4)
+    assert isinstance(opt, torch.optim.SGD) and "betas" not in opt.param_groups[0]
+    lines = apply_schedule(_Engine(model, sched), cfg, total_steps=10, step=4)
+    assert (
+        lines[:2]
+        == [
+            "resume: optim.momentum 0.9 -> 0.8: applied to the optimizer from step 5",
+            "resume: optim.nesterov True -> False: applied to the optimizer from step 5",
+        ]
+        and len(lines) == 3
+    )  # + the lr line; AdamW's beta2 and eps mean nothing to SGD
+    assert all(g["momentum"] == 0.8 and g["nesterov"] is False for g in opt.param_groups)
+    assert "betas" not in opt.param_groups[0] and "eps" not in opt.param_groups[0]
+
+
 def test_resume_turning_weight_decay_off_is_applied():
     base = ["train.max_steps=6"]
     cfg, model, opt, sched = _restored(
@@ -150,6 +168,8 @@ REFUSED = {
     "lora.method": (["lora.enabled=true", "lora.method=adalora"], ["lora.enabled=true"]),
     "lora.r": (["lora.enabled=true", "lora.r=4"], ["lora.enabled=true"]),
     "lora.target_modules": (["lora.enabled=true", "lora.target_modules=[c_attn]"], ["lora.enabled=true"]),
+    "model.trainable_layers": (["model.trainable_layers=1"], ["model.trainable_layers=0"]),
+    "optim.name": (["optim.name=sgd"], []),
     "zero.stage": (["zero.stage=2"], []),
     "train.precision": (["train.precision=bf16"], []),
     "train.micro_batch_size": (["train.micro_batch_size=16"], []),

@@ -571,7 +571,8 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Full fp32 model weights of a complete checkpoint, on CPU, for any ZeRO stage and world size.
 
     ZeRO 1-3 (and bf16/fp16, whose fp32 master copy lives in the optimizer partitions) go through
-    DeepSpeed's zero_to_fp32, which also restores frozen parameters (LoRA base weights). Plain fp32
+    DeepSpeed's zero_to_fp32, which also restores frozen parameters (LoRA base weights; at stage 1
+    from the module state dict). Plain fp32
     ZeRO-0 keeps the full weights in the module state dict. No checks: :func:`consolidate` is the
     checked, quiet entry point.
     """
@@ -582,6 +583,14 @@ def consolidated_state_dict(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+        # DeepSpeed saves frozen parameters (LoRA / freeze-tuning base weights) for zero_to_fp32 only
+        # from stage 2 on; at stage 1 they are in the module state dict, whole (ZeRO-1 partitions no
+        # weights).
+        module = tag_dir / "mp_rank_00_model_states.pt"
+        if module.is_file():
+            states = torch.load(module, map_location="cpu", weights_only=False)
+            if states.get("ds_config", {}).get("zero_optimization", {}).get("stage") == 1:
+                sd = {**{k: v for k, v in states["module"].items() if k not in sd}, **sd}
     else:
         # DeepSpeed pickles its own bookkeeping next to the weights: this is our own file.
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)

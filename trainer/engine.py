@@ -1,9 +1,11 @@
-"""DeepSpeed engine construction: AdamW param groups, the LR schedule, ``deepspeed.initialize``.
+"""DeepSpeed engine construction: param groups, the optimizer (AdamW or SGD), the LR schedule,
+``deepspeed.initialize``.
 
-recgpt builds the optimizer and the schedule itself and hands both to DeepSpeed, so the DeepSpeed
-JSON (:func:`deepspeed_config`) carries only parallelism/precision settings and the
-schedule is the same one for every ZeRO stage. DeepSpeed steps the scheduler once per optimizer step
-(skipped fp16 overflow steps included in its bookkeeping) and saves/loads its state in checkpoints.
+recgpt builds the optimizer and the schedule itself and hands both to DeepSpeed (a client optimizer),
+so the DeepSpeed JSON (:func:`deepspeed_config`) carries only parallelism/precision settings (and
+gradient clipping), and the schedule is the same one for every optimizer and ZeRO stage. DeepSpeed
+steps the scheduler once per optimizer step (skipped fp16 overflow steps included in its bookkeeping)
+and saves/loads its state in checkpoints.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ def deepspeed_config(cfg: RecGPTConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.name == "sgd" and z.stage >= 1:
+        # ZeRO's optimizer wrappers step any torch optimizer on their flat fp32 partitions; DeepSpeed
+        # lists only its tested (Adam-family) ones and asks for this flag for the others.
+        ds["zero_allow_untested_optimizer"] = True
+        if z.offload_optimizer:
+            # No DeepSpeed CPU SGD exists: torch's SGD steps the offloaded partitions on the CPU.
+            ds["zero_force_ds_cpu_optimizer"] = False
     return _deep_merge(ds, z.extra)
 
 
@@ -74,18 +83,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: RecGPTConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's CPU Adam when optimizer states are offloaded, torch's otherwise."""
+    """``optim.name``: AdamW (DeepSpeed's CPU Adam when optimizer states are offloaded, torch's
+    otherwise) or torch's SGD with (Nesterov) momentum, over :func:`param_groups`."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters (check lora.* / model.*)")
+    # torch's fused CUDA kernels need no DeepSpeed op build; on CPU (offloaded states included) the
+    # foreach path is the fast one.
+    fused = torch.cuda.is_available() and not cfg.zero.offload_optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=fused)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-built C++ op: only when asked for
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    # torch's fused CUDA AdamW needs no DeepSpeed op build; on CPU the foreach path is the fast one.
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+    return torch.optim.AdamW(groups, fused=fused, **kwargs)
 
 
 @dataclass

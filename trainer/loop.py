@@ -215,7 +215,9 @@ def adversarial_start_message(acfg: AdversarialConfig, step: int) -> str:
 def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     """Train ``cfg``; returns (on every rank) the final metrics also written to ``<output_dir>/metrics.json``.
 
-    ``report(metrics, checkpoint_dir)`` is called on every rank after each complete checkpoint.
+    ``report(metrics, checkpoint_dir)`` is called on every rank after each complete checkpoint (its
+    metrics hold the evaluation when that step was evaluated) and, with ``checkpoint_dir=None``, after
+    each evaluation at a step without a checkpoint.
     """
     from data_shards.manifest import load_manifest, read_items
     from modeling.data import build_loader, resolve_max_history
@@ -419,6 +421,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     path = sync.store(f"checkpoints/{path.name}")
                 if report is not None:
                     report(ckpt_metrics, str(path))
+            elif evaluated and report is not None:
+                # Every evaluation reaches the launcher, so a scheduler (Ray Tune's ASHA) can stop a weak trial.
+                report({**st.metrics, "step": st.step, "epoch": st.epoch}, None)
             faults.maybe_kill("kill", st.step)
 
         # ---------------------------------------------------------------- the end

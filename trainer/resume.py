@@ -5,15 +5,18 @@ settings differ from that on resume:
 
 - **fixed** (:data:`FIXED`, :func:`refuse_fixed_changes`, :func:`check_data`): the model's shape and
   architecture, the task and prompt, the item vocabulary and data build (the shards' fingerprint), the
-  LoRA structure, ZeRO stage, precision, and the data plan (micro-batch size, seed). The checkpoint
+  LoRA structure and freeze depth, the optimizer, ZeRO stage, precision, and the data plan
+  (micro-batch size, seed). The checkpoint
   cannot be loaded into, or exactly continued with, another value: :class:`ConfigError` naming the key,
   raised before the model is built. (A different world size is refused by
   ``trainer.checkpoint.CheckpointManager.load``.)
 - **schedule and optimizer** (:func:`apply_schedule`): ``train.max_steps`` / ``train.epochs`` (the
-  schedule's horizon), ``schedule.*``, ``optim.lr``, ``optim.weight_decay``, ``optim.beta1/beta2``,
-  ``optim.eps``. DeepSpeed restores them from the checkpoint — torch's ``LambdaLR.state_dict`` saves the
-  ``__dict__`` of a callable-object lambda, so :class:`~trainer.engine.LRSchedule` comes back with the
-  old ``total_steps``, and the optimizer's param groups with the old lr/betas/eps/weight decay —
+  schedule's horizon), ``schedule.*``, ``optim.lr``, ``optim.weight_decay`` and the settings of the
+  run's optimizer (AdamW: ``optim.beta1/beta2``, ``optim.eps``; SGD: ``optim.momentum``,
+  ``optim.nesterov``; the other optimizer's are ignored, as in training). DeepSpeed restores them from
+  the checkpoint — torch's ``LambdaLR.state_dict`` saves the ``__dict__`` of a callable-object lambda,
+  so :class:`~trainer.engine.LRSchedule` comes back with the old ``total_steps``, and the optimizer's
+  param groups with the old lr/betas/eps/momentum/weight decay —
   and the run's config.yaml would then describe an optimizer that is not the one running. They are set
   from this run's config onto the restored scheduler and optimizer, one log line per change; the
   schedule follows the new horizon from the resumed step (the LR of step ``s + 1`` is
@@ -57,9 +60,11 @@ FIXED: dict[str, tuple[Getter, str]] = {
     ),
     "model.rating_head": (lambda c: c.model.rating_head if c.task == "rating" else None, "another head"),
     "lora.enabled": (lambda c: c.lora.enabled, "other trainable parameters"),
+    "model.trainable_layers": (lambda c: c.model.trainable_layers, "other trainable parameters"),
     "lora.method": (_lora("method"), "other adapters"),
     "lora.r": (_lora("r"), "other adapter shapes"),
     "lora.target_modules": (_lora("target_modules"), "other adapted modules"),
+    "optim.name": (lambda c: c.optim.name, "another optimizer, another optimizer state"),
     "zero.stage": (lambda c: c.zero.stage, "the optimizer state is partitioned differently"),
     "train.precision": (lambda c: c.train.precision, "the optimizer state is laid out differently"),
     "train.micro_batch_size": (lambda c: c.train.micro_batch_size, "the data cursor counts batches of it"),
@@ -74,7 +79,8 @@ by fingerprint)."""
 
 SCHEDULE_KEYS = (
     "train.max_steps", "train.epochs", "schedule.warmup_steps", "schedule.decay", "schedule.min_lr_ratio",
-    "optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
+    "optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.momentum",
+    "optim.nesterov",
 )  # fmt: skip
 """Settings :func:`apply_schedule` sets on the restored scheduler and optimizer (and logs)."""
 
@@ -172,12 +178,23 @@ def apply_schedule(engine, cfg: RecGPTConfig, total_steps: int, step: int) -> li
         raise RuntimeError(f"internal: {len(groups)} optimizer param groups, expected {len(decays)}")
     wanted = [o.weight_decay if d else 0.0 for d in decays]
     decayed = [g["weight_decay"] for g, d in zip(groups, decays) if d]
-    for key, was, now in (
-        ("optim.weight_decay", decayed[0] if decayed else o.weight_decay, o.weight_decay),
-        ("optim.beta1", groups[0]["betas"][0], o.beta1),
-        ("optim.beta2", groups[0]["betas"][1], o.beta2),
-        ("optim.eps", groups[0]["eps"], o.eps),
-    ):
+    # The settings of this run's optimizer (optim.name cannot change on resume); the other's are ignored.
+    first = groups[0]
+    if o.name == "sgd":
+        own: dict[str, Any] = {"momentum": o.momentum, "nesterov": o.nesterov}
+        settings = [
+            ("optim.momentum", first["momentum"], o.momentum),
+            ("optim.nesterov", first["nesterov"], o.nesterov),
+        ]
+    else:
+        own = {"betas": (o.beta1, o.beta2), "eps": o.eps}
+        settings = [
+            ("optim.beta1", first["betas"][0], o.beta1),
+            ("optim.beta2", first["betas"][1], o.beta2),
+            ("optim.eps", first["eps"], o.eps),
+        ]
+    decayed_was = decayed[0] if decayed else o.weight_decay
+    for key, was, now in [("optim.weight_decay", decayed_was, o.weight_decay), *settings]:
         if not _same(float(was), float(now)):
             lines.append(f"resume: {key} {was} -> {now}: applied to the optimizer from step {step + 1}")
     if not lines:
@@ -189,7 +206,7 @@ def apply_schedule(engine, cfg: RecGPTConfig, total_steps: int, step: int) -> li
     sched.base_lrs = [o.lr] * len(groups)
     lr = o.lr * new(sched.last_epoch)
     for g, wd in zip(groups, wanted):
-        g.update(lr=lr, initial_lr=o.lr, weight_decay=wd, betas=(o.beta1, o.beta2), eps=o.eps)
+        g.update(lr=lr, initial_lr=o.lr, weight_decay=wd, **own)
     sched._last_lr = [g["lr"] for g in groups]
     lines.append(f"resume: lr now {lr:.4g} (the checkpoint's schedule had {was_lr:.4g})")
     return lines
