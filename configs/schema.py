@@ -123,6 +123,13 @@ class ShardsConfig:
     """Size cap of one shard file in MiB."""
     skip_bad_lines: bool = False
     """Count and report malformed input lines and lines missing a value instead of stopping at the first."""
+    base: str | None = None
+    """Periodic builds: the shard directory (or URL) of the previous period. The input then holds only
+    the interactions after it; old items keep their index, new ones are appended, every user's history
+    continues from the base, and valid/test are each user's last two interactions of the new period."""
+    carry_base_train: bool = True
+    """With shards.base: also write the base's training records into the new train split (the new
+    shards then hold every period, for from-scratch training); false: only the new targets (re-tuning)."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "shards.format", INPUT_FORMATS)
@@ -433,6 +440,11 @@ class TrainConfig:
     """Run directory on local or shared storage: checkpoints, TensorBoard logs, resolved config."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
+    init_from: str | None = None
+    """Warm start a new run from an export directory or a checkpoint (run or checkpoint directory; local
+    or an object-store URL): its weights, item rows copied by item id, items new to these shards
+    initialised by model.item_init; fresh optimizer, schedule and step 0. Same model as the source (LoRA may differ). A crashed
+    warm-started run resumes from its own checkpoints (train.resume=auto)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses skipped before the run stops with an error."""
     log_interval: int = 10
@@ -598,6 +610,12 @@ class RecGPTConfig:
             _check(
                 self.train.objective == "all", "train.objective", "the rating task supervises every position"
             )
+        _check(
+            self.train.init_from is None or self.train.resume in ("auto", "never"),
+            "train.init_from",
+            f"starts a new run from weights, train.resume={self.train.resume!r} continues a checkpoint; set "
+            "one of them (a warm-started run resumes its own checkpoints with train.resume=auto)",
+        )
         _check(
             self.eval.metric in valid_metrics(self),
             "eval.metric",

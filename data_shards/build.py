@@ -27,10 +27,19 @@ from webdataset import TarWriter
 
 from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
 from data_shards import storage
+from data_shards.incremental import (
+    HISTORIES,
+    check_chronology,
+    check_id_source,
+    common_unit,
+    period_records,
+    period_sequences,
+    read_base,
+)
 from data_shards.ingest import REMOVAL_REASONS, Interactions, read_interactions
 from data_shards.manifest import FORMAT_VERSION, ITEMS, MANIFEST, MEMBER_EXT, SPLITS, fingerprint
 from data_shards.records import Record
-from data_shards.split import apply_filters, eval_records, sequences, train_records
+from data_shards.split import apply_filters, eval_records, sequences, train_records, user_histories
 
 _TAR_BLOCK, _TAR_RECORD = 512, 10240  # tarfile pads the archive (2 end blocks included) to whole records
 
@@ -144,7 +153,9 @@ def build_shards(
 
     ``cfg`` (default: every ``shards.*`` default) says how to read, filter, split and pack; it is
     recorded in the manifest (``shards_config``) with ``command``, the command line that rebuilds it.
-    ``force`` replaces a non-empty ``out``. Raises DataError naming the file, line or key.
+    ``force`` replaces a non-empty ``out``. With ``shards.base`` the input holds only a new period and
+    the build continues the base (:mod:`data_shards.incremental`). Raises DataError naming the file,
+    line or key.
     """
     cfg = cfg or ShardsConfig()
     max_history, window_stride, prefix_records = cfg.max_history, cfg.window_stride, cfg.prefix_records
@@ -159,9 +170,21 @@ def build_shards(
         if out.exists() and any(out.iterdir()) and not force:
             raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
 
+    base = read_base(str(cfg.base), cfg) if cfg.base else None  # first: a bad base fails at once
     logs = read_interactions(input_path, cfg)
-    frame, filter_stats = apply_filters(logs.frame, cfg)
-    seqs = sequences(frame)
+    unit = logs.timestamp_unit
+    if base is None:
+        frame, filter_stats = apply_filters(logs.frame, cfg)
+        seqs = sequences(frame)
+    else:
+        check_id_source(base.location, base.manifest, logs.format, cfg)
+        known_users, known_items = set(base.users), {str(it["item_id"]) for it in base.items}
+        frame, filter_stats = apply_filters(logs.frame, cfg, known_users, known_items)
+        unit, base_scale, new_scale = common_unit(base.manifest.get("timestamp_unit", "s"), unit)
+        frame = frame.assign(timestamp=frame["timestamp"] * new_scale)
+        seqs = period_sequences(frame, base)
+        check_chronology(seqs, base, str(input_path))
+        period = period_records(seqs, base, cfg, base_scale)
     rows = row_counts(logs, filter_stats.pop("removed_by"), frame, keep=cfg.duplicates == "keep")
 
     if remote:  # built locally, then uploaded (manifest last)
@@ -173,25 +196,36 @@ def build_shards(
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        known = base.items if base is not None else []
         items_bytes = b"".join(
             _json(
                 {
                     "index": i,
                     "item_id": str(item_id),
-                    "title": logs.titles.get(str(item_id), ""),
+                    # base items keep their title and metadata unless the new period's metadata has them
+                    "title": logs.titles.get(str(item_id), "")
+                    or (known[i]["title"] if i < len(known) else ""),
                     "count": int(seqs.item_counts[i]),
-                    "meta": logs.meta.get(str(item_id), {}),
+                    "meta": logs.meta.get(str(item_id))
+                    or (known[i].get("meta", {}) if i < len(known) else {}),
                 }
             )
             + b"\n"
             for i, item_id in enumerate(seqs.items)
         )
         (tmp / ITEMS).write_bytes(items_bytes)
-        sources = {
-            "train": train_records(seqs, max_history, prefix_records, window_stride),
-            "valid": eval_records(seqs, "valid", max_history),
-            "test": eval_records(seqs, "test", max_history),
-        }
+        if base is None:
+            sources = {
+                "train": train_records(seqs, max_history, prefix_records, window_stride),
+                "valid": eval_records(seqs, "valid", max_history),
+                "test": eval_records(seqs, "test", max_history),
+            }
+            histories = user_histories(seqs, max_history)
+        else:
+            sources = {"train": period.train, "valid": period.valid, "test": period.test}
+            histories = period.histories
+        histories_bytes = b"".join(_json(h) + b"\n" for h in histories)
+        (tmp / HISTORIES).write_bytes(histories_bytes)
         splits = {s: write_split(tmp, s, sources[s], records_per_member, max_shard_bytes) for s in SPLITS}
         items_sha = sha256_bytes(items_bytes)
         manifest = {
@@ -215,14 +249,33 @@ def build_shards(
             "records_per_member": records_per_member,
             "num_users": len(seqs.users),
             "num_items": len(seqs.items),
-            "num_interactions": len(seqs.item_idx),
-            "timestamp_unit": logs.timestamp_unit,
-            "rating_levels": sorted(set(seqs.ratings.tolist())),
+            "num_interactions": len(seqs.item_idx) + (base.manifest["num_interactions"] if base else 0),
+            "timestamp_unit": unit,
+            "rating_levels": sorted(
+                set(seqs.ratings.tolist()) | set(base.manifest.get("rating_levels", []) if base else [])
+            ),
             "items_file": ITEMS,
             "items_sha256": items_sha,
+            "histories_file": HISTORIES,
+            "histories_sha256": sha256_bytes(histories_bytes),
             "fingerprint": fingerprint(splits, items_sha),
             "splits": splits,
         }
+        if base is not None:
+            manifest["base"] = {
+                "location": base.location,
+                "fingerprint": base.manifest["fingerprint"],
+                "num_users": base.manifest["num_users"],
+                "num_items": base.manifest["num_items"],
+                "num_interactions": base.manifest["num_interactions"],
+            }
+            manifest["period"] = {
+                "interactions": len(seqs.item_idx),
+                "first_timestamp": int(seqs.timestamps.min()),
+                "last_timestamp": int(seqs.timestamps.max()),
+                "carry_base_train": cfg.carry_base_train,
+                **period.stats,
+            }
         # The manifest is written last and the directory renamed whole (an object store: uploaded
         # last): readers never see a partial build.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

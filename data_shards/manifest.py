@@ -155,6 +155,14 @@ def verify(location: str | os.PathLike) -> tuple[int, list[str]]:
     except DataError as e:
         problems.append(str(e))
     checked += 1
+    if manifest.get("histories_file"):  # builds since periodic builds (shards.base) exist
+        url = resolve(location, manifest["histories_file"])
+        try:
+            if hashlib.sha256(read_url(url)).hexdigest() != manifest.get("histories_sha256"):
+                problems.append(f"{url}: sha256 differs from the manifest")
+        except DataError as e:
+            problems.append(str(e))
+        checked += 1
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             url = resolve(location, shard["path"])

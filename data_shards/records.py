@@ -64,3 +64,8 @@ class Batch(TypedDict, total=False):
     """[B] int64: the dense index of each row's target item."""
     valid: torch.Tensor
     """[B] bool: False on pad rows (Record.pad), which metrics drop."""
+    unknown_target: torch.Tensor
+    """[B] bool, only when scoring shards of another item vocabulary: the target is an item the model
+    does not know (scored as a miss; ``modeling.collate.RemappedCollate``)."""
+    unknown_history: torch.Tensor
+    """[B] bool, likewise: the target is known but no history item is (scored as a miss)."""

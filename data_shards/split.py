@@ -20,10 +20,16 @@ from configs.schema import MIN_USER_INTERACTIONS
 from data_shards.records import Record
 
 
-def apply_filters(frame: pd.DataFrame, filters: ShardsConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+def apply_filters(
+    frame: pd.DataFrame,
+    filters: ShardsConfig,
+    known_users: set[str] | None = None,
+    known_items: set[str] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``shards.rating_threshold``, then users with fewer than the leave-one-out minimum of events
     (``too_short``), then the k-core (``shards.min_user_interactions`` / ``min_item_interactions``)
-    until stable: dropping items can push users below the minimum.
+    until stable: dropping items can push users below the minimum. ``known_users`` / ``known_items``
+    (a periodic build: the base's) are exempt from the minimums: they passed them in the base.
 
     Every count is of distinct events (user, item, timestamp): rows repeating one, kept with
     ``shards.duplicates=keep``, do not count. The stats hold the settings, what was removed
@@ -45,12 +51,15 @@ def apply_filters(frame: pd.DataFrame, filters: ShardsConfig) -> tuple[pd.DataFr
             return frame.groupby(by)["item" if by == "user" else "user"].transform("size")
         return weight.loc[frame.index].groupby(frame[by]).transform("sum")
 
-    keep = counts("user") >= MIN_USER_INTERACTIONS
+    def exempt(by: str, known: set[str] | None) -> pd.Series | bool:
+        return False if not known else frame[by].astype(str).isin(known)
+
+    keep = (counts("user") >= MIN_USER_INTERACTIONS) | exempt("user", known_users)
     removed_by["too_short"] = int((~keep).sum())
     frame = frame[keep]
     while True:
-        keep = (counts("user") >= filters.min_user_interactions) & (
-            counts("item") >= filters.min_item_interactions
+        keep = ((counts("user") >= filters.min_user_interactions) | exempt("user", known_users)) & (
+            (counts("item") >= filters.min_item_interactions) | exempt("item", known_items)
         )
         if keep.all():
             break
@@ -197,3 +206,21 @@ def eval_records(seqs: Sequences, split: str, max_history: int) -> Iterator[Reco
         rec = _record(seqs, u, max(0, target - max_history), target + 1)
         rec["seen"] = np.unique(items[:target]).tolist()
         yield rec
+
+
+def user_histories(seqs: Sequences, max_history: int) -> Iterator[dict[str, Any]]:
+    """One line per user for ``histories.jsonl`` (what a periodic build continues): the last
+    ``max_history + 1`` items, every item seen before the last one, and ``untrained`` = 2 (the valid
+    and test targets, which no training window holds)."""
+    for u in range(len(seqs.users)):
+        items, ratings, times = seqs.user(u)
+        keep = slice(max(0, len(items) - max_history - 1), len(items))
+        yield {
+            "user": str(seqs.users[u]),
+            "uid": u,
+            "items": items[keep].tolist(),
+            "ratings": ratings[keep].tolist(),
+            "timestamps": times[keep].tolist(),
+            "seen": np.unique(items[:-1]).tolist(),
+            "untrained": 2,
+        }

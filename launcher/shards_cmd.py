@@ -143,6 +143,17 @@ def _print_stats(m: dict) -> None:
         f"{'rating: all kept' if f['rating_threshold'] is None else 'rating >= ' + format(f['rating_threshold'], 'g')}; removed {f['removed_interactions']:,} interactions, "
         f"{f['removed_users']:,} users, {f['removed_items']:,} items"
     )
+    if "period" in m:  # a periodic build (shards.base)
+        per, base = m["period"], m["base"]
+        print(
+            f"base          {base['location']} ({base['num_items']:,} items, fingerprint {base['fingerprint'][:12]}…)"
+        )
+        print(
+            f"new period    {per['interactions']:,} interactions, {per['users_active']:,} users active "
+            f"({per['new_users']:,} new), {per['new_items']:,} new items; valid/test: {per['eval_users']:,} users' "
+            f"last two new interactions; train: {per['new_train_records']:,} new + "
+            f"{per['carried_train_records']:,} carried records"
+        )
     print(f"ratings       {', '.join(f'{r:g}' for r in m['rating_levels'])}")
     print(
         f"max_history   {m['max_history']} (train records: {m['train_records']}, "

@@ -245,3 +245,51 @@ def make_collate(
         rating_levels=levels,
         rating_part_ids=[list(x) for x in rating_part_ids],
     )
+
+
+# --------------------------------------------------------------------------- another item vocabulary
+
+
+def item_remap(model_items: Sequence[dict], data_items: Sequence[dict]) -> list[int] | None:
+    """Data item index -> the model's index of the same ``item_id`` (-1: unknown to the model), or
+    None when both vocabularies are the same list (nothing to translate)."""
+    ours = {str(it["item_id"]): i for i, it in enumerate(model_items)}
+    remap = [ours.get(str(it["item_id"]), -1) for it in data_items]
+    return None if remap == list(range(len(model_items))) else remap
+
+
+class RemappedCollate:
+    """Eval records of shards with another item vocabulary (a periodic build, scored by the model of
+    an earlier period), translated into the model's indices before ``collate``.
+
+    History items the model does not know are left out of the prompt and of ``seen``. A record whose
+    target is unknown, or whose history holds no known item, is still one example (a placeholder
+    prompt is scored): ``unknown_target`` / ``unknown_history`` [B] bool mark it, and the metrics count
+    it as a miss (:func:`modeling.metrics.eval_outputs`).
+    """
+
+    def __init__(self, collate: RecordCollator, remap: list[int]) -> None:
+        if collate.split == "train" or collate.task != "next_item":
+            raise ValueError("another item vocabulary can only be scored on valid/test for task next_item")
+        self.collate, self.remap = collate, remap
+
+    def _translate(self, record: dict) -> tuple[dict, bool, bool]:
+        mapped = [self.remap[i] for i in record["items"]]
+        keep = [t for t in range(len(mapped) - 1) if mapped[t] >= 0]
+        unknown_target, unknown_history = mapped[-1] < 0, not keep
+        keep = keep or [len(mapped) - 1]  # a placeholder entry: the prompt must hold one item
+        items = [max(mapped[t], 0) for t in keep] + [max(mapped[-1], 0)]
+        out = {
+            **record,
+            "items": items,
+            "ratings": [record["ratings"][t] for t in keep] + [record["ratings"][-1]],
+            "seen": [self.remap[i] for i in record.get("seen") or [] if self.remap[i] >= 0],
+        }
+        return out, unknown_target, unknown_history
+
+    def __call__(self, records: Sequence[Record]) -> Batch:
+        translated = [self._translate(r) for r in records]
+        batch = self.collate([t[0] for t in translated])
+        batch["unknown_target"] = torch.tensor([t[1] for t in translated], dtype=torch.bool)
+        batch["unknown_history"] = torch.tensor([t[2] and not t[1] for t in translated], dtype=torch.bool)
+        return batch

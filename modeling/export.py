@@ -25,6 +25,8 @@ Directory layout (everything but the manifest, config.yaml, items.jsonl and the 
     config.yaml                             resolved training config (prompt format, max_history, task)
     rating_head.safetensors                 task=rating only: weight, bias, levels (recgpt-specific)
     adapter/                                save_adapter: the PEFT adapter alone (before merging)
+    warm_start.json source_items.jsonl      train.init_from runs: the source (step, data build, item
+                                            counts, item_init) and its item vocabulary (the old one)
     export_manifest.json                    source checkpoint, step, metrics, config, parity, sha256 of files
 """
 
@@ -84,6 +86,11 @@ class ExportSource:
     """Processes that wrote it."""
     run_dir: str | None = None
     """The run directory holding it, if any."""
+    extra_files: dict[str, bytes] | None = None
+    """Files the checkpoint carries into the export (a warm-started run's ``warm_start.json`` and
+    ``source_items.jsonl``: where it came from and the source's item vocabulary)."""
+    warm_start: dict[str, Any] | None = None
+    """The parsed ``warm_start.json`` (recorded in the manifest as ``warm_start``), or None."""
 
 
 def check_out(out: str | os.PathLike, force: bool) -> Path:
@@ -254,6 +261,8 @@ def write_export(
             GenerationConfig.from_model_config(lm.config).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         _write_items(tmp / ITEMS_FILE, items, tokenizer)
+        for name, data in (source.extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         save_resolved(cfg, tmp)
         rating_head = _save_rating_head(model, tmp / RATING_HEAD_FILE, DTYPES[dtype_name])
         _check_written(tmp)
@@ -287,6 +296,7 @@ def write_export(
                 "pad": tokenizer.pad_token_id,
             },  # fmt: skip
             "parity": parity,
+            "warm_start": source.warm_start,
             "files": file_hashes(tmp),
             "created_unix": int(time.time()),
         }

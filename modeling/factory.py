@@ -39,6 +39,7 @@ from configs import ConfigError, RecGPTConfig
 from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
 from modeling.lora import apply_freeze, apply_lora, trainable_parameters
 from modeling.model import RecModel, is_tied
+from modeling.warm_start import WarmStart, base_tokenizer, load_warm_weights
 
 log = logging.getLogger("recgpt.modeling")
 
@@ -215,29 +216,34 @@ def _cols(weight: torch.nn.Parameter) -> int:
     return _shape(weight)[1]
 
 
-def cooccurrence_embeddings(
-    cfg: RecGPTConfig, shards_dir: str | os.PathLike, num_items: int, dim: int, span: int = 5
+def cooccurrence_pmi(
+    cfg: RecGPTConfig, shards_dir: str | os.PathLike, num_items: int, span: int = 5
 ) -> torch.Tensor:
-    """Item vectors [num_items, dim] from the training split: a rank-``dim`` factorisation of the
-    positive PMI of items rated within ``span`` positions of each other (item2vec's implicit matrix).
-    Starting from them, the model does not spend its first epochs discovering which items go together."""
+    """Sparse [num_items, num_items] float32 COO matrix of the positive PMI of items rated within
+    ``span`` positions of each other in the training split (symmetric; item2vec's implicit matrix)."""
     from modeling.data import build_loader
 
     pairs: dict[tuple[int, int], float] = {}
+    from data_shards.manifest import load_manifest
+
     # Seed 0 and whole batches of 256, independent of the run's seed: the sample of windows counted
     # (all but the last partial batch) is the one every recgpt version has used, so runs stay comparable.
+    # A split smaller than one batch is counted whole.
+    whole = load_manifest(shards_dir)["splits"]["train"]["records"] < 256
     loader = build_loader(
-        cfg, "train", shards=shards_dir, batch_size=256, num_workers=0, seed=0, drop_last=True
+        cfg, "train", shards=shards_dir, batch_size=256, num_workers=0, seed=0, drop_last=not whole
     )
     for batch in loader:
         for rec in batch:
+            if rec.get("pad"):
+                continue
             seq = rec["items"]
             # Count each pair once across overlapping windows: only pairs ending at a new target.
             for b in range(max(1, int(rec.get("first_new_target", 1))), len(seq)):
                 for a in range(max(0, b - span), b):
                     key = (seq[a], seq[b]) if seq[a] < seq[b] else (seq[b], seq[a])
                     pairs[key] = pairs.get(key, 0.0) + 1.0
-    idx = torch.tensor(list(pairs.keys()), dtype=torch.long).t()
+    idx = torch.tensor(list(pairs.keys()), dtype=torch.long).reshape(-1, 2).t()
     val = torch.tensor(list(pairs.values()), dtype=torch.float64)
     rows = torch.cat([idx[0], idx[1]])
     cols = torch.cat([idx[1], idx[0]])
@@ -245,15 +251,24 @@ def cooccurrence_embeddings(
     count = torch.zeros(num_items, dtype=torch.float64).index_add_(0, rows, val)
     pmi = torch.log(val * val.sum() / (count[rows] * count[cols]))
     keep = pmi > 0
-    m = torch.sparse_coo_tensor(
+    return torch.sparse_coo_tensor(
         torch.stack([rows[keep], cols[keep]]),
         pmi[keep].float(),
         (num_items, num_items),
         check_invariants=True,
-    )
+    ).coalesce()
+
+
+def cooccurrence_embeddings(
+    cfg: RecGPTConfig, shards_dir: str | os.PathLike, num_items: int, dim: int, span: int = 5
+) -> torch.Tensor:
+    """Item vectors [num_items, dim] from the training split: a rank-``dim`` factorisation of
+    :func:`cooccurrence_pmi`. Starting from them, the model does not spend its first epochs discovering
+    which items go together."""
+    m = cooccurrence_pmi(cfg, shards_dir, num_items, span)
     with torch.random.fork_rng(devices=[]):  # the same factors on every rank, the global stream untouched
         torch.manual_seed(0)
-        u, s, _ = torch.svd_lowrank(m.coalesce(), q=dim, niter=4)
+        u, s, _ = torch.svd_lowrank(m, q=dim, niter=4)
     return u * s.sqrt()
 
 
@@ -316,19 +331,22 @@ def build_model_and_tokenizer(
     shards_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
     ds_config: dict[str, Any] | None = None,
+    warm_start: WarmStart | None = None,
 ) -> tuple[RecModel, Any]:
     """RecModel + tokenizer for ``cfg`` and the item vocabulary of ``shards_dir``.
 
     ``tokenizer_dir``: rebuild around a saved tokenizer (checkpoint/export ``tokenizer/``) instead of
     training one / extending the pretrained one; weights are then expected to be loaded by the caller.
     ``ds_config``: the training run's DeepSpeed config; with ZeRO-3 the weights are built partitioned.
+    ``warm_start`` (``train.init_from``): the weights of a trained model, item rows mapped by item id
+    and new items' rows initialised by ``model.item_init`` (:mod:`modeling.warm_start`).
     """
     manifest, items = read_vocabulary(shards_dir)
     if cfg.task == "rating" and not manifest.get("rating_levels"):
         raise ConfigError(f"task: rating needs rating_levels in {shards_dir}/manifest.json")
     levels = [float(r) for r in manifest.get("rating_levels") or []]
     with _zero3_context(ds_config):
-        lm, tokenizer, source = _build_lm(cfg, shards_dir, items, levels, tokenizer_dir)
+        lm, tokenizer, source = _build_lm(cfg, shards_dir, items, levels, tokenizer_dir, warm_start)
     first_item = tokenizer.convert_tokens_to_ids(item_token(0))
     tied = is_tied(lm)
     item_ids = torch.arange(first_item, first_item + len(items))
@@ -347,6 +365,17 @@ def build_model_and_tokenizer(
         rating_levels=levels if cfg.task == "rating" else None,
         rating_head=cfg.model.rating_head,
     )
+    if warm_start is not None and model.rating_head is not None and warm_start.rating_head is not None:
+        same = (
+            warm_start.config.task == "rating"
+            and warm_start.rating_head["weight"].shape == model.rating_head.weight.shape
+        )
+        if not same:
+            raise ConfigError(f"train.init_from: the rating head of {warm_start.source} does not fit "
+                              f"this run's (rating levels {levels})")  # fmt: skip
+        with torch.no_grad():
+            model.rating_head.weight.copy_(warm_start.rating_head["weight"])
+            model.rating_head.bias.copy_(warm_start.rating_head["bias"])
     trainable, total = trainable_parameters(model)
     log.info(
         "model %s: %d items, %d / %d parameters trainable (%.2f%%)",
@@ -365,6 +394,7 @@ def _build_lm(
     items: list[dict],
     levels: list[float],
     tokenizer_dir: str | os.PathLike | None,
+    warm_start: WarmStart | None = None,
 ) -> tuple[PreTrainedModel, Any, str]:
     """The causal LM with its item tokens added and initialised, its tokenizer, and a description."""
     m = cfg.model
@@ -374,9 +404,13 @@ def _build_lm(
         f"{shape['n_layer']} layers x {shape['n_embd']})"
     )
     source = str(tokenizer_dir or m.name_or_path or preset)
+    if warm_start is not None:
+        source = f"{source} warm-started from {warm_start.kind} {warm_start.source}"
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    elif warm_start is not None:  # the source's tokens keep their ids; item tokens are this run's
+        tokenizer = base_tokenizer(warm_start.tokenizer_dir)
     elif m.preset is not None:
         tokenizer = train_tokenizer(items, levels, m.tokenizer_vocab_size)
     else:
@@ -405,7 +439,12 @@ def _build_lm(
     # Some models already have spare rows past the tokenizer's size.
     if _rows(lm.get_input_embeddings().weight) < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if added and tokenizer_dir is None:
+    if warm_start is not None:
+        counts = load_warm_weights(cfg, lm, tokenizer, items, first_item, shards_dir, warm_start)
+        warm_start.info["items"] = {**counts, "item_init": m.item_init}
+        log.info("warm start from %s: %d items kept, %d new (model.item_init=%s), %d dropped",
+                 warm_start.source, counts["known"], counts["new"], m.item_init, counts["dropped"])  # fmt: skip
+    elif added and tokenizer_dir is None:
         init_item_rows(cfg, lm, tokenizer, items, first_item, shards_dir)
     sync_special_ids(lm, tokenizer)
     lm.config.use_cache = False

@@ -21,6 +21,7 @@ from modeling.adversarial import ascent_direction
 from modeling.loss import unwrap
 
 LIKE_THRESHOLD = 4.0  # "like" = rating >= 4 for the AUC
+MISS_RANK = 2**31 - 1  # the rank of an example the model cannot score: beyond every K (a miss)
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +141,9 @@ def eval_outputs(
     """Per-example CPU tensors for one eval batch, rows with ``valid=False`` dropped.
 
     next_item: ``rank`` [B] (1-based, full ranking in ``eval.item_chunk`` item chunks, exact up to
-    max(``eval.ks``), larger ranks as max(ks) + 1: :func:`chunked_target_ranks`). rating: ``pred_class``, ``pred_rating``,
+    max(``eval.ks``), larger ranks as max(ks) + 1: :func:`chunked_target_ranks`; with
+    ``unknown_target`` / ``unknown_history`` in the batch — shards of another item vocabulary — those
+    rows get :data:`MISS_RANK`, a miss, and the two flags are passed on). rating: ``pred_class``, ``pred_rating``,
     ``like_score``, and the truth ``label`` (level index) and ``rating``. With ``attack_epsilon > 0``
     the same per-example keys again under an FGM attack, prefixed ``adv_``.
     """
@@ -152,6 +155,15 @@ def eval_outputs(
             out = {"rank": _ranks(rec, _hidden(rec, batch, embeds), batch, cfg)}
         else:
             out = _per_example(_score(rec, batch, embeds, cfg), batch, rec, cfg, "")
+    # Shards with another item vocabulary (modeling.collate.RemappedCollate): an example the model
+    # cannot score — its target is an item it does not know, or its history holds none it knows — is
+    # a miss (MISS_RANK, beyond every K even in a catalogue smaller than K): it stays in the
+    # denominator of every metric.
+    unscorable = None
+    if "unknown_target" in batch:
+        unscorable = batch["unknown_target"] | batch["unknown_history"]
+        out["unknown_target"], out["unknown_history"] = batch["unknown_target"], batch["unknown_history"]
+        out["rank"] = torch.where(unscorable, MISS_RANK, out["rank"])
     if attack_epsilon > 0:
         with torch.enable_grad():
 
@@ -164,6 +176,8 @@ def eval_outputs(
                 out["adv_rank"] = _ranks(rec, _hidden(rec, batch, embeds + delta), batch, cfg)
             else:
                 out.update(_per_example(_score(rec, batch, embeds + delta, cfg), batch, rec, cfg, "adv_"))
+        if unscorable is not None:
+            out["adv_rank"] = torch.where(unscorable, MISS_RANK, out["adv_rank"])
     if cfg.task == "rating":
         where = batch["labels"] != -100
         out["label"] = batch["labels"][where]
@@ -231,9 +245,21 @@ def _rating_metrics(out: dict[str, torch.Tensor], prefix: str, name: str) -> dic
 def compute_metrics(outputs: dict[str, torch.Tensor], cfg: RecGPTConfig) -> dict[str, float]:
     """Metrics of concatenated ``eval_outputs``: hr@K / ndcg@K (1/log2(rank+1)) / mrr@K for K in
     ``eval.ks`` (next_item), or accuracy / rmse / neg_rmse / auc (rating); ``robust_``-prefixed
-    versions when the outputs carry an FGM attack. ``num_examples`` counts the examples."""
+    versions when the outputs carry an FGM attack. ``num_examples`` counts the examples.
+
+    Scored on shards with another item vocabulary (``unknown_target`` in the outputs):
+    ``unknown_targets`` counts the examples whose target the model does not know (an item new since it
+    was trained) and ``unknown_target_fraction`` is their share; ``unknown_histories`` counts those
+    with a known target but no known history item. Both kinds are misses *inside* the denominator:
+    hr/ndcg/mrr are means over all ``num_examples``, so they are what the model achieves on the split
+    as it is, unknown items included."""
     key = "rank" if cfg.task == "next_item" else "label"
     metrics: dict[str, float] = {"num_examples": float(outputs[key].numel()) if key in outputs else 0.0}
+    if "unknown_target" in outputs:
+        unknown = int(outputs["unknown_target"].sum())
+        metrics["unknown_targets"] = float(unknown)
+        metrics["unknown_target_fraction"] = unknown / max(1.0, metrics["num_examples"])
+        metrics["unknown_histories"] = float(outputs["unknown_history"].sum())
     if not metrics["num_examples"]:
         return metrics
     for prefix, name in (("", ""), ("adv_", "robust_")):

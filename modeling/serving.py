@@ -143,17 +143,6 @@ def verify_export(directory: str | os.PathLike) -> None:
         raise ExportError(f"{d}: files differ from {MANIFEST} ({bad[0][0]})")
 
 
-def check_same_items(items: list[dict], shards: str | os.PathLike) -> None:
-    """Refuse to score an export on shards built with another item vocabulary (indices would differ)."""
-    from data_shards.manifest import load_manifest, read_items
-
-    shard_items = read_items(shards, load_manifest(shards))
-    ours, theirs = [str(it["item_id"]) for it in items], [str(it["item_id"]) for it in shard_items]
-    if ours != theirs:
-        raise ExportError(f"{shards}: another item vocabulary ({len(theirs)} items) than the export's "
-                          f"({len(ours)} items)")  # fmt: skip
-
-
 def load_export(directory: str | os.PathLike, verify: bool = False) -> LoadedExport:
     """(RecModel, tokenizer, items, spec) of an export directory, fp32, eval mode, on CPU.
 

@@ -95,7 +95,14 @@ def test_build_to_s3_equals_local_build(s3_shards, sample_shards, capsys):
     assert {k: v for k, v in remote.items() if k != "command"} == {
         k: v for k, v in local.items() if k != "command"
     }
-    assert storage.listdir(s3_shards) == ["items.jsonl", MANIFEST, "test", "train", "valid"]
+    assert storage.listdir(s3_shards) == [
+        "histories.jsonl",
+        "items.jsonl",
+        MANIFEST,
+        "test",
+        "train",
+        "valid",
+    ]
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in json.dumps(remote)
     # An existing prefix is refused without --force (before any input is read).

@@ -174,6 +174,7 @@ REFUSED = {
     "train.precision": (["train.precision=bf16"], []),
     "train.micro_batch_size": (["train.micro_batch_size=16"], []),
     "seed": (["seed=1"], []),
+    "train.init_from": (["train.init_from=runs/other-export"], ["train.init_from=runs/export"]),
 }
 
 

@@ -413,7 +413,13 @@ class CheckpointManager:
     """Writes, publishes, prunes and loads the checkpoints of one run directory."""
 
     def __init__(
-        self, output_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int, faults: Faults
+        self,
+        output_dir: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        faults: Faults,
+        extra_files: dict[str, bytes] | None = None,
     ):
         self.root = Path(output_dir) / CHECKPOINTS
         self.rank = rank
@@ -424,6 +430,8 @@ class CheckpointManager:
         """Relative paths of the last checkpoint's files this rank hashed (and uploads to a store)."""
         self.written: Path | None = None
         """This rank's local copy of the last checkpoint (the temp dir on a node without rank 0)."""
+        self.extra_files = dict(extra_files or {})
+        """Small files every checkpoint carries (name -> bytes; a warm start's record), listed in COMPLETE."""
 
     # ------------------------------------------------------------------ write
     def save(
@@ -459,6 +467,8 @@ class CheckpointManager:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
             save_resolved(cfg, tmp)
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            for fname, data in self.extra_files.items():
+                (tmp / fname).write_bytes(data)
         barrier()
         # Each rank hashes the files it owns (file_owners), in parallel; rank 0 lists them all.
         everyone = all_gather_object(local_files(tmp))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from configs import ExportError, RecGPTConfig, load_config, one_line
+from configs import ConfigError, ExportError, RecGPTConfig, load_config, one_line
 from data_shards import storage
 
 
@@ -53,21 +53,39 @@ def evaluate(model: torch.nn.Module, loader, cfg: RecGPTConfig, device: torch.de
 
 
 def _score(
-    cfg: RecGPTConfig, model, tokenizer, shards: str | os.PathLike, split: str, info
+    cfg: RecGPTConfig, model, tokenizer, shards: str | os.PathLike, split: str, info, model_items: list[dict]
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` of ``shards``, this rank's share, gathered (see :func:`evaluate`)."""
+    """Metrics of ``model`` (whose vocabulary is ``model_items``) on ``split`` of ``shards``, this
+    rank's share, gathered (see :func:`evaluate`).
+
+    Shards with another item vocabulary (a later period's periodic build scored by an earlier model)
+    are translated by item id (:class:`modeling.collate.RemappedCollate`): items new since the model was
+    trained cannot be recommended by it; examples whose target is one count as misses and are reported
+    (``unknown_targets``, ``unknown_target_fraction``; :func:`modeling.metrics.compute_metrics`).
+    """
     from data_shards.manifest import read_items
+    from modeling.collate import RemappedCollate, item_remap
     from modeling.data import build_loader
 
     model.to(info.device)
-    loader = build_loader(cfg, split, tokenizer, read_items(shards), shards=shards,
+    data_items = read_items(shards)
+    remap = item_remap(model_items, data_items)
+    if remap is not None and cfg.task != "next_item":
+        raise ExportError(f"{shards}: another item vocabulary ({len(data_items)} items) than the model's "
+                          f"({len(model_items)}); task={cfg.task} needs the model's own")  # fmt: skip
+    loader = build_loader(cfg, split, tokenizer, model_items, shards=shards,
                           rank=info.rank, world_size=info.world_size)  # fmt: skip
+    if remap is not None:
+        loader.collate_fn = RemappedCollate(loader.collate_fn, remap)
     metrics = evaluate(model, loader, cfg, info.device)
     head = {
         "data": str(shards) if storage.is_url(shards) else str(Path(shards)),
         "split": split,
         "exclude_seen": cfg.eval.exclude_seen,
     }
+    if remap is not None:
+        head["vocabulary"] = {"model_items": len(model_items), "data_items": len(data_items),
+                              "data_items_unknown_to_model": sum(i < 0 for i in remap)}  # fmt: skip
     return {**head, "ranking": "full", **metrics}
 
 
@@ -104,13 +122,21 @@ def evaluate_checkpoint(
     state = read_trainer_state(ckpt)
     info = setup_distributed()  # before anything imports deepspeed: it settles DS_ACCELERATOR
     try:
+        from data_shards.manifest import read_items
         from modeling.factory import load_model_for_eval
         from trainer.checkpoint import load_consolidated
 
-        model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
+        # The model is rebuilt on the vocabulary it was trained with: ``data``'s when it is that one,
+        # else its run's shards (``data`` is then another build, e.g. a later period, translated by id).
+        vocabulary = shards
+        try:
+            model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", shards)
+        except ConfigError:  # the tokenizer was built for another item vocabulary
+            vocabulary = cfg.data.shards
+            model, tokenizer = load_model_for_eval(cfg, ckpt / "tokenizer", vocabulary)
         load_consolidated(model, ckpt, int(state.get("world_size", 1)))
         source = {"checkpoint": shown or str(ckpt), "step": state.get("step")}
-        return {**source, **_score(cfg, model, tokenizer, shards, split, info)}
+        return {**source, **_score(cfg, model, tokenizer, shards, split, info, read_items(vocabulary))}
     finally:
         teardown_distributed(info)
 
@@ -126,14 +152,15 @@ def evaluate_export(
 
     The export's weights are loaded as serving loads them (:func:`modeling.serving.load_export`); its
     ``config.yaml`` (the training config, with ``overrides`` applied) decides the evaluation settings.
-    ``data`` (default: the run's ``data.shards``) must have the export's item vocabulary. Process
+    ``data`` (default: the run's ``data.shards``) may be another build of the items (a later period):
+    see :func:`_score` for how items unknown to the model are counted. Process
     group and return value as :func:`evaluate_checkpoint`, with ``"model"`` instead of ``"checkpoint"``.
     """
     from trainer.distributed import setup_distributed, teardown_distributed
 
     info = setup_distributed()
     try:
-        from modeling.serving import MANIFEST, check_same_items, load_export
+        from modeling.serving import MANIFEST, load_export
 
         if storage.is_url(model_dir):  # an export in an object store: a verified local copy
             from trainer.remote import local_export
@@ -144,12 +171,11 @@ def evaluate_export(
         model, tokenizer, items, _ = load_export(d)
         cfg = load_config(d / "config.yaml", overrides, saved=True)
         shards = data or cfg.data.shards
-        check_same_items(items, shards)
         try:
             step = json.loads((d / MANIFEST).read_text())["step"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{d / MANIFEST}: cannot read the step ({one_line(e)})") from None
         source = {"model": str(model_dir), "step": step}
-        return {**source, **_score(cfg, model, tokenizer, shards, split, info)}
+        return {**source, **_score(cfg, model, tokenizer, shards, split, info, items)}
     finally:
         teardown_distributed(info)

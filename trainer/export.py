@@ -42,6 +42,7 @@ from trainer.checkpoint import (
     read_trainer_state,
     resolve_checkpoint,
 )
+from trainer.warm_start import RECORD, read_record_files
 
 log = logging.getLogger("recgpt.export")
 
@@ -114,7 +115,10 @@ def export_checkpoint(
         batches = parity_batches(cfg, tokenizer, items)
     except DataError as e:  # the run's shard directory (item vocabulary, parity batches)
         raise type(e)(f"data.shards: {one_line(e)}") from None
+    extra = read_record_files(ckpt)
     source = ExportSource(
+        extra_files=extra,
+        warm_start=json.loads(extra[RECORD]) if RECORD in extra else None,
         checkpoint=shown or str(ckpt),
         step=state.get("step"),
         trainer_state=state,

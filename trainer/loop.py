@@ -68,6 +68,7 @@ from trainer.monitor import (
 )
 from trainer.remote import RunSync
 from trainer.resume import apply_schedule, check_data, other_changes, refuse_fixed_changes
+from trainer.warm_start import load_source, read_record_files, record_files
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
@@ -251,9 +252,20 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             refuse_fixed_changes(saved_cfg, cfg, resume_from)
             check_data(resume_from, manifest, cfg, saved_cfg)
         items = read_items(cfg.data.shards, manifest)
+        # train.init_from: a new run's weights come from a trained model (a resumed one has its own).
+        warm = load_source(cfg) if tc.init_from and resume_from is None else None
         model, tokenizer = build_model_and_tokenizer(
-            cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size)
+            cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size), warm_start=warm
         )
+        # Every checkpoint (hence the export) says where a warm-started run came from.
+        ckpts.extra_files = (
+            record_files(warm, cfg, items, manifest) if warm is not None
+            else read_record_files(resume_from) if resume_from is not None else {}
+        )  # fmt: skip
+        if info.is_main and ckpts.extra_files:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, data in ckpts.extra_files.items():
+                atomic_write(out_dir / name, data)
         train_loader = build_loader(
             cfg, "train", tokenizer, items, rank=info.rank, world_size=info.world_size
         )

@@ -69,6 +69,7 @@ FIXED: dict[str, tuple[Getter, str]] = {
     "train.precision": (lambda c: c.train.precision, "the optimizer state is laid out differently"),
     "train.micro_batch_size": (lambda c: c.train.micro_batch_size, "the data cursor counts batches of it"),
     "seed": (lambda c: c.seed, "the data order of the epoch depends on it"),
+    "train.init_from": (lambda c: c.train.init_from, "the run started from other weights"),
 }
 """Settings a resumed run must keep: key -> (its value in a config, why it cannot change)."""
 
