@@ -169,4 +169,4 @@ def test_existing_directory_replaced_only_with_force(small_export, tmp_path, cap
     assert check_out(small_export, force=True) == small_export.absolute()
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(small_export)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "exists" in err[0] and "--force" not in err[0], err
+    assert len(err) == 1 and "exists" in err[0] and "(--force replaces it)" in err[0], err
