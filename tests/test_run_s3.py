@@ -66,6 +66,21 @@ def _same_as_reference(reference, url: str) -> None:
             assert final[k] == (pytest.approx(v, abs=1e-9) if isinstance(v, float) else v), k
 
 
+def _tensorboard_loss_steps(url: str) -> list[int]:
+    """Steps of the train loss as TensorBoard reads them from ``url/tensorboard`` in the store (its own
+    boto3 client, the same AWS_* variables; S3_ENDPOINT is what older TensorBoards read instead)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    os.environ["S3_ENDPOINT"] = os.environ["AWS_ENDPOINT_URL"]
+    try:
+        acc = EventAccumulator(f"{url}/tensorboard")
+        acc.Reload()
+    finally:
+        os.environ.pop("S3_ENDPOINT")
+    loss_tag = next(t for t in acc.Tags()["scalars"] if t.endswith("/loss"))
+    return [e.step for e in acc.Scalars(loss_tag)]
+
+
 RESUMED = f"s3://{BUCKET}/runs/resume"
 
 
@@ -91,18 +106,7 @@ def test_train_to_s3_then_resume_with_more_steps(s3, s3_run, sample_shards, refe
         "tensorboard",
         "train_log.jsonl",
     ]
-    # TensorBoard reads the run straight from the store (its own S3 client: S3_ENDPOINT for a non-AWS
-    # endpoint, the same AWS_* credentials).
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    os.environ["S3_ENDPOINT"] = s3["AWS_ENDPOINT_URL"]
-    try:
-        acc = EventAccumulator(f"{url}/tensorboard")
-        acc.Reload()
-    finally:
-        os.environ.pop("S3_ENDPOINT")
-    loss_tag = next(t for t in acc.Tags()["scalars"] if t.endswith("/loss"))
-    assert [e.step for e in acc.Scalars(loss_tag)] == [1, 2, 3]
+    assert _tensorboard_loss_steps(url) == [1, 2, 3]  # TensorBoard reads the run straight from the store
     secret = s3["AWS_SECRET_ACCESS_KEY"]
     for name in ("config.yaml", "train_log.jsonl", "checkpoints/step_00000003/config.yaml"):
         assert secret not in storage.read_bytes(f"{url}/{name}").decode(), name
@@ -116,14 +120,8 @@ def test_train_to_s3_then_resume_with_more_steps(s3, s3_run, sample_shards, refe
     assert (
         f"resumed from {root}/step_00000003 at step 3" in p2.stdout
     )  # the store's URL, not the staging copy
-    os.environ["S3_ENDPOINT"] = s3["AWS_ENDPOINT_URL"]
-    try:
-        acc = EventAccumulator(f"{url}/tensorboard")
-        acc.Reload()
-    finally:
-        os.environ.pop("S3_ENDPOINT")
     # Step 3 belongs to the checkpoint the second run resumed from: kept, not purged.
-    assert [e.step for e in acc.Scalars(loss_tag)] == [1, 2, 3, 4, 5, 6]
+    assert _tensorboard_loss_steps(url) == [1, 2, 3, 4, 5, 6]
 
     # Bit rot in the store: step 6's RNG state changes; the next run skips it (one line naming the object
     # and the file), resumes from step 3 and ends exactly as before.
