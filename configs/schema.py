@@ -256,6 +256,11 @@ class ModelConfig:
             _check(
                 shape["n_embd"] % shape["n_head"] == 0, "model.n_embd", "must be divisible by model.n_head"
             )
+            _check(
+                self.trainable_layers is None or self.trainable_layers <= shape["n_layer"],
+                "model.trainable_layers",
+                f"got {self.trainable_layers}, but the model has {shape['n_layer']} layers (model.n_layer)",
+            )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _check(
             self.trainable_layers is None or self.trainable_layers >= 0,

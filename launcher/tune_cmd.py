@@ -43,6 +43,7 @@ from launcher.common import add_config_args
 KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
+BEST_RUN_DIR = "best-run"  # best.yaml's train.output_dir, inside the experiment
 # The experiment's command (base config + space): a rerun with the same name must match it to restore.
 EXPERIMENT_FILE = "recgpt_tune.json"
 EXPERIMENT_STATE_PERIOD_S = 2  # see run_experiment
@@ -73,6 +74,11 @@ class Param:
         """Values that exercise the key's validation: every listed value, or both ends of a range."""
         if self.kind == "randint":
             return [self.args[0], self.args[1] - 1]  # randint's upper bound is exclusive
+        if self.kind in ("uniform", "loguniform"):
+            # Tune samples floats from these, also between integer bounds: check floats, so an integer
+            # setting searched with uniform is refused here rather than in every trial.
+            low, high = (float(a) for a in self.args)
+            return [low, (low + high) / 2, high]
         return list(self.args)
 
 
@@ -142,6 +148,9 @@ def _section(tree: dict[str, Any], key: str) -> dict[str, Any]:
 
 def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.PathLike) -> None:
     """Every key exists and every candidate value passes the schema's validation (before Ray starts)."""
+    from modeling.factory import check_trainable_layers  # torch: only once a command needs it
+
+    check_trainable_layers(config_from_dict(base))
     seen = set()
     for prm in params:
         if prm.key in seen:
@@ -153,8 +162,13 @@ def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.
             raise ConfigError(f"{space_path}: {e}") from None
         for value in prm.candidates():
             try:
-                with_values(base, {prm.key: value})
+                check_trainable_layers(with_values(base, {prm.key: value}))
             except ConfigError as e:
+                if isinstance(value, float) and prm.kind in ("uniform", "loguniform") and "Integer" in str(e):
+                    raise ConfigError(
+                        f"{space_path}: {prm.key}: {prm.kind} samples floats, but the setting takes whole "
+                        "numbers; use randint: [low, high) or choice: [...]"
+                    ) from None
                 raise ConfigError(f"{space_path}: {prm.key}={value!r}: {e}") from None
 
 
@@ -186,6 +200,8 @@ class Experiment:
     name: str
     trials: int
     scheduler: str
+    num_workers: int = 1
+    """``ray.num_workers`` as the user gave it (0 = no Ray); trials run with at least 1."""
 
     @property
     def path(self) -> Path:
@@ -206,6 +222,7 @@ def prepare(args: argparse.Namespace) -> Experiment:
     from launcher.ray_launch import run_location
 
     cfg = load_config(args.config, args.overrides)
+    num_workers = cfg.ray.num_workers
     if cfg.ray.num_workers == 0:
         # A trial always runs under Ray Train; 0 (the single-process default) means one worker.
         cfg = with_values(to_dict(cfg), {"ray.num_workers": 1})
@@ -217,9 +234,20 @@ def prepare(args: argparse.Namespace) -> Experiment:
         raise ConfigError(
             "train.eval_interval: must be > 0 with --scheduler asha (it stops trials at evaluations)"
         )
+    if args.scheduler == "asha" and cfg.train.eval_interval > cfg.train.max_steps:
+        raise ConfigError(
+            f"train.eval_interval: got {cfg.train.eval_interval} > train.max_steps {cfg.train.max_steps}; "
+            "--scheduler asha compares trials at evaluations, so a trial must evaluate before it ends"
+        )
     base = to_dict(cfg)
     params = parse_space(args.space)
     check_space(params, base, args.space)
+    for prm in params:
+        if args.scheduler == "asha" and prm.key in ("train.max_steps", "train.eval_interval"):
+            raise ConfigError(
+                f"{args.space}: {prm.key}: --scheduler asha takes its rungs from the base config's "
+                "train.max_steps and train.eval_interval; search it with --scheduler none"
+            )
     storage, _ = run_location(cfg)
     if is_url(storage):
         # The experiment's files, trials.csv and best.yaml are plain files beside the trials' run dirs.
@@ -229,7 +257,7 @@ def prepare(args: argparse.Namespace) -> Experiment:
     name = args.name or f"tune-{Path(args.space).stem}"
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"--name: got {name!r}, must be one directory name")
-    return Experiment(base, params, storage, name, args.trials, args.scheduler)
+    return Experiment(base, params, storage, name, args.trials, args.scheduler, num_workers)
 
 
 def _fingerprint(exp: Experiment) -> dict[str, Any]:
@@ -456,15 +484,28 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]]) -> tuple[Path, Pa
     cfg = best_config(exp, best)
     header = (
         f"# recgpt tune {exp.name}: trial {best['trial']}, best {exp.metric} {best[f'best_{exp.metric}']:.4f} "
-        f"at step {best['best_step']}.\n# The resolved config; `recgpt train --config best.yaml` trains it.\n"
+        f"at step {best['best_step']}.\n# The resolved config; `recgpt train --config best.yaml` trains it in {BEST_RUN_DIR}/ beside it.\n"
     )
     return csv_path, atomic_write(exp.path / BEST_YAML, header + to_yaml(cfg))
 
 
 def best_config(exp: Experiment, row: dict[str, Any]) -> RecGPTConfig:
-    """The trial's config: the base config with the trial's searched values (its own run location
-    aside, so a new ``recgpt train`` of it starts fresh in the base config's output_dir)."""
-    return with_values(exp.base, {p.key: row[p.key] for p in exp.params})
+    """The trial's config: the base config with the trial's searched values, to train again.
+
+    Its run directory is a new one, ``<experiment>/best-run`` (``ray.storage_path`` / ``ray.name``
+    cleared so the run lands there under Ray too): ``train.resume=auto`` in the base config's own
+    output_dir would continue whatever run is there. ``ray.num_workers`` is the user's again (0 = no
+    Ray; trials needed at least one worker)."""
+    values = {p.key: row[p.key] for p in exp.params}
+    values.update(
+        {
+            "train.output_dir": str(exp.path / BEST_RUN_DIR),
+            "ray.storage_path": None,
+            "ray.name": None,
+            "ray.num_workers": exp.num_workers,
+        }
+    )
+    return with_values(exp.base, values)
 
 
 # --------------------------------------------------------------------------- command line

@@ -326,6 +326,24 @@ def sync_special_ids(lm: PreTrainedModel, tokenizer) -> None:
             )
 
 
+def check_trainable_layers(cfg: RecGPTConfig) -> None:
+    """Refuse ``model.trainable_layers`` above the block count of a local ``model.name_or_path`` from
+    its ``config.json`` alone (no weights loaded), so a launcher can check a config before it starts
+    workers. Presets are checked by the schema; a hub name is checked when the model is built.
+
+    Raises :class:`ConfigError` naming the key."""
+    n, path = cfg.model.trainable_layers, cfg.model.name_or_path
+    if n is None or path is None or not os.path.isdir(path):
+        return
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    # A decoder-only BART (recgpt's bart layout) counts decoder_layers; the others num_hidden_layers.
+    blocks = getattr(hf, "decoder_layers", None) or getattr(hf, "num_hidden_layers", None)
+    if isinstance(blocks, int) and n > blocks:
+        raise ConfigError(f"model.trainable_layers: got {n}, but {path} has only {blocks} blocks")
+
+
 def build_model_and_tokenizer(
     cfg: RecGPTConfig,
     shards_dir: str | os.PathLike,

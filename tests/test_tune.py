@@ -92,6 +92,14 @@ def test_parse_space_rejects_malformed_entries(tmp_path, line, expected):
         ("train.num_negatives: {grid: [0, 8]}", "train.num_negatives=0: train.num_negatives: must be >= 1"),
         ("optim: {choice: [1]}", "optim: is a section, not a setting"),
         ("optim.lr: {choice: [fast]}", "optim.lr='fast': optim.lr:"),
+        # Tune samples floats from uniform even between integer bounds: refused for an integer setting.
+        ("train.micro_batch_size: {uniform: [16, 64]}", "train.micro_batch_size: uniform samples floats"),
+        ("model.n_layer: {loguniform: [1, 8]}", "model.n_layer: loguniform samples floats"),
+        (
+            "model.trainable_layers: {choice: [1, 3]}",
+            "model.trainable_layers=3: model.trainable_layers: got 3, but the model has 2 layers",
+        ),
+        ("train.max_steps: {choice: [40, 80]}", "train.max_steps: --scheduler asha takes its rungs"),
     ],
 )
 def test_bad_key_or_value_fails_before_ray_with_one_line_exit_2(
@@ -109,10 +117,31 @@ def test_bad_key_or_value_fails_before_ray_with_one_line_exit_2(
     assert not (tmp_path / "tune-space").exists()
 
 
+def test_asha_needs_an_evaluation_before_max_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tune_cmd, "run_experiment", lambda *a, **k: pytest.fail("Ray started"))
+    space = write(tmp_path / "space.yaml", "optim.lr: {choice: [0.001]}\n")
+    argv = ["tune", "--config", str(TINY), "--space", str(space), f"train.output_dir={tmp_path}/out"]
+    assert cli.main([*argv, "train.max_steps=10", "train.eval_interval=20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.eval_interval: got 20 > train.max_steps 10" in err, err
+
+
+def test_trainable_layers_of_a_local_model_directory_checked_from_its_config(tmp_path):
+    from transformers import GPT2Config
+
+    from modeling.factory import check_trainable_layers
+
+    GPT2Config(n_layer=3, n_embd=16, n_head=2).save_pretrained(tmp_path / "lm")
+    base = ["model.preset=null", f"model.name_or_path={tmp_path / 'lm'}"]
+    check_trainable_layers(load_config(TINY, [*base, "model.trainable_layers=3"]))
+    with pytest.raises(ConfigError, match=r"^model.trainable_layers: got 4, but .*lm has only 3 blocks$"):
+        check_trainable_layers(load_config(TINY, [*base, "model.trainable_layers=4"]))
+
+
 def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path):
     args = cli.parse_args(
         ["tune", "--config", str(TINY), "--space", str(write(tmp_path / "s.yaml", "optim.lr: {choice: [0.001, 0.01]}\nmodel.dropout: {uniform: [0.0, 0.3]}\n")),
-         "--name", "exp", f"train.output_dir={tmp_path}/runs/base", "train.max_steps=4"]
+         "--name", "exp", f"train.output_dir={tmp_path}/runs/base", "train.max_steps=40"]
     )  # fmt: skip
     exp = tune_cmd.prepare(args)
     assert exp.path == tmp_path / "runs" / "exp" and exp.base["ray"]["num_workers"] == 1  # 0 -> one worker
@@ -130,10 +159,22 @@ def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path):
     assert [r["trial"] for r in table] == ["trial_b", "trial_a"]
     assert float(table[0]["best_ndcg@10"]) == 0.03 and table[0]["model.dropout"] == "0.2512345678901"
     loaded = load_config(best_path)
-    expected = with_values(exp.base, {"optim.lr": 0.01, "model.dropout": 0.2512345678901})
+    # A new run directory inside the experiment (train.resume=auto in the base's output_dir would
+    # continue the base run), and the user's ray.num_workers again (0: no Ray).
+    run_dir = str(tmp_path / "runs" / "exp" / "best-run")
+    expected = with_values(
+        exp.base,
+        {
+            "optim.lr": 0.01,
+            "model.dropout": 0.2512345678901,
+            "train.output_dir": run_dir,
+            "ray.num_workers": 0,
+        },
+    )
     assert loaded == expected
     assert loaded.optim.lr == 0.01 and loaded.model.dropout == 0.2512345678901
-    assert loaded.train.output_dir == str(tmp_path / "runs" / "base")  # a fresh run, not the trial's dir
+    assert loaded.train.output_dir == run_dir and loaded.ray.num_workers == 0
+    assert loaded.ray.storage_path is None and loaded.ray.name is None
     table_text = tune_cmd.format_table(rows)
     assert table_text.splitlines()[1].startswith("trial_b") and "0.03" in table_text
 
@@ -267,7 +308,8 @@ def test_local_asha_experiment_writes_table_and_best_config(ray_env, tmp_path):
     best = load_config(exp / "best.yaml")
     trial_cfg = load_config(exp / rows[0]["trial"] / "run" / "config.yaml", saved=True)
     assert best.optim.lr == trial_cfg.optim.lr and best.model.dropout == trial_cfg.model.dropout
-    assert best.train.output_dir == str(storage / "base")
+    # best.yaml trains in a new run directory, never continuing the base config's run
+    assert best.train.output_dir == str(exp / "best-run") and best.ray.num_workers == 1
 
 
 @pytest.mark.ray
