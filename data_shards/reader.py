@@ -25,6 +25,14 @@ real record — batch counts never change.
 Resume: batches are counted in the main process as the trainer receives them (not as workers prefetch
 them); a restored loader computes the plan and starts at the saved batch, reading at most the one shard
 that the saved position is inside of before yielding.
+
+Resume on another plan (world size or batch size changed mid-epoch, elastic training): the records of
+G that the saved plan had not yet served — rank r's range from its saved batch on, ranks in order —
+form the rest of the epoch, and the new plan (3.) is laid over that sequence instead of G. Each such
+change is a *segment* ``[world_size, batch_size, batches served]`` in the state, applied in turn, so a
+second change (or a restore at the new size) rebuilds the same sequence; the next epoch starts fresh.
+Every record of the epoch is then served exactly once across the change, provided the rest fills
+whole batches of the new plan (:meth:`ShardLoader.load_state_dict` refuses otherwise).
 """
 
 from __future__ import annotations
@@ -56,15 +64,21 @@ class EpochPlan:
 
     def __init__(
         self, manifest: dict[str, Any], split: str, world_size: int, batch_size: int, seed: int, epoch: int,
-        shuffle: bool, drop_last: bool,
+        shuffle: bool, drop_last: bool, segments: list[list[int]] | tuple = (),
     ) -> None:  # fmt: skip
         self.shards = manifest["splits"][split]["shards"]
         self.counts = np.array([s["records"] for s in self.shards], dtype=np.int64)
         self.total = int(self.counts.sum())
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.batch_size = batch_size
+        # rest: the positions in G still to serve this epoch (None: all of G, the common case).
+        self.rest: np.ndarray | None = None
+        for seg_world, seg_batch, served in segments:
+            self.rest = remaining_positions(self.rest, self.total, seg_world, seg_batch, served, drop_last)
+        n = self.total if self.rest is None else len(self.rest)
         per_step = world_size * batch_size
-        self.num_batches = self.total // per_step if drop_last else math.ceil(self.total / per_step)
+        self.available = n
+        self.num_batches = n // per_step if drop_last else math.ceil(n / per_step)
         self.per_rank = self.num_batches * batch_size
         rng = np.random.default_rng([seed, epoch, 0])
         self.order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
@@ -81,13 +95,29 @@ class EpochPlan:
     def batch(self, rank: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, record-in-shard, is-pad) of every slot of batch i of a rank."""
         pos = rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
-        pad = pos >= self.total
-        pos = pos % self.total  # a pad slot copies a real record
+        pad = pos >= self.available
+        pos = pos % self.available  # a pad slot copies a real record
+        if self.rest is not None:
+            pos = self.rest[pos]
         k = np.searchsorted(self.starts, pos, side="right") - 1
         shard = self.order[k]
         offset = pos - self.starts[k]
         record = np.array([self._perm(int(s))[o] for s, o in zip(shard, offset)], dtype=np.int64)
         return shard, record, pad
+
+
+def remaining_positions(
+    rest: np.ndarray | None, total: int, world_size: int, batch_size: int, served: int, drop_last: bool
+) -> np.ndarray:
+    """Positions in G (int64, in serving order) that a plan of ``world_size`` x ``batch_size`` over
+    ``rest`` (None: all ``total`` of G) had not served after ``served`` batches per rank: each rank's
+    range from batch ``served`` on, rank 0 first. A dropped tail (``drop_last``) stays dropped."""
+    seq = np.arange(total, dtype=np.int64) if rest is None else rest
+    per_step = world_size * batch_size
+    num_batches = len(seq) // per_step if drop_last else math.ceil(len(seq) / per_step)
+    per_rank = num_batches * batch_size
+    parts = [seq[r * per_rank + served * batch_size : min((r + 1) * per_rank, len(seq))] for r in range(world_size)]
+    return np.concatenate(parts) if parts else seq[:0]
 
 
 def read_shard(
@@ -253,6 +283,8 @@ class ShardLoader:
         self.drop_last = split == "train" if drop_last is None else drop_last
         self.shuffle = split == "train" if shuffle is None else shuffle
         self._epoch, self._batch = epoch, 0
+        self._segments: list[list[int]] = []
+        """Earlier plans of the current epoch (module docstring: resume on another plan)."""
         self._len = self._plan(epoch).num_batches
         if self._len == 0:
             total = self.manifest["splits"][split]["records"]
@@ -262,8 +294,9 @@ class ShardLoader:
             )
 
     def _plan(self, epoch: int) -> EpochPlan:
+        segments = self._segments if epoch == self._epoch else ()
         return EpochPlan(self.manifest, self.split, self.world_size, self.batch_size, self.seed, epoch,
-                         self.shuffle, self.drop_last)  # fmt: skip
+                         self.shuffle, self.drop_last, segments)  # fmt: skip
 
     def __len__(self) -> int:
         return self._len
@@ -299,11 +332,14 @@ class ShardLoader:
             raise type(e)(one_line(e)) from None
         finally:
             del batches  # shuts DataLoader workers down when the trainer stops mid-epoch
-        self._epoch, self._batch = self._epoch + 1, 0
+        self._epoch, self._batch, self._segments = self._epoch + 1, 0, []
+        self._len = self._plan(self._epoch).num_batches
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, batch = (self._epoch + 1, 0) if self._batch >= self._len else (self._epoch, self._batch)
+        done = self._batch >= self._len
+        epoch, batch = (self._epoch + 1, 0) if done else (self._epoch, self._batch)
         return {
+            "segments": [] if done else [list(seg) for seg in self._segments],
             "fingerprint": self.manifest["fingerprint"],
             "split": self.split,
             "rank": self.rank,
@@ -314,8 +350,13 @@ class ShardLoader:
             "batch": batch,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at batch ``state["batch"]`` of epoch ``state["epoch"]``; refuses another plan's state."""
+    def load_state_dict(self, state: dict[str, Any], replan: bool = False) -> None:
+        """Continue at batch ``state["batch"]`` of epoch ``state["epoch"]``; refuses another plan's state.
+
+        ``replan``: the state may come from a plan of another world size or batch size (any rank's state
+        of that plan: they are in lockstep); the rest of its epoch is re-planned over this loader's ranks
+        (module docstring). Raises :class:`DataError` when the rest does not fill whole batches of this
+        plan (a record would be dropped) or the state belongs to other data."""
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise DataError(f"reader state: missing key {missing[0]!r}")
@@ -325,12 +366,29 @@ class ShardLoader:
                 f"reader state: saved for shards with fingerprint {state['fingerprint'][:12]}…, but "
                 f"{self.location} has {mine['fingerprint'][:12]}… (another build of the data)"
             )
-        for key in ("split", "rank", "world_size", "batch_size", "seed"):
+        same_plan = all(state[k] == mine[k] for k in ("world_size", "batch_size"))
+        for key in ("split", "seed") if replan else ("split", "rank", "world_size", "batch_size", "seed"):
             if state[key] != mine[key]:
                 raise DataError(
                     f"reader state: {key} was {state[key]!r}, this reader has {mine[key]!r}; resuming exactly "
                     "needs the same data plan"
                 )
-        if not 0 <= state["batch"] <= self._len:
-            raise DataError(f"reader state: batch {state['batch']} outside 0..{self._len}")
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        segments = [list(map(int, seg)) for seg in state.get("segments", [])]
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if not same_plan and (batch > 0 or segments):
+            if not self.drop_last:
+                raise DataError(f"reader state: split {self.split!r} cannot be re-planned mid-epoch")
+            segments.append([int(state["world_size"]), int(state["batch_size"]), batch])
+            batch = 0
+        self._epoch, self._segments = epoch, segments
+        plan = self._plan(epoch)
+        if not 0 <= batch <= plan.num_batches:
+            raise DataError(f"reader state: batch {batch} outside 0..{plan.num_batches}")
+        left = plan.available - plan.num_batches * self.world_size * self.batch_size
+        if segments and left:
+            raise DataError(
+                f"reader state: the {plan.available} records left of epoch {epoch} do not fill batches of "
+                f"{self.world_size} x {self.batch_size}; {left} would be dropped (choose a micro-batch size "
+                "that divides them)"
+            )
+        self._batch, self._len = batch, plan.num_batches

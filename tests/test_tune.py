@@ -309,7 +309,7 @@ def test_local_asha_experiment_writes_table_and_best_config(ray_env, tmp_path):
     trial_cfg = load_config(exp / rows[0]["trial"] / "run" / "config.yaml", saved=True)
     assert best.optim.lr == trial_cfg.optim.lr and best.model.dropout == trial_cfg.model.dropout
     # best.yaml trains in a new run directory, never continuing the base config's run
-    assert best.train.output_dir == str(exp / "best-run") and best.ray.num_workers == 1
+    assert best.train.output_dir == str(exp / "best-run") and best.ray.num_workers == 0  # as given
 
 
 @pytest.mark.ray
