@@ -26,13 +26,17 @@ Resume: batches are counted in the main process as the trainer receives them (no
 them); a restored loader computes the plan and starts at the saved batch, reading at most the one shard
 that the saved position is inside of before yielding.
 
-Resume on another plan (world size or batch size changed mid-epoch, elastic training): the records of
-G that the saved plan had not yet served — rank r's range from its saved batch on, ranks in order —
-form the rest of the epoch, and the new plan (3.) is laid over that sequence instead of G. Each such
-change is a *segment* ``[world_size, batch_size, batches served]`` in the state, applied in turn, so a
-second change (or a restore at the new size) rebuilds the same sequence; the next epoch starts fresh.
-Every record of the epoch is then served exactly once across the change, provided the rest fills
-whole batches of the new plan (:meth:`ShardLoader.load_state_dict` refuses otherwise).
+Resume on another plan (world size or batch size changed mid-epoch, elastic training): the records
+that the saved plan had not yet served form the rest of the epoch, in the order the saved plan would
+have served them step by step (its batch b of rank 0, of rank 1, …, then batch b + 1, …), and the
+new plan serves that sequence step-major: its i-th batch of rank r is the run of B records starting at
+``(i * world_size + r) * B``. With the global batch kept (``trainer.resume.batch_for_world_size``)
+each optimizer step then gets the very records it would have got without the change — split over
+other ranks or into other micro-batches. Each change is a *segment* ``[world_size, batch_size,
+batches served]`` in the state, applied in turn, so a second change (or a restore at the new size)
+rebuilds the same sequence; the next epoch starts afresh with the plan above. Every record of the
+epoch is served exactly once across the change, provided the rest fills whole batches of the new plan
+(:meth:`ShardLoader.load_state_dict` refuses otherwise).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class EpochPlan:
         self.counts = np.array([s["records"] for s in self.shards], dtype=np.int64)
         self.total = int(self.counts.sum())
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
-        self.batch_size = batch_size
+        self.batch_size, self.world_size = batch_size, world_size
         # rest: the positions in G still to serve this epoch (None: all of G, the common case).
         self.rest: np.ndarray | None = None
         for seg_world, seg_batch, served in segments:
@@ -94,7 +98,10 @@ class EpochPlan:
 
     def batch(self, rank: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, record-in-shard, is-pad) of every slot of batch i of a rank."""
-        pos = rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
+        if self.rest is None:
+            pos = rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
+        else:  # a re-planned rest: step-major (module docstring)
+            pos = (i * self.world_size + rank) * self.batch_size + np.arange(self.batch_size)
         pad = pos >= self.available
         pos = pos % self.available  # a pad slot copies a real record
         if self.rest is not None:
@@ -109,15 +116,20 @@ class EpochPlan:
 def remaining_positions(
     rest: np.ndarray | None, total: int, world_size: int, batch_size: int, served: int, drop_last: bool
 ) -> np.ndarray:
-    """Positions in G (int64, in serving order) that a plan of ``world_size`` x ``batch_size`` over
-    ``rest`` (None: all ``total`` of G) had not served after ``served`` batches per rank: each rank's
-    range from batch ``served`` on, rank 0 first. A dropped tail (``drop_last``) stays dropped."""
-    seq = np.arange(total, dtype=np.int64) if rest is None else rest
+    """Positions in G (int64) that a plan of ``world_size`` x ``batch_size`` over ``rest`` (None: all
+    ``total`` of G, the rank-contiguous plan; else a re-planned, step-major rest) had not served after
+    ``served`` batches per rank, in the order it would have served them: batch ``served`` of rank 0,
+    of rank 1, …, then batch ``served + 1``. A dropped tail (``drop_last``) stays dropped."""
+    n = total if rest is None else len(rest)
     per_step = world_size * batch_size
-    num_batches = len(seq) // per_step if drop_last else math.ceil(len(seq) / per_step)
-    per_rank = num_batches * batch_size
-    parts = [seq[r * per_rank + served * batch_size : min((r + 1) * per_rank, len(seq))] for r in range(world_size)]
-    return np.concatenate(parts) if parts else seq[:0]
+    num_batches = n // per_step if drop_last else math.ceil(n / per_step)
+    if rest is not None:
+        return rest[served * per_step : min(num_batches * per_step, n)]
+    b = np.arange(served, num_batches, dtype=np.int64)[:, None, None]
+    r = np.arange(world_size, dtype=np.int64)[None, :, None]
+    k = np.arange(batch_size, dtype=np.int64)[None, None, :]
+    pos = (r * num_batches * batch_size + b * batch_size + k).ravel()
+    return pos[pos < total]
 
 
 def read_shard(

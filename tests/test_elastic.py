@@ -46,7 +46,12 @@ def epoch_records(shards, world_size: int, batch_size: int) -> Counter:
 )
 def test_rest_of_the_epoch_is_served_exactly_once_on_another_world_size(sample_shards, before, after):
     (w0, b0), (w1, b1) = before, after
-    full = epoch_records(sample_shards, w0, b0)
+    # Uninterrupted: the records of each step (one batch of every rank; w0 x b0 == w1 x b1 here).
+    steps = [Counter() for _ in range(len(loaders(sample_shards, w0, b0)[0]))]
+    for loader in loaders(sample_shards, w0, b0):
+        for i, batch in enumerate(loader):
+            steps[i].update(uids(batch))
+    full = sum(steps, Counter())
     assert set(full.values()) == {1}  # each record once in an uninterrupted epoch
     first = loaders(sample_shards, w0, b0)
     served: Counter = Counter()
@@ -55,12 +60,15 @@ def test_rest_of_the_epoch_is_served_exactly_once_on_another_world_size(sample_s
             served.update(uids(batch))
     state = first[0].state_dict()
     second = loaders(sample_shards, w1, b1)
+    after_change = [Counter() for _ in range(len(steps) - 5)]
     for loader in second:
         loader.load_state_dict(state, replan=True)
         assert len(loader) == (len(first[0]) - 5) * w0 * b0 // (w1 * b1)
-        for batch in loader:
+        for i, batch in enumerate(loader):
             served.update(uids(batch))
+            after_change[i].update(uids(batch))
     assert served == full  # every record of the epoch once, none of the dropped tail
+    assert after_change == steps[5:]  # and each step gets the records it would have got
     assert all(loader.epoch == 1 and loader.state_dict()["segments"] == [] for loader in second)
 
 
@@ -100,7 +108,9 @@ def test_a_rest_that_does_not_fill_whole_batches_is_refused(sample_shards):
     b = loaders(sample_shards, 3, 32)[0]
     if (n - 1) % 3 == 0:
         take(a, 1)
-    with pytest.raises(DataError, match=r"^reader state: the \d+ records left of epoch 0 do not fill batches of 3 x 32"):
+    with pytest.raises(
+        DataError, match=r"^reader state: the \d+ records left of epoch 0 do not fill batches of 3 x 32"
+    ):
         b.load_state_dict(a.state_dict(), replan=True)
     with pytest.raises(DataError, match="rank was 0"):
         loaders(sample_shards, 2, 16)[1].load_state_dict(loaders(sample_shards, 1, 16)[0].state_dict())

@@ -48,9 +48,15 @@ verifies on its own). sha256 runs at ~1-2 GB/s per core (1.4 GB/s measured on a 
 a checkpoint of a few GB adds a few seconds to each save and each resume; the tiny test run's
 checkpoint (9 files, 12.4 MiB) takes 0.01-0.03 s.
 
-Resuming with a different world size is refused (plain ZeRO optimizer partitions are per rank, and
-each rank's data cursor is saved for its own shard plan). To continue on another number of processes,
-start a new run from consolidated weights (``recgpt export``, then ``model.name_or_path=EXPORT``).
+Resuming on a different world size (elastic training): ZeRO >= 1 partitions the optimizer state (and
+ZeRO-3 the weights) per rank, so the checkpoint's ``ds/`` state is first converted to DeepSpeed's
+*universal checkpoint* (``deepspeed.checkpoint.ds_to_universal``: one file per parameter with its fp32
+weight and optimizer moments, independent of the rank count; :func:`to_universal`) into
+``checkpoints/.tmp-step_N-universal`` and loaded from there by an engine built with
+``"checkpoint": {"load_universal": true}``; the directory is deleted after the load (or, after a crash,
+by the next prune). ZeRO-0 keeps the optimizer whole and loads directly. Every rank continues the data
+plan from rank 0's reader state re-planned over the new ranks (``data_shards.reader``); the RNG streams
+start afresh (seeded by seed, rank and step).
 """
 
 from __future__ import annotations
@@ -430,6 +436,8 @@ class CheckpointManager:
         """Relative paths of the last checkpoint's files this rank hashed (and uploads to a store)."""
         self.written: Path | None = None
         """This rank's local copy of the last checkpoint (the temp dir on a node without rank 0)."""
+        self.conversion_s: float | None = None
+        """Wall time of this rank's universal-checkpoint conversion at the last :meth:`load` (None: none)."""
         self.extra_files = dict(extra_files or {})
         """Small files every checkpoint carries (name -> bytes; a warm start's record), listed in COMPLETE."""
 
@@ -523,26 +531,87 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ read
-    def load(self, engine, ckpt: Path, train_loader) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore engine (weights, optimizer, scheduler), this rank's data cursor; return the
-        trainer state and this rank's RNG state (applied by the loop right before the first step)."""
+    def universal_dir(self, ckpt: Path) -> Path:
+        """Where :meth:`load` converts ``ckpt`` to a universal checkpoint (a stale temp dir for prune)."""
+        return self.root / f".tmp-{ckpt.name}-universal"
+
+    def load(
+        self, engine, ckpt: Path, train_loader, universal: bool = False, convert: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore engine (weights, optimizer, scheduler) and the data cursor; return the trainer
+        state and this rank's RNG state (applied by the loop right before the first step; None when the
+        world size changed: the loop seeds fresh streams).
+
+        ``universal``: load through DeepSpeed's universal checkpoint (another world size under ZeRO
+        >= 1; the engine was built with ``load_universal``); ``convert``: this rank converts (one per
+        node-local run directory), the others wait at a barrier. Raises :class:`CheckpointError`."""
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{ckpt}: written by {state['world_size']} processes, this run has {self.world_size}; "
-                "resuming on a different number of processes is not supported (ZeRO partitions and data "
-                "cursors are per rank). Start a new run from `recgpt export` of it (model.name_or_path=…) "
-                "or resume with the original process count."
+        resized = state["world_size"] != self.world_size
+        if universal:
+            root = self.universal_dir(ckpt)
+            if convert:
+                self.conversion_s = to_universal(ckpt, root)
+            barrier()
+            try:
+                load_path, _ = engine.load_checkpoint(
+                    str(root), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+            finally:
+                barrier()
+                if convert:
+                    shutil.rmtree(root, ignore_errors=True)
+        else:
+            load_path, _ = engine.load_checkpoint(
+                str(ckpt / DS_SUBDIR), tag=None, load_optimizer_states=True, load_lr_scheduler_states=True
             )
-        load_path, _ = engine.load_checkpoint(
-            str(ckpt / DS_SUBDIR), tag=None, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
         if load_path is None:
             raise CheckpointError(f"{ckpt / DS_SUBDIR}: DeepSpeed could not load this checkpoint")
         rank_file = f"rank_{self.rank:05d}"
-        train_loader.load_state_dict(json.loads((ckpt / "reader" / f"{rank_file}.json").read_text()))
-        rng = torch.load(ckpt / "rng" / f"{rank_file}.pt", weights_only=True)
+        # Another world size: every rank re-plans from rank 0's cursor (the ranks were in lockstep).
+        reader = ckpt / "reader" / f"{'rank_00000' if resized else rank_file}.json"
+        reader_state = json.loads(reader.read_text())
+        replan = resized or reader_state["batch_size"] != train_loader.batch_size
+        train_loader.load_state_dict(reader_state, replan=replan)
+        rng = None if resized else torch.load(ckpt / "rng" / f"{rank_file}.pt", weights_only=True)
         return state, rng
+
+
+# --------------------------------------------------------------------------- universal checkpoints
+
+
+def to_universal(ckpt: str | os.PathLike, dest: str | os.PathLike) -> float:
+    """Convert the DeepSpeed state of complete checkpoint ``ckpt`` (``ds/<tag>``, ZeRO 1-3, any world
+    size) to DeepSpeed's universal format in ``dest/<tag>``, with DeepSpeed's own converter
+    (``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state``: state that ZeRO-3 or
+    frozen LoRA weights leave out of the optimizer files is filled in). Written to a temp dir, renamed
+    into place; returns the wall time in seconds. Raises :class:`CheckpointError` with the converter's
+    last line."""
+    import subprocess
+    import time
+
+    ckpt, dest = Path(ckpt), Path(dest)
+    tag = (ckpt / DS_SUBDIR / "latest").read_text().strip()
+    tmp = dest.parent / f"{dest.name}.part-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    t0 = time.perf_counter()
+    # A subprocess: the converter is a script (its own worker pools, prints); one worker each keeps
+    # it inside the rank's CPU share.
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+         str(ckpt / DS_SUBDIR / tag), "--output_folder", str(tmp / tag), "--inject_missing_state",
+         "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise CheckpointError(
+            f"{ckpt}: conversion to DeepSpeed's universal checkpoint failed: {lines[-1] if lines else proc.returncode}"
+        )
+    (tmp / "latest_universal").write_text(tag)
+    os.replace(tmp, dest)
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- consolidated weights

@@ -173,8 +173,13 @@ def size_buckets(ds_config: dict, hidden: int) -> dict:
     return ds_config
 
 
-def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, total_steps: int):
-    """``deepspeed.initialize`` with recgpt's optimizer and schedule; returns the engine."""
+def build_engine(
+    cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, total_steps: int, load_universal: bool = False
+):
+    """``deepspeed.initialize`` with recgpt's optimizer and schedule; returns the engine.
+
+    ``load_universal``: the engine will load a universal checkpoint (a resume on another world size;
+    DeepSpeed reads the flag only when loading)."""
     import deepspeed
 
     if cfg.zero.stage == 3:
@@ -183,6 +188,8 @@ def build_engine(cfg: RecGPTConfig, model: torch.nn.Module, world_size: int, tot
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     ds_config = size_buckets(deepspeed_config(cfg, world_size), model_hidden_size(model))
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if cfg.zero.offload_optimizer:
         # Our DeepSpeedCPUAdam is what DeepSpeed wants for offload; nothing to override.
         ds_config.setdefault("zero_force_ds_cpu_optimizer", True)

@@ -50,6 +50,7 @@ from trainer.checkpoint import (
     checkpoint_name,
     find_resume_checkpoint,
     read_checkpoint_config,
+    read_trainer_state,
     set_rng_state,
     step_of,
 )
@@ -67,7 +68,13 @@ from trainer.monitor import (
     peak_memory_bytes,
 )
 from trainer.remote import RunSync
-from trainer.resume import apply_schedule, check_data, other_changes, refuse_fixed_changes
+from trainer.resume import (
+    apply_schedule,
+    batch_for_world_size,
+    check_data,
+    other_changes,
+    refuse_fixed_changes,
+)
 from trainer.warm_start import load_source, read_record_files, record_files
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
@@ -113,6 +120,9 @@ class TrainState:
     epoch: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    requested_batch: list[int] = field(default_factory=list)
+    """[train.micro_batch_size, train.grad_accum] as the config asked: a resume on another world size
+    may run others to keep the global batch (trainer.resume.batch_for_world_size)."""
     best_eval: BestMetric = field(default_factory=BestMetric)
     """Best eval.metric of any evaluation; ``stale`` counts evaluations for early stopping."""
     best_saved: BestMetric = field(default_factory=BestMetric)
@@ -133,7 +143,9 @@ class TrainState:
         written before :class:`BestMetric` (best_metric, evals_without_improvement,
         best_checkpoint_metric, best_checkpoint) are read into the two trackers."""
         plain = {
-            k: d[k] for k in ("step", "epoch", "consumed_samples", "consumed_tokens", "metrics") if k in d
+            k: d[k]
+            for k in ("step", "epoch", "consumed_samples", "consumed_tokens", "metrics", "requested_batch")
+            if k in d
         }
         st = cls(**plain)
         if isinstance(d.get("best_eval"), dict):
@@ -245,12 +257,21 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     monitor = None
     try:
         # ---------------------------------------------------------------- model, data, engine
-        saved_cfg = None
+        saved_cfg, saved_world, resize_line = None, info.world_size, None
+        requested = [tc.micro_batch_size, tc.grad_accum]
         if resume_from is not None:
             # Before anything is built: a setting the checkpoint cannot continue with is one line naming it.
             saved_cfg = read_checkpoint_config(resume_from)
             refuse_fixed_changes(saved_cfg, cfg, resume_from)
             check_data(resume_from, manifest, cfg, saved_cfg)
+            saved_state = read_trainer_state(resume_from)
+            saved_world = int(saved_state["world_size"])
+            # Another world size keeps the global batch: micro-batch x accumulation re-chosen per rank.
+            tc.micro_batch_size, tc.grad_accum, requested, resize_line = batch_for_world_size(
+                saved_cfg, saved_state, cfg, info.world_size
+            )
+        # ZeRO >= 1 state of another world size loads through DeepSpeed's universal checkpoint.
+        universal = saved_world != info.world_size and cfg.zero.stage >= 1
         items = read_items(cfg.data.shards, manifest)
         # train.init_from: a new run's weights come from a trained model (a resumed one has its own).
         warm = load_source(cfg) if tc.init_from and resume_from is None else None
@@ -274,18 +295,34 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         )
         n_trainable, n_params = trainable_parameters(model)
         total_steps = tc.max_steps or tc.epochs * max(1, len(train_loader) // tc.grad_accum)
-        engine = build_engine(cfg, model, info.world_size, total_steps)
+        engine = build_engine(cfg, model, info.world_size, total_steps, load_universal=universal)
         engine.train()
         counts = [it.get("count") for it in items]
         loss_fn = LossComputer(cfg, None if None in counts else [int(c) for c in counts])
         seed_everything(cfg.seed + info.rank)  # per-rank dropout streams (the weights are already identical)
 
-        st, rng, resume_lines = TrainState(), None, []
+        st, rng, resume_lines = TrainState(requested_batch=requested), None, []
         if resume_from is not None:
-            saved, rng = ckpts.load(engine, resume_from, train_loader)
+            # One converter per run directory: rank 0, or each node's first rank on node-local staging.
+            convert = info.is_main if sync is None else info.local_rank == 0
+            saved, rng = ckpts.load(engine, resume_from, train_loader, universal=universal, convert=convert)
             st = TrainState.from_dict(saved)
+            st.requested_batch = requested
+            if saved_world != info.world_size:
+                resume_lines.append(resize_line or f"resume: world size {saved_world} -> {info.world_size}")
+                if ckpts.conversion_s is not None:
+                    resume_lines.append(
+                        f"resume: converted {resume_from.name} to DeepSpeed's universal checkpoint in "
+                        f"{ckpts.conversion_s:.1f}s"
+                    )
+                resume_lines.append(
+                    f"resume: the rest of epoch {train_loader.epoch} re-planned over {info.world_size} "
+                    f"rank(s): {len(train_loader)} batches of {tc.micro_batch_size} per rank"
+                )
+            elif resize_line:
+                resume_lines.append(resize_line)
             # DeepSpeed restored the checkpoint's schedule and optimizer settings: this run's config rules.
-            resume_lines = apply_schedule(engine, cfg, total_steps, st.step)
+            resume_lines += apply_schedule(engine, cfg, total_steps, st.step)
             changed = other_changes(saved_cfg, cfg)
             if changed:
                 resume_lines.append(f"resume: changed since the checkpoint (from step {st.step + 1}): "
@@ -298,7 +335,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             monitor.message(f"resumed from {shown} at step {st.step}")
             for line in resume_lines:
                 monitor.message(line)
-            set_rng_state(rng)  # last: nothing may draw from the RNGs between here and the first step
+            if rng is not None:
+                set_rng_state(rng)  # last: nothing may draw from the RNGs between here and the first step
+            else:  # another world size: fresh per-rank streams, reproducible from seed, rank and step
+                seed_everything(cfg.seed + info.rank + 1_000_003 * st.step)
 
         # ---------------------------------------------------------------- loop
         acfg = cfg.adversarial

@@ -5,11 +5,14 @@ settings differ from that on resume:
 
 - **fixed** (:data:`FIXED`, :func:`refuse_fixed_changes`, :func:`check_data`): the model's shape and
   architecture, the task and prompt, the item vocabulary and data build (the shards' fingerprint), the
-  LoRA structure and freeze depth, the optimizer, ZeRO stage, precision, and the data plan
-  (micro-batch size, seed). The checkpoint
-  cannot be loaded into, or exactly continued with, another value: :class:`ConfigError` naming the key,
-  raised before the model is built. (A different world size is refused by
-  ``trainer.checkpoint.CheckpointManager.load``.)
+  LoRA structure and freeze depth, the optimizer, ZeRO stage, precision, and the data order (seed). The
+  checkpoint cannot be loaded into, or exactly continued with, another value: :class:`ConfigError`
+  naming the key, raised before the model is built.
+- **world size and micro-batch size** (:func:`batch_for_world_size`): a run may continue on another
+  number of processes (elastic training). The global batch per optimizer step is kept — micro-batch
+  size x accumulation steps are re-chosen for the new rank count — the reader re-plans the rest of
+  the epoch (``data_shards.reader``), and the model and optimizer state are loaded through
+  DeepSpeed's universal checkpoint (``trainer.checkpoint.CheckpointManager.load``).
 - **schedule and optimizer** (:func:`apply_schedule`): ``train.max_steps`` / ``train.epochs`` (the
   schedule's horizon), ``schedule.*``, ``optim.lr``, ``optim.weight_decay`` and the settings of the
   run's optimizer (AdamW: ``optim.beta1/beta2``, ``optim.eps``; SGD: ``optim.momentum``,
@@ -67,7 +70,6 @@ FIXED: dict[str, tuple[Getter, str]] = {
     "optim.name": (lambda c: c.optim.name, "another optimizer, another optimizer state"),
     "zero.stage": (lambda c: c.zero.stage, "the optimizer state is partitioned differently"),
     "train.precision": (lambda c: c.train.precision, "the optimizer state is laid out differently"),
-    "train.micro_batch_size": (lambda c: c.train.micro_batch_size, "the data cursor counts batches of it"),
     "seed": (lambda c: c.seed, "the data order of the epoch depends on it"),
     "train.init_from": (lambda c: c.train.init_from, "the run started from other weights"),
 }
@@ -94,6 +96,51 @@ def refuse_fixed_changes(saved: RecGPTConfig, cfg: RecGPTConfig, ckpt: str | Pat
                 f"{key}: {new!r} here, {old!r} in the checkpoint {ckpt}; it cannot change on resume "
                 f"({why}). Set it back, or start a new run (train.resume=never or another train.output_dir)"
             )
+
+
+def batch_for_world_size(
+    saved: RecGPTConfig, saved_state: dict[str, Any], cfg: RecGPTConfig, world_size: int
+) -> tuple[int, int, list[int], str | None]:
+    """``(micro_batch_size, grad_accum, requested, message)`` for continuing a checkpoint on
+    ``world_size`` ranks.
+
+    The checkpoint ran ``W0`` ranks x ``saved.train.micro_batch_size`` x ``saved.train.grad_accum``
+    records per optimizer step (its global batch G). ``requested`` is what the user's config asked for
+    (``saved_state["requested_batch"]``, else the saved values). When this run's config still asks for
+    the same, G is kept: per rank G / world_size records per step, as the largest micro-batch size ``d``
+    not above the requested one that divides them and lets ``world_size x d`` divide the old
+    ``W0 x micro-batch`` (so the rest of the epoch fills whole batches), the rest accumulated. When the
+    config asks for other values, they rule (a deliberate change of the batch, logged as one).
+    ``message`` is the log line of a change (None: nothing changed). Raises :class:`ConfigError` when G
+    cannot be split over ``world_size`` ranks.
+    """
+    w0 = int(saved_state["world_size"])
+    mb0, acc0 = saved.train.micro_batch_size, saved.train.grad_accum
+    requested = [int(x) for x in saved_state.get("requested_batch") or [mb0, acc0]]
+    mb, acc = cfg.train.micro_batch_size, cfg.train.grad_accum
+    if [mb, acc] != requested:
+        return mb, acc, [mb, acc], None
+    if world_size == w0:
+        return mb0, acc0, requested, None
+    g = w0 * mb0 * acc0
+    per_rank = g // world_size
+    fits = [
+        d for d in range(min(mb, per_rank), 0, -1)
+        if g % world_size == 0 and per_rank % d == 0 and (w0 * mb0) % (world_size * d) == 0
+    ]  # fmt: skip
+    if not fits:
+        raise ConfigError(
+            f"train.micro_batch_size: the checkpoint's global batch of {g} records ({w0} ranks x {mb0} x "
+            f"{acc0} accumulation steps) cannot be split evenly over {world_size} ranks; resume on a "
+            f"world size that divides {w0 * mb0}, or set train.micro_batch_size/train.grad_accum for a new "
+            "global batch"
+        )
+    d = fits[0]
+    message = (
+        f"resume: world size {w0} -> {world_size}: global batch {g} kept as {world_size} ranks x "
+        f"micro_batch_size {d} x grad_accum {per_rank // d} (was {w0} x {mb0} x {acc0})"
+    )
+    return d, per_rank // d, requested, message
 
 
 def check_data(ckpt: str | Path, manifest: dict[str, Any], cfg: RecGPTConfig, saved: RecGPTConfig) -> None:
