@@ -84,6 +84,36 @@ def recgpt_train(
     )
 
 
+def torchrun_two_hosts(
+    shards: str | Path, out: str | Path, overrides: list[str], logdir: Path, fault: str | None = None
+) -> tuple[int, str, str]:
+    """``recgpt train --config configs/tiny.yaml`` as two torchrun "hosts" of one process each
+    (``--nnodes 2``, c10d rendezvous on loopback, two launchers, GROUP_RANK 0 and 1), as on two
+    machines. Returns (worst exit code, both stdouts, both stderrs); logs in ``logdir/node{0,1}.*``."""
+    port = free_port()
+    procs, logs = [], []
+    for node in (0, 1):
+        cmd = [
+            str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=e2e-{port}",
+            f"--rdzv_conf=is_host={'true' if node == 0 else 'false'}", "--max_restarts=0", "--no-python",
+            "recgpt", "train", "--config", str(TINY), f"data.shards={shards}", f"train.output_dir={out}",
+            *overrides,
+        ]  # fmt: skip
+        o, e = open(logdir / f"node{node}.out", "w+"), open(logdir / f"node{node}.err", "w+")
+        logs.append((o, e))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(fault), stdout=o, stderr=e, text=True)
+        )
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = []
+    for o, e in logs:
+        o.seek(0), e.seek(0)
+        texts.append((o.read(), e.read()))
+        o.close(), e.close()
+    return max(codes, key=abs), "".join(t[0] for t in texts), "".join(t[1] for t in texts)
+
+
 def train_log(run_dir: Path) -> list[dict]:
     """Records of ``train_log.jsonl`` (rank 0), in order."""
     path = run_dir / "train_log.jsonl"

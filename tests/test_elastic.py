@@ -4,12 +4,26 @@ ZeRO-2 and ZeRO-3 through DeepSpeed's universal checkpoint."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from collections import Counter
 
 import pytest
 
 from configs import DataError
 from data_shards.reader import ShardLoader
+from tests.conftest import (
+    BIN,
+    REPO,
+    RUN_STEPS,
+    TINY,
+    losses,
+    recgpt_train,
+    subprocess_env,
+    torchrun_two_hosts,
+    train_log,
+)
 
 
 def uids(batch) -> list[tuple[int, int]]:
@@ -114,3 +128,86 @@ def test_a_rest_that_does_not_fill_whole_batches_is_refused(sample_shards):
         b.load_state_dict(a.state_dict(), replan=True)
     with pytest.raises(DataError, match="rank was 0"):
         loaders(sample_shards, 2, 16)[1].load_state_dict(loaders(sample_shards, 1, 16)[0].state_dict())
+
+
+# ---------------------------------------------------------------- real resumes on another world size
+
+# Without dropout the resumed run sees the same records per step and the same weights and optimizer
+# state, so its losses equal the uninterrupted run's up to the order of floating-point reductions.
+ELASTIC_STEPS = [
+    "train.max_steps=8", "train.eval_interval=4", "train.checkpoint_interval=4", "train.log_interval=1",
+    "model.dropout=0", "lora.dropout=0",
+]  # fmt: skip
+ZERO3_LORA = ["zero.stage=3", "lora.enabled=true", "optim.lr=0.01"]
+
+
+def launch(shards, out, overrides: list[str], nproc: int, torchrun: bool = False):
+    """``recgpt train`` on ``nproc`` processes (torchrun for > 1, or when asked)."""
+    if nproc == 1 and not torchrun:
+        return recgpt_train(shards, out, overrides, nproc=1)
+    args = ["train", "--config", str(TINY), f"data.shards={shards}", f"train.output_dir={out}", *overrides]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--no-python", f"--nproc_per_node={nproc}", "recgpt", *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+def served(state: dict) -> tuple[int, int]:
+    """(epoch, records of it served) of a saved reader state, across re-planned segments."""
+    done = sum(w * b * n for w, b, n in state.get("segments", []))
+    return state["epoch"], done + state["world_size"] * state["batch_size"] * state["batch"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "before, after, extra",
+    [
+        (2, 1, ["zero.stage=1"]),
+        (2, 1, ["zero.stage=2"]),
+        (1, 2, ["zero.stage=2"]),
+        (2, 1, ZERO3_LORA),
+        (1, 2, ZERO3_LORA),
+    ],
+    ids=["zero1-full-2to1", "zero2-full-2to1", "zero2-full-1to2", "zero3-lora-2to1", "zero3-lora-1to2"],
+)
+def test_resume_on_another_world_size_continues_the_run(sample_shards, tmp_path, before, after, extra):
+    base = tmp_path / "base"
+    p = launch(sample_shards, base, [*ELASTIC_STEPS, *extra], before)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "resized"
+    ckpt = base / "checkpoints" / "step_00000004"
+    p = launch(sample_shards, out, [*ELASTIC_STEPS, *extra, f"train.resume={ckpt}"], after, torchrun=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = p.stdout + p.stderr
+    g = 32 * before
+    mb, acc = (32, 2) if after < before else (16, 1)
+    assert (
+        f"resume: world size {before} -> {after}: global batch {g} kept as {after} ranks x micro_batch_size {mb} "
+        f"x grad_accum {acc}" in text
+    )
+    assert re.search(r"resume: converted step_00000004 to DeepSpeed's universal checkpoint in \d+\.\ds", text)
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not list((base / "checkpoints").glob(".tmp-*"))
+    got, want = losses(train_log(out)), losses(train_log(base))
+    assert sorted(got) == [5, 6, 7, 8]
+    for step, loss in got.items():  # the curve continues: the same records, weights and moments
+        assert loss == pytest.approx(want[step], abs=2e-4), step
+    got_m = json.loads((out / "metrics.json").read_text())
+    want_m = json.loads((base / "metrics.json").read_text())
+    assert got_m["consumed_samples"] == want_m["consumed_samples"] == 8 * g
+    assert got_m["ndcg@10"] == pytest.approx(want_m["ndcg@10"], abs=2e-4)
+    # Every record of the epoch so far once: the cursors have served the same records.
+    final = "checkpoints/step_00000008/reader/rank_00000.json"
+    assert served(json.loads((out / final).read_text())) == served(json.loads((base / final).read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_torchrun_hosts_give_the_losses_of_two_local_processes(zero0_run, sample_shards, tmp_path):
+    """``torchrun --nnodes 2`` (c10d rendezvous on loopback, one process per "host", one shared run
+    directory) trains exactly like ``--nproc_per_node 2``."""
+    out = tmp_path / "run"
+    code, stdout, stderr = torchrun_two_hosts(sample_shards, out, [*RUN_STEPS, "zero.stage=0"], tmp_path)
+    assert code == 0, stderr[-3000:]
+    got, want = losses(train_log(out)), losses(zero0_run.log)
+    assert got.keys() == want.keys() and len(got) == 30
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step

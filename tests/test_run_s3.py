@@ -13,8 +13,18 @@ import time
 import pytest
 
 from data_shards import storage
-from tests.conftest import BIN, BUCKET, REPO, SAMPLE, TINY, losses, recgpt_train, subprocess_env, train_log
-from trainer.distributed import free_port
+from tests.conftest import (
+    BIN,
+    BUCKET,
+    REPO,
+    SAMPLE,
+    TINY,
+    losses,
+    recgpt_train,
+    subprocess_env,
+    torchrun_two_hosts,
+    train_log,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -214,48 +224,6 @@ def reference2(sample_shards, tmp_path_factory):
     return out
 
 
-def _two_nodes(
-    shards: str, out: str, overrides: list[str], tmp, fault: str | None = None
-) -> tuple[int, str, str]:
-    """``recgpt train`` as two torchrun "hosts" of one process each (``--nnodes 2``, c10d rendezvous on
-    loopback): two launchers, two staging directories (GROUP_RANK 0 and 1), as on two machines.
-    Returns (worst exit code, both stdouts, both stderrs)."""
-    port = free_port()
-    procs, logs = [], []
-    for node in (0, 1):
-        cmd = [
-            str(BIN / "torchrun"),
-            "--nnodes=2",
-            "--nproc_per_node=1",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}",
-            f"--rdzv_id=e2e-{port}",
-            f"--rdzv_conf=is_host={'true' if node == 0 else 'false'}",
-            "--max_restarts=0",
-            "--no-python",
-            "recgpt",
-            "train",
-            "--config",
-            str(TINY),
-            f"data.shards={shards}",
-            f"train.output_dir={out}",
-            *STEPS,
-            *overrides,
-        ]
-        o, e = open(tmp / f"node{node}.out", "w+"), open(tmp / f"node{node}.err", "w+")
-        logs.append((o, e))
-        procs.append(
-            subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(fault), stdout=o, stderr=e, text=True)
-        )
-    codes = [p.wait(timeout=600) for p in procs]
-    texts = []
-    for o, e in logs:
-        o.seek(0), e.seek(0)
-        texts.append((o.read(), e.read()))
-        o.close(), e.close()
-    return max(codes, key=abs), "".join(t[0] for t in texts), "".join(t[1] for t in texts)
-
-
 def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     s3, reference2, tmp_path, capsys
 ):
@@ -269,7 +237,9 @@ def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     url = f"s3://{BUCKET}/e2e/run"
     root = f"{url}/checkpoints"
 
-    code, out, err = _two_nodes(shards, url, ["train.max_steps=6"], tmp_path, fault="kill_during_upload:6:1")
+    code, out, err = torchrun_two_hosts(
+        shards, url, [*STEPS, "train.max_steps=6"], tmp_path, fault="kill_during_upload:6:1"
+    )
     assert code != 0
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000003"
     half = f"{root}/step_00000006"
@@ -280,7 +250,7 @@ def test_end_to_end_two_nodes_s3_shards_kill_mid_upload_resume_export_recommend(
     assert doc["world_size"] == 2 and "rng/rank_00001.pt" in doc["files"]
     assert "per rank" in out  # "checkpoint step_00000003 mirrored to … (… MiB; per rank a, b MiB; … s)"
 
-    code, out, err = _two_nodes(shards, url, ["train.max_steps=6"], tmp_path)
+    code, out, err = torchrun_two_hosts(shards, url, [*STEPS, "train.max_steps=6"], tmp_path)
     assert code == 0, err[-4000:]
     assert "at step 3" in out
     assert storage.read_bytes(f"{root}/latest").decode() == "step_00000006"

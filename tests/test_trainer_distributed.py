@@ -6,7 +6,6 @@ Runs are shared session fixtures (tests/conftest.py); each launch costs 15-25 s 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -162,13 +161,19 @@ def test_zero0_run_of_two_processes_continues_on_one(zero0_run, sample_shards, t
     p = recgpt_train(sample_shards, out, [*RUN_STEPS, "zero.stage=0", f"train.resume={ckpt}"], nproc=1)
     assert p.returncode == 0, p.stderr[-3000:]
     text = p.stdout + p.stderr
-    assert "resume: world size 2 -> 1: global batch 64 kept as 1 ranks x micro_batch_size 32 x grad_accum 2" in text
+    assert (
+        "resume: world size 2 -> 1: global batch 64 kept as 1 ranks x micro_batch_size 32 x grad_accum 2"
+        in text
+    )
     assert "universal" not in text  # ZeRO-0 needs no conversion
     got, want = losses(train_log(out)), losses(zero0_run.log)
     assert sorted(got) == list(range(21, 31))
     # The same records per step (re-planned), other dropout streams: the curve continues within noise.
     assert abs(sum(got.values()) / 10 - sum(want[s] for s in got) / 10) < 0.05
-    assert json.loads((out / "metrics.json").read_text())["consumed_samples"] == zero0_run.metrics["consumed_samples"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["consumed_samples"]
+        == zero0_run.metrics["consumed_samples"]
+    )
 
 
 def test_non_finite_losses_stop_the_run_without_checkpoint(sample_shards, tmp_path):

@@ -20,7 +20,14 @@ import torch
 
 from configs import ConfigError, load_config
 from trainer.engine import LRSchedule, build_optimizer, build_scheduler
-from trainer.resume import FIXED, apply_schedule, check_data, other_changes, refuse_fixed_changes
+from trainer.resume import (
+    FIXED,
+    apply_schedule,
+    batch_for_world_size,
+    check_data,
+    other_changes,
+    refuse_fixed_changes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +179,6 @@ REFUSED = {
     "optim.name": (["optim.name=sgd"], []),
     "zero.stage": (["zero.stage=2"], []),
     "train.precision": (["train.precision=bf16"], []),
-    "train.micro_batch_size": (["train.micro_batch_size=16"], []),
     "seed": (["seed=1"], []),
     "train.init_from": (["train.init_from=runs/other-export"], ["train.init_from=runs/export"]),
 }
@@ -205,6 +211,27 @@ def test_changes_that_are_no_change_are_not_refused():
         "model.dropout 0.1 -> 0.0", "adversarial.method 'none' -> 'fgm'", "train.eval_interval 20 -> 10",
         "train.checkpoint_interval 20 -> 10",
     ]  # fmt: skip
+
+
+def test_another_world_size_keeps_the_global_batch():
+    """2 x 32 -> 1 rank: 32 x 2 accumulation; 1 x 32 -> 2 ranks: 16 each; back to the first size: the
+    config's own values again; a config asking for other values rules; 64 over 3 ranks is refused."""
+    tiny = _cfg()  # micro-batch 32, no accumulation
+    *values, line = batch_for_world_size(tiny, {"world_size": 2}, tiny, 1)
+    assert values == [32, 2, [32, 1]] and line.startswith("resume: world size 2 -> 1: global batch 64 kept")
+    assert batch_for_world_size(tiny, {"world_size": 1}, tiny, 2)[:3] == (16, 1, [32, 1])
+    assert batch_for_world_size(tiny, {"world_size": 2}, tiny, 4)[:2] == (16, 1)
+    assert batch_for_world_size(tiny, {"world_size": 2}, tiny, 2) == (32, 1, [32, 1], None)
+    halved = _cfg("train.micro_batch_size=16")  # what a 1 -> 2 resume saved, asked for 32
+    state = {"world_size": 2, "requested_batch": [32, 1]}
+    assert batch_for_world_size(halved, state, tiny, 1)[:2] == (32, 1)
+    assert batch_for_world_size(halved, state, tiny, 2) == (16, 1, [32, 1], None)
+    asked = _cfg("train.micro_batch_size=8")
+    assert batch_for_world_size(tiny, {"world_size": 2}, asked, 1) == (8, 1, [8, 1], None)
+    with pytest.raises(
+        ConfigError, match=r"^train.micro_batch_size: the checkpoint's global batch of 64 records"
+    ):
+        batch_for_world_size(tiny, {"world_size": 2}, tiny, 3)
 
 
 def test_other_build_of_the_data_is_refused(tmp_path):
