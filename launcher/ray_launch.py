@@ -170,8 +170,9 @@ def build_trainer(
     resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
     if r.use_gpu:
         resources.setdefault("GPU", 1)
+    # A [min, max] range is Ray Train's elastic group: it is handed over as the (min, max) tuple.
     scaling = ScalingConfig(
-        num_workers=r.num_workers,
+        num_workers=r.worker_range if r.elastic else r.num_workers,
         use_gpu=r.use_gpu,
         resources_per_worker=resources,
         placement_strategy=r.placement_strategy,
@@ -215,7 +216,7 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
 
     r = cfg.ray
     _log(
-        f"run {run_dir}: {r.num_workers} workers ({'GPU' if r.use_gpu else 'CPU'}, {r.placement_strategy}), "
+        f"run {run_dir}: {_workers_text(r.worker_range)} ({'GPU' if r.use_gpu else 'CPU'}, {r.placement_strategy}), "
         f"max_failures={r.max_failures}, resume={cfg.train.resume}"
     )
     try:
@@ -241,6 +242,11 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
         json.dumps({"final_metrics": json.loads(storage.read_bytes(final_file))}, sort_keys=True), flush=True
     )
     return 0
+
+
+def _workers_text(worker_range: tuple[int, int]) -> str:
+    lo, hi = worker_range
+    return f"{hi} workers" if lo == hi else f"{lo} to {hi} workers (elastic)"
 
 
 def _stamp(url: str) -> Any:
