@@ -347,6 +347,7 @@ def tune_report(metric: str) -> Callable[[dict[str, Any], str | None], None]:
 
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (a fresh process after each group restart)."""
+    import ray
     import ray.train
 
     device = _setup_worker_env()
@@ -355,8 +356,11 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     if train_fn is None:
         from trainer.loop import train as train_fn
     ctx = ray.train.get_context()
+    # The Ray node id says where the worker really runs (`ray list nodes` maps it to a host and its
+    # resources): placement strategies and node loss are checked against it.
     _log(
         f"worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} pid {os.getpid()} "
+        f"node {ray.get_runtime_context().get_node_id()} node_rank {ctx.get_node_rank()} "
         f"local_rank {os.environ['LOCAL_RANK']} device {device} "
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
     )
