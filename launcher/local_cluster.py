@@ -74,10 +74,24 @@ def label(node: str) -> str:
     return "node_head" if node == HEAD else node
 
 
+def _ray_exe() -> str:
+    """The ``ray`` CLI of this Python's environment (a venv's), else the one on PATH."""
+    exe = Path(sys.executable).parent / "ray"
+    return str(exe) if exe.exists() else "ray"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie (a killed process its parent has not reaped yet is gone for us)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class LocalCluster:
@@ -106,8 +120,7 @@ class LocalCluster:
         if fast_failure_detection:
             self.env = {**FAST_FAILURE_DETECTION, **self.env}
         self.env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-        for key in ("RAY_ADDRESS",):  # a `ray start --head` must not join whatever cluster that names
-            self.env.pop(key, None)
+        self.env.pop("RAY_ADDRESS", None)  # `ray start --head` must not join whatever cluster that names
         self.cpus = {HEAD: head_cpus, SECOND: node_cpus}
         self.object_store_mb = object_store_mb
         self.port = 0
@@ -153,9 +166,9 @@ class LocalCluster:
         """Run the ``ray`` CLI (the one next to this Python) with the cluster's environment.
 
         Raises LocalClusterError with its output when it fails and ``check`` is set."""
-        exe = Path(sys.executable).parent / "ray"
-        cmd = [str(exe) if exe.exists() else "ray", *args]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [_ray_exe(), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
             raise LocalClusterError(f"ray {args[0]} {args[1] if len(args) > 1 else ''} failed: {tail}")
@@ -209,7 +222,7 @@ class LocalCluster:
                 found.update({c.pid: c for c in p.children(recursive=True)})
             except psutil.NoSuchProcess:
                 pass
-        return [p for pid, p in found.items() if pid not in spare and p.is_running()]
+        return [p for pid, p in found.items() if pid not in spare and _alive(p)]
 
     def running(self, node: str) -> bool:
         return bool(self.processes(node))
@@ -222,8 +235,9 @@ class LocalCluster:
                 pass
 
     def kill_node(self, node: str = SECOND) -> list[int]:
-        """SIGKILL every process of ``node`` — raylet, object store, agents, log monitor and the Ray
-        workers on it — at once, like a host that loses power. Returns the pids killed.
+        """SIGKILL every process of ``node`` — the raylet (with its object store), the dashboard and
+        runtime-env agents, the log monitor and the Ray workers on it — at once, like a host that loses
+        power. Returns the pids killed.
 
         Raises LocalClusterError when the node has no process. The head is refused: the cluster
         (its GCS) would be gone, not one node."""
@@ -232,11 +246,19 @@ class LocalCluster:
         procs = self.processes(node)
         if not procs:
             raise LocalClusterError(f"{node}: no running process under {self.temp_dir(node)}")
-        self._signal_all(procs, signal.SIGKILL)
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        if alive:
-            raise LocalClusterError(f"{node}: processes survived SIGKILL: {[p.pid for p in alive]}")
-        return [p.pid for p in procs]
+        killed: list[int] = []
+        # A second sweep: the raylet may have forked a worker between the scan and its own death
+        # (workers name the node's session directory in their command line, so the scan finds them).
+        for _ in range(3):
+            if not procs:
+                return killed
+            self._signal_all(procs, signal.SIGKILL)
+            _, alive = psutil.wait_procs(procs, timeout=30)
+            if alive:
+                raise LocalClusterError(f"{node}: processes survived SIGKILL: {[p.pid for p in alive]}")
+            killed += [p.pid for p in procs]
+            procs = self.processes(node)
+        raise LocalClusterError(f"{node}: new processes keep appearing: {[p.pid for p in procs]}")
 
     def stop(self, grace_s: float = 10.0) -> int:
         """Stop both nodes: SIGTERM (the second node first), SIGKILL what is left after ``grace_s``.
@@ -280,7 +302,7 @@ class LocalCluster:
         log = self.root / f"{node}.start.log"
         with open(log, "a") as out:
             proc = subprocess.run(
-                [str(Path(sys.executable).parent / "ray"), "start", *args],
+                [_ray_exe(), "start", *args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -330,12 +352,19 @@ class LocalCluster:
             raise LocalClusterError(f"{self.root}: the head is not running; start the cluster first")
         if self.running(node):
             raise LocalClusterError(f"{node}: already running")
+        # A node killed a moment ago may still be ALIVE in Ray's table (until its health checks fail):
+        # only a node id Ray has not seen before is the new incarnation.
+        known = {n["node_id"] for n in self.nodes()}
         self._ray_start(node, ["--address", self.address, *self._node_args(node)])
         deadline = time.time() + timeout
         while time.time() < deadline:
-            node_id = self.node_id(node)
-            if node_id:
-                return node_id
+            for n in self.nodes():
+                if (
+                    n["node_id"] not in known
+                    and n["state"] == "ALIVE"
+                    and label(node) in n["resources_total"]
+                ):
+                    return n["node_id"]
             time.sleep(0.5)
         raise LocalClusterError(f"{node}: started but not ALIVE in Ray after {timeout:.0f}s")
 
@@ -388,15 +417,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     # Two nodes on one machine: torch in each worker would otherwise start a thread per core each.
     env.setdefault("OMP_NUM_THREADS", str(max(args.head_cpus, args.node_cpus)))
-    cluster = LocalCluster(
-        args.dir,
-        env,
-        head_cpus=args.head_cpus,
-        node_cpus=args.node_cpus,
-        object_store_mb=args.object_store_mb,
-        fast_failure_detection=not args.ray_health_defaults,
-    )
     try:
+        for flag, value, least in (
+            ("--head-cpus", args.head_cpus, 1),
+            ("--node-cpus", args.node_cpus, 1),
+            ("--object-store-mb", args.object_store_mb, 75),  # Ray's minimum object store
+        ):
+            if value < least:
+                raise LocalClusterError(f"{flag}: got {value}, must be >= {least}")
+        cluster = LocalCluster(
+            args.dir,
+            env,
+            head_cpus=args.head_cpus,
+            node_cpus=args.node_cpus,
+            object_store_mb=args.object_store_mb,
+            fast_failure_detection=not args.ray_health_defaults,
+        )
         if args.action == "start":
             cluster.start()
             print("\n".join(cluster.status_lines()))

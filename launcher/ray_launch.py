@@ -10,7 +10,10 @@ the single owner of checkpoint files:
   (Ray never prunes: ``train.keep_last`` and the best checkpoint are recgpt's business).
 * A worker that dies makes Ray restart the whole group (``FailureConfig(max_failures)``); the new
   workers run the same function and ``train.resume=auto`` picks the latest complete checkpoint.
-  Re-running the same name after a driver crash does the same.
+  Re-running the same name after a driver crash does the same. A lost node is the same to Ray Train
+  (its workers died); docs/cluster.md has the measured recovery on two nodes of one machine.
+* ``ray.num_workers=[min, max]`` is handed to Ray as ``ScalingConfig(num_workers=(min, max))``: Ray Train
+  v2's elastic group, whose restarts may change the world size (refused by recgpt's checkpoints today).
 
 Ray is imported lazily here and in ``launcher.tune_cmd`` (``recgpt tune``), so ``recgpt --help`` stays fast.
 """

@@ -83,7 +83,9 @@ class TwoNodeCluster(LocalCluster):
             workers = self.train_workers()
             if len(workers) == count:
                 return workers
-            assert all(p.poll() is None for p in self.drivers[-1:]), "the driver exited before its workers ran"
+            assert all(p.poll() is None for p in self.drivers[-1:]), (
+                "the driver exited before its workers ran"
+            )
             time.sleep(1)
         raise AssertionError(f"{count} Ray Train workers not alive after {timeout:.0f}s")
 

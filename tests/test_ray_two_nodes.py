@@ -73,7 +73,9 @@ def spread_run(cluster, sample_shards) -> SpreadRun:
     """The uninterrupted 2-worker STRICT_SPREAD run, with Ray's view of where its workers ran."""
     storage = cluster.base / "storage"
     log = cluster.base / "clean.log"
-    proc = cluster.train([f"data.shards={sample_shards}", *RUN, f"ray.storage_path={storage}", "ray.name=clean"], log)
+    proc = cluster.train(
+        [f"data.shards={sample_shards}", *RUN, f"ray.storage_path={storage}", "ray.name=clean"], log
+    )
     workers = cluster.wait_train_workers(2)
     pg = cluster.placement_group(workers[0]["placement_group_id"])
     node_ids = cluster.node_ids()
@@ -98,7 +100,9 @@ def test_strict_spread_puts_one_worker_on_each_node(spread_run):
     assert spread_run.metrics["step"] == 12 and "ndcg@10" in spread_run.metrics
 
 
-def test_losing_a_node_restarts_the_group_and_matches_uninterrupted(cluster, sample_shards, spread_run, capsys):
+def test_losing_a_node_restarts_the_group_and_matches_uninterrupted(
+    cluster, sample_shards, spread_run, capsys
+):
     storage = cluster.base / "storage"
     run_dir = storage / "node-loss"
     log = cluster.base / "node-loss.log"
