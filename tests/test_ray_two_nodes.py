@@ -120,6 +120,7 @@ def test_losing_a_node_restarts_the_group_and_matches_uninterrupted(
         assert time.time() < deadline, "no checkpoint before the deadline"
         time.sleep(0.2)
     checkpoint_at_kill = latest.read_text().strip()
+    assert proc.poll() is None, "the run ended before the node was lost"
 
     t_kill = time.time()
     killed = cluster.kill_node(SECOND)  # raylet, object store, agents, log monitor, the Train worker
@@ -130,7 +131,6 @@ def test_losing_a_node_restarts_the_group_and_matches_uninterrupted(
     rc = proc.wait(RUN_TIMEOUT_S)
     text = log.read_text()
     assert rc == 0, text[-5000:]
-    assert checkpoint_at_kill != "step_00000012", "the run ended before the node was lost"
 
     # Ray Train restarted the whole group: a second start of both ranks, on the head and the new node_b.
     assert text.count("worker rank 0/2") == 2 and text.count("worker rank 1/2") == 2, text[-5000:]
