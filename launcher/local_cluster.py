@@ -194,14 +194,16 @@ class LocalCluster:
                 return n["node_id"]
         return None
 
-    def wait_node(self, node_id: str, state: str, timeout: float = 120) -> float:
-        """Wait until Ray's node table shows ``node_id`` in ``state``; returns the time.time() it did.
+    def wait_node(self, node_id: str, state: str, timeout: float = 120) -> dict[str, Any]:
+        """Wait until Ray's node table shows ``node_id`` in ``state``; returns its row (a DEAD node's
+        ``end_time_ms`` is when the GCS declared it dead, local time as text).
 
         Raises LocalClusterError after ``timeout`` seconds."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if any(n["node_id"] == node_id and n["state"] == state for n in self.nodes()):
-                return time.time()
+            for n in self.nodes():
+                if n["node_id"] == node_id and n["state"] == state:
+                    return n
             time.sleep(0.5)
         raise LocalClusterError(f"node {node_id[:12]} not {state} after {timeout:.0f}s")
 
