@@ -525,8 +525,10 @@ class LoggingConfig:
 
 @dataclass
 class RayConfig:
-    num_workers: int = 0
-    """Ray Train workers; 0 runs without Ray (single process or torchrun)."""
+    num_workers: int | list[int] = 0
+    """Ray Train workers; 0 runs without Ray (single process or torchrun). A range [min, max] (1 <= min <=
+    max) makes the group elastic (Ray Train's ScalingConfig(num_workers=(min, max))): Ray starts as many
+    as the cluster holds, at least min, and a group restarted after a failure may come back smaller."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 1.0
@@ -543,7 +545,15 @@ class RayConfig:
     """Worker-group restarts Ray may do before the run fails (-1 = unlimited)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 0, "ray.num_workers", "must be >= 0")
+        n = self.num_workers
+        if isinstance(n, (list, tuple)):  # OmegaConf gives a list; Python callers may pass a tuple
+            _check(
+                len(n) == 2 and 1 <= n[0] <= n[1],
+                "ray.num_workers",
+                f"got {list(n)}, a range is [min, max] with 1 <= min <= max",
+            )
+        else:
+            _check(n >= 0, "ray.num_workers", "must be >= 0")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
         _choice(
             self.placement_strategy,
@@ -551,6 +561,22 @@ class RayConfig:
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
         )
         _check(self.max_failures >= -1, "ray.max_failures", "must be >= -1")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """``(min, max)`` Ray Train workers: ``(n, n)`` for a fixed ``num_workers: n`` (0: no Ray)."""
+        n = self.num_workers
+        return (n[0], n[1]) if isinstance(n, (list, tuple)) else (n, n)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run may have; 0 runs without Ray."""
+        return self.worker_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a [min, max] range (Ray Train's elastic scaling)."""
+        return isinstance(self.num_workers, (list, tuple))
 
 
 @dataclass

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a recommender on any Hugging Face causal LM or a preset decoder-only transformer "
         "(GPT-2 or SASRec/BART block layout). Runs as one process, unchanged under "
         "`torchrun --no-python --nproc_per_node N recgpt train …`, or through Ray Train when "
-        "ray.num_workers > 0 (connects to RAY_ADDRESS when set, else starts a local Ray).",
+        "ray.num_workers > 0 or a [min, max] range (connects to RAY_ADDRESS when set, else starts a "
+        "local Ray).",
     )
     add_config_args(t)
 
@@ -50,7 +51,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return shards_cmd.run(args)
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
-        if cfg.ray.num_workers > 0:
+        if cfg.ray.max_workers > 0:
             if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
                 raise ConfigError(
                     "ray.num_workers: > 0 cannot run under torchrun: launch one process, Ray starts the workers"

@@ -10,7 +10,10 @@ the single owner of checkpoint files:
   (Ray never prunes: ``train.keep_last`` and the best checkpoint are recgpt's business).
 * A worker that dies makes Ray restart the whole group (``FailureConfig(max_failures)``); the new
   workers run the same function and ``train.resume=auto`` picks the latest complete checkpoint.
-  Re-running the same name after a driver crash does the same.
+  Re-running the same name after a driver crash does the same. A lost node is the same to Ray Train
+  (its workers died); docs/cluster.md has the measured recovery on two nodes of one machine.
+* ``ray.num_workers=[min, max]`` is handed to Ray as ``ScalingConfig(num_workers=(min, max))``: Ray Train
+  v2's elastic group, whose restarts may change the world size (refused by recgpt's checkpoints today).
 
 Ray is imported lazily here and in ``launcher.tune_cmd`` (``recgpt tune``), so ``recgpt --help`` stays fast.
 """
@@ -170,8 +173,9 @@ def build_trainer(
     resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
     if r.use_gpu:
         resources.setdefault("GPU", 1)
+    # A [min, max] range is Ray Train's elastic group: it is handed over as the (min, max) tuple.
     scaling = ScalingConfig(
-        num_workers=r.num_workers,
+        num_workers=r.worker_range if r.elastic else r.num_workers,
         use_gpu=r.use_gpu,
         resources_per_worker=resources,
         placement_strategy=r.placement_strategy,
@@ -215,7 +219,7 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
 
     r = cfg.ray
     _log(
-        f"run {run_dir}: {r.num_workers} workers ({'GPU' if r.use_gpu else 'CPU'}, {r.placement_strategy}), "
+        f"run {run_dir}: {_workers_text(r.worker_range)} ({'GPU' if r.use_gpu else 'CPU'}, {r.placement_strategy}), "
         f"max_failures={r.max_failures}, resume={cfg.train.resume}"
     )
     try:
@@ -241,6 +245,11 @@ def train_with_ray(cfg: RecGPTConfig, train_fn: TrainFn | None = None) -> int:
         json.dumps({"final_metrics": json.loads(storage.read_bytes(final_file))}, sort_keys=True), flush=True
     )
     return 0
+
+
+def _workers_text(worker_range: tuple[int, int]) -> str:
+    lo, hi = worker_range
+    return f"{hi} workers" if lo == hi else f"{lo} to {hi} workers (elastic)"
 
 
 def _stamp(url: str) -> Any:
@@ -341,6 +350,7 @@ def tune_report(metric: str) -> Callable[[dict[str, Any], str | None], None]:
 
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker (a fresh process after each group restart)."""
+    import ray
     import ray.train
 
     device = _setup_worker_env()
@@ -349,8 +359,11 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     if train_fn is None:
         from trainer.loop import train as train_fn
     ctx = ray.train.get_context()
+    # The Ray node id says where the worker really runs (`ray list nodes` maps it to a host and its
+    # resources): placement strategies and node loss are checked against it.
     _log(
         f"worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} pid {os.getpid()} "
+        f"node {ray.get_runtime_context().get_node_id()} node_rank {ctx.get_node_rank()} "
         f"local_rank {os.environ['LOCAL_RANK']} device {device} "
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
     )

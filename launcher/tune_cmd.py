@@ -222,6 +222,12 @@ def prepare(args: argparse.Namespace) -> Experiment:
     from launcher.ray_launch import run_location
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.ray.elastic:
+        # Tune sizes its concurrency from a fixed group size, and an elastic trial that shrinks would
+        # need a resume at another world size.
+        raise ConfigError(
+            f"ray.num_workers: got {cfg.ray.num_workers}; recgpt tune runs trials of a fixed size, give one number"
+        )
     num_workers = cfg.ray.num_workers
     if cfg.ray.num_workers == 0:
         # A trial always runs under Ray Train; 0 (the single-process default) means one worker.

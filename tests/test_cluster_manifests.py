@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,46 @@ def test_commands_in_comments_and_docs_match_the_cli():
         _check_train_command(c)
     for c in doc_commands:
         _check_train_command(c, on_cluster="/mnt/shared" in c)
+
+
+# --------------------------------------------------------------------------- local_two_nodes.sh
+
+
+def _two_nodes(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``cluster/local_two_nodes.sh ARGS`` (only the cases that start no Ray: the real cluster is
+    tests/test_ray_two_nodes.py's)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(
+        [str(CLUSTER / "local_two_nodes.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def test_two_nodes_script_status_of_nothing_and_bad_input_one_line_exit_2(tmp_path):
+    proc = _two_nodes("status", "--dir", "c", tmp_path=tmp_path)  # relative to the caller's directory
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"{tmp_path / 'c'}: not running"), proc.stderr
+    cases = [
+        (
+            ("kill-node", "--dir", "c"),
+            f"local_two_nodes kill-node: error: node_b: no running process under {tmp_path / 'c' / 'node_b'}",
+        ),
+        (
+            ("add-node", "--dir", "c"),
+            f"local_two_nodes add-node: error: {tmp_path / 'c'}: the head is not running",
+        ),
+        (("start", "--dir", "/tmp/" + "x" * 40), "local_two_nodes start: error: /tmp/xxxx"),
+        (("start", "--head-cpus", "0"), "local_two_nodes start: error: --head-cpus: got 0, must be >= 1"),
+        (
+            ("start", "--object-store-mb", "10"),
+            "local_two_nodes start: error: --object-store-mb: got 10, must be >= 75",
+        ),
+    ]
+    for args, start in cases:
+        proc = _two_nodes(*args, tmp_path=tmp_path)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(start), (args, proc.stderr)
+    assert not (tmp_path / "c").exists()  # nothing was started or created

@@ -101,3 +101,49 @@ def test_stale_ray_snapshot_is_moved_aside_and_a_valid_one_kept(tmp_path):
     assert not (tmp_path / RAY_SNAPSHOT).exists()
     assert list(tmp_path.glob(f"{RAY_SNAPSHOT}.stale-*"))
     _drop_stale_ray_snapshot(str(tmp_path / "missing"))  # a new run: nothing to do
+
+
+def test_num_workers_range_is_rays_elastic_scaling(tmp_path):
+    cfg = load_config(None, [f"ray.storage_path={tmp_path}", "ray.name=r", "ray.num_workers=[1,3]"])
+    assert cfg.ray.num_workers == [1, 3] and cfg.ray.elastic
+    assert (cfg.ray.worker_range, cfg.ray.max_workers) == ((1, 3), 3)
+    sc = build_trainer(prepare_config(cfg)).scaling_config
+    assert sc.num_workers == (1, 3) and sc.elasticity_enabled
+    assert (sc.min_workers, sc.max_workers) == (1, 3)
+    # The range survives the resolved config.yaml a run saves (what the workers and a resume load).
+    assert prepare_config(cfg).ray.num_workers == [1, 3]
+    fixed = load_config(None, ["ray.num_workers=2"]).ray
+    assert (fixed.worker_range, fixed.max_workers, fixed.elastic) == ((2, 2), 2, False)
+    assert load_config(None, []).ray.max_workers == 0  # the default: no Ray
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[0,2]", "ray.num_workers: got [0, 2], a range is [min, max] with 1 <= min <= max"),
+        ("[3,2]", "ray.num_workers: got [3, 2], a range is [min, max] with 1 <= min <= max"),
+        ("[1,2,3]", "ray.num_workers: got [1, 2, 3], a range is [min, max] with 1 <= min <= max"),
+        ("[2]", "ray.num_workers: got [2], a range is [min, max] with 1 <= min <= max"),
+        ("-1", "ray.num_workers: must be >= 0"),
+        ("[1,x]", "ray.num_workers: Value '[1, 'x']' of type 'ListConfig' is incompatible"),
+    ],
+)
+def test_bad_num_workers_is_one_line_exit_2(value, message, capsys):
+    from launcher.cli import main
+
+    assert main(["train", f"ray.num_workers={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"recgpt train: error: {message}"), err
+
+
+def test_tune_refuses_an_elastic_range_before_ray(tmp_path, capsys):
+    from launcher.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {choice: [0.001]}\n")
+    argv = ["tune", "--space", str(space), f"train.output_dir={tmp_path}/out", "ray.num_workers=[1,2]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "recgpt tune: error: ray.num_workers: got [1, 2]; recgpt tune runs trials of a fixed size, give one number"
+    ]
