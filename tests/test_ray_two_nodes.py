@@ -161,3 +161,50 @@ def test_losing_a_node_restarts_the_group_and_matches_uninterrupted(
     assert _final_metrics(text) == spread_run.metrics
     assert losses(records) == losses(train_log(spread_run.dir))
     assert sorted(losses(records)) == list(range(1, 13))
+
+
+def test_elastic_group_comes_back_smaller_after_a_node_loss(cluster, sample_shards, spread_run, capsys):
+    """``ray.num_workers=[1,2]``: node_b is lost and does not come back; Ray Train restarts the group with
+    the one worker the head holds, which resumes the 2-rank ZeRO-2 checkpoint on world size 1 (universal
+    checkpoint, the global batch kept by accumulating 2 micro-batches, the epoch re-planned)."""
+    if cluster.node_id(SECOND) is None:  # an earlier test's replacement node may be gone
+        cluster.add_node(SECOND)
+    storage = cluster.base / "storage"
+    run_dir = storage / "shrink"
+    log = cluster.base / "shrink.log"
+    run = [r for r in RUN if not r.startswith(("ray.num_workers", "ray.placement_strategy"))]
+    proc = cluster.train(
+        [f"data.shards={sample_shards}", *run, "ray.num_workers=[1,2]", "ray.placement_strategy=SPREAD",
+         "zero.stage=2", f"ray.storage_path={storage}", "ray.name=shrink"],
+        log,
+    )  # fmt: skip
+    cluster.wait_train_workers(2)  # both nodes free: the group starts at its maximum
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + RUN_TIMEOUT_S
+    while not latest.exists():
+        assert proc.poll() is None, log.read_text()[-5000:]
+        assert time.time() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the node was lost"
+    t_kill = time.time()
+    cluster.kill_node(SECOND)  # and it stays away
+    rc = proc.wait(RUN_TIMEOUT_S)
+    text = log.read_text()
+    assert rc == 0, text[-5000:]
+    assert text.count("worker rank 0/2") == 1 and "worker rank 0/1" in text, text[-5000:]
+    assert (
+        "resume: world size 2 -> 1: global batch 64 kept as 1 ranks x micro_batch_size 32 x grad_accum 2"
+        in text
+    )
+    assert re.search(r"converted step_\d+ to DeepSpeed's universal checkpoint in \d+\.\ds", text), text[
+        -5000:
+    ]
+    m = re.search(r"resumed from \S+/(step_\d+) at step (\d+)", text)
+    records = train_log(run_dir)
+    after = [r for r in records if r["kind"] == "train" and r["time"] > t_kill]
+    assert m and after and after[0]["step"] == int(m.group(2)) + 1, text[-5000:]
+    with capsys.disabled():
+        print(f"\nnode loss -> training again on the smaller group: {after[0]['time'] - t_kill:.1f} s")
+    metrics = _final_metrics(text)
+    assert metrics["step"] == 12 and sorted(losses(records)) == list(range(1, 13))
+    assert metrics["consumed_samples"] == spread_run.metrics["consumed_samples"] == 12 * 64
