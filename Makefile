@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(VENV)/bin/pip install -q "torch>=2.4,<2.15"; \
 	else $(VENV)/bin/pip install -q $(TORCH_INDEX) "$(TORCH)"; fi
 	$(VENV)/bin/pip install -q -e ".[dev]"
+	# CPU machines: build DeepSpeed's JIT-compiled CPU op now, not inside the first (interruptible) run.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	$(VENV)/bin/python -c "import trainer.distributed as d; d.prebuild_cpu_ops()"; fi
 	touch $@
 
 demo: venv

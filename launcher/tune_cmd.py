@@ -36,7 +36,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from configs import ConfigError, RecGPTConfig, atomic_write, config_from_dict, load_config, to_dict, to_yaml
+from configs import (
+    ConfigError,
+    DataError,
+    RecGPTConfig,
+    atomic_write,
+    config_from_dict,
+    load_config,
+    one_line,
+    to_dict,
+    to_yaml,
+)
+from data_shards.manifest import load_manifest
 from data_shards.storage import is_url
 from launcher.common import add_config_args
 
@@ -95,7 +106,9 @@ def parse_space(path: str | os.PathLike) -> list[Param]:
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(p))
     except Exception as e:  # yaml's errors (duplicate keys, syntax) carry line numbers
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML ({where}{problem or str(e).splitlines()[0]})") from None
     if not isinstance(loaded, dict) or not loaded:
         raise ConfigError(
             f"{p}: expected a mapping of config keys to distributions, e.g. optim.lr: {{loguniform: [1.0e-4, 1.0e-2]}}"
@@ -108,6 +121,10 @@ def parse_space(path: str | os.PathLike) -> list[Param]:
                 f"{where}: expected one distribution, e.g. {{choice: [a, b]}} (one of {', '.join(KINDS)})"
             )
         ((kind, args),) = spec.items()
+        if kind not in KINDS and isinstance(args, dict):
+            raise ConfigError(
+                f"{where}: a nested mapping; write each searched key dotted, e.g. {key}.{kind}: {{choice: [...]}}"
+            )
         if kind not in KINDS:
             raise ConfigError(f"{where}: unknown distribution {kind!r} (use one of {', '.join(KINDS)})")
         if not isinstance(args, list) or not args:
@@ -146,8 +163,16 @@ def _section(tree: dict[str, Any], key: str) -> dict[str, Any]:
     return node
 
 
+NOT_SEARCHABLE = ("ray.", "train.output_dir", "train.resume", "data.shards")
+"""Keys a trial cannot take from the space: where runs live and how they launch belong to the
+experiment (each trial has its own run directory and ``ray.num_workers`` workers)."""
+MAX_COMBINATIONS = 512
+
+
 def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.PathLike) -> None:
-    """Every key exists and every candidate value passes the schema's validation (before Ray starts)."""
+    """Every key exists and may be searched, every candidate value passes the schema's validation, and
+    so do the combinations of the keys' candidates (all of them, or MAX_COMBINATIONS drawn with a
+    fixed seed) — settings that clash across keys fail here, before Ray starts, not in a trial."""
     from modeling.factory import check_trainable_layers  # torch: only once a command needs it
 
     check_trainable_layers(config_from_dict(base))
@@ -156,6 +181,11 @@ def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.
         if prm.key in seen:
             raise ConfigError(f"{space_path}: {prm.key}: searched twice")
         seen.add(prm.key)
+        if prm.key.startswith(NOT_SEARCHABLE):
+            raise ConfigError(
+                f"{space_path}: {prm.key}: not searchable (the run location and launch belong to the "
+                "experiment: set it on the command line for every trial)"
+            )
         try:
             _section(base, prm.key)
         except ConfigError as e:
@@ -170,6 +200,30 @@ def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.
                         "numbers; use randint: [low, high) or choice: [...]"
                     ) from None
                 raise ConfigError(f"{space_path}: {prm.key}={value!r}: {e}") from None
+    _check_combinations(params, base, space_path)
+
+
+def _check_combinations(params: list[Param], base: dict[str, Any], space_path: str | os.PathLike) -> None:
+    import itertools
+    import random
+
+    from modeling.factory import check_trainable_layers
+
+    if len(params) < 2:
+        return
+    pools = [prm.candidates() for prm in params]
+    if math.prod(len(p) for p in pools) <= MAX_COMBINATIONS:
+        combos = list(itertools.product(*pools))
+    else:
+        rng = random.Random(0)
+        combos = [tuple(rng.choice(p) for p in pools) for _ in range(MAX_COMBINATIONS)]
+    for combo in combos:
+        values = {prm.key: v for prm, v in zip(params, combo)}
+        try:
+            check_trainable_layers(with_values(base, values))
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"{space_path}: the combination {shown}: {e}") from None
 
 
 def tune_space(params: list[Param]) -> dict[str, Any]:
@@ -234,6 +288,12 @@ def prepare(args: argparse.Namespace) -> Experiment:
         cfg = with_values(to_dict(cfg), {"ray.num_workers": 1})
     if args.trials < 1:
         raise ConfigError(f"--trials: got {args.trials}, must be >= 1")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent: got {args.max_concurrent}, must be >= 1")
+    # Trials and best.yaml name the data by absolute path: the config works from any directory.
+    if not is_url(cfg.data.shards) and not cfg.data.shards.startswith("pipe:"):
+        cfg = with_values(to_dict(cfg), {"data.shards": os.path.abspath(cfg.data.shards)})
+
     if args.scheduler == "asha" and cfg.train.max_steps <= 0:
         raise ConfigError("train.max_steps: must be > 0 with --scheduler asha (its rungs are training steps)")
     if cfg.train.eval_interval <= 0 and args.scheduler == "asha":
@@ -254,6 +314,10 @@ def prepare(args: argparse.Namespace) -> Experiment:
                 f"{args.space}: {prm.key}: --scheduler asha takes its rungs from the base config's "
                 "train.max_steps and train.eval_interval; search it with --scheduler none"
             )
+    try:
+        load_manifest(cfg.data.shards)
+    except DataError as e:
+        raise DataError(f"data.shards: {one_line(e)}") from None
     storage, _ = run_location(cfg)
     if is_url(storage):
         # The experiment's files, trials.csv and best.yaml are plain files beside the trials' run dirs.
@@ -284,7 +348,8 @@ def _check_same_experiment(exp: Experiment) -> None:
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise ConfigError(
-                f"--name {exp.name}: {exp.path} holds an experiment with another {'/'.join(diff)}; "
+                f"--name {exp.name}: {exp.path} holds an experiment whose {', '.join(diff)} "
+                f"{'differs' if len(diff) == 1 else 'differ'}; "
                 "rerun it unchanged to resume, or pick another --name"
             )
     else:
@@ -561,7 +626,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows), flush=True)
     _log(f"{len(rows)} trial(s) in {time.time() - t0:.0f}s; table {csv_path}")
     if best_path is None:
-        _log(f"no trial reported {exp.metric}: no best.yaml")
+        _log(
+            f"no trial reported {exp.metric}: no best.yaml (an interrupted experiment continues when the same "
+            "command is run again)"
+        )
         return 1
     _log(f"best config {best_path} (recgpt train --config {best_path})")
     errors = [r["trial"] for r in rows if r["status"] == "error"]

@@ -231,3 +231,36 @@ def test_intervals_and_adversarial_start_message():
     assert msg.startswith("step 11: adversarial training (pgd") and "after 10 clean steps" in msg
     assert "clean_loss + 0.5 x adv_loss" in msg and "jumps" in msg
     assert "FreeLB ascent path" in adversarial_start_message(AdversarialConfig(method="freelb"), 50)
+
+
+def test_a_build_lock_nobody_works_on_is_cleared_a_live_one_kept(tmp_path, monkeypatch):
+    """A lock left by a process killed mid-build (Ctrl-C during the first run) would make every later
+    run wait forever; one whose build is alive (ninja runs in the directory) must stay."""
+    import os
+    import subprocess
+    import time
+
+    from trainer.distributed import _clear_stale_op_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / "deepspeed_shm_comm"
+    build.mkdir()
+    lock = build / "lock"
+
+    def lock_aged(seconds: float) -> None:
+        lock.touch()
+        os.utime(lock, (time.time() - seconds,) * 2)
+
+    lock_aged(10)  # young: a build may be starting
+    _clear_stale_op_build_lock()
+    assert lock.exists()
+    lock_aged(120)
+    live = subprocess.Popen(["sleep", "30"], cwd=build)  # stands for ninja working in the directory
+    try:
+        _clear_stale_op_build_lock()
+        assert lock.exists()
+    finally:
+        live.kill()
+        live.wait()
+    _clear_stale_op_build_lock()  # old and nobody in the directory: an orphan
+    assert not lock.exists()

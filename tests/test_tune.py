@@ -72,7 +72,11 @@ def test_parse_space_maps_every_kind_to_tune(tmp_path):
         ("optim.lr: {choice: []}", "optim.lr: choice takes a non-empty list"),
         ("optim.lr: 0.1", "optim.lr: expected one distribution"),
         ("optim.lr: {choice: [1], grid: [2]}", "optim.lr: expected one distribution"),
-        ("optim.lr: {choice: [1]}\noptim.lr: {choice: [2]}", "not valid YAML"),
+        (
+            "optim.lr: {choice: [1]}\noptim.lr: {choice: [2]}",
+            "not valid YAML (line 2: found duplicate key optim.lr)",
+        ),
+        ("optim.lr: {choice: [1]\nx: 2", "not valid YAML (line 2: did not find expected ',' or '}')"),
     ],
 )
 def test_parse_space_rejects_malformed_entries(tmp_path, line, expected):
@@ -100,6 +104,18 @@ def test_parse_space_rejects_malformed_entries(tmp_path, line, expected):
             "model.trainable_layers=3: model.trainable_layers: got 3, but the model has 2 layers",
         ),
         ("train.max_steps: {choice: [40, 80]}", "train.max_steps: --scheduler asha takes its rungs"),
+        ("ray.num_workers: {choice: [0, 1]}", "ray.num_workers: not searchable"),
+        ("train.output_dir: {choice: [a, b]}", "train.output_dir: not searchable"),
+        (
+            "optim: {lr: {choice: [0.1]}}",
+            "optim: a nested mapping; write each searched key dotted, e.g. optim.lr",
+        ),
+        # settings that clash across keys: caught on the combinations, not in a trial
+        (
+            "lora.enabled: {choice: [true, false]}\nmodel.trainable_layers: {choice: [1]}",
+            "the combination optim.weight_decay=0.0, lora.enabled=True, model.trainable_layers=1: "
+            "model.trainable_layers:",
+        ),
     ],
 )
 def test_bad_key_or_value_fails_before_ray_with_one_line_exit_2(
@@ -115,6 +131,24 @@ def test_bad_key_or_value_fails_before_ray_with_one_line_exit_2(
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith(f"recgpt tune: error: {space}: {key_in_error}"), err
     assert not (tmp_path / "tune-space").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["data.shards=nowhere/shards"], "data.shards: "),
+        (["--max-concurrent", "0"], "--max-concurrent: got 0, must be >= 1"),
+    ],
+)
+def test_missing_shards_and_bad_flags_fail_before_ray(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(tune_cmd, "run_experiment", lambda *a, **k: pytest.fail("Ray started"))
+    space = write(tmp_path / "space.yaml", "optim.lr: {choice: [0.001]}\n")
+    argv = ["tune", "--config", str(TINY), "--space", str(space), f"train.output_dir={tmp_path}/out", *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"recgpt tune: error: {message}"), err
+    if "data.shards" in message:
+        assert f"{REPO}/nowhere/shards/manifest.json" in err  # made absolute: trials run elsewhere
 
 
 def test_asha_needs_an_evaluation_before_max_steps(tmp_path, capsys, monkeypatch):
@@ -138,10 +172,10 @@ def test_trainable_layers_of_a_local_model_directory_checked_from_its_config(tmp
         check_trainable_layers(load_config(TINY, [*base, "model.trainable_layers=4"]))
 
 
-def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path):
+def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path, sample_shards):
     args = cli.parse_args(
         ["tune", "--config", str(TINY), "--space", str(write(tmp_path / "s.yaml", "optim.lr: {choice: [0.001, 0.01]}\nmodel.dropout: {uniform: [0.0, 0.3]}\n")),
-         "--name", "exp", f"train.output_dir={tmp_path}/runs/base", "train.max_steps=40"]
+         "--name", "exp", f"train.output_dir={tmp_path}/runs/base", "train.max_steps=40", f"data.shards={sample_shards}"]
     )  # fmt: skip
     exp = tune_cmd.prepare(args)
     assert exp.path == tmp_path / "runs" / "exp" and exp.base["ray"]["num_workers"] == 1  # 0 -> one worker
@@ -179,17 +213,17 @@ def test_results_csv_and_best_yaml_that_train_loads_unchanged(tmp_path):
     assert table_text.splitlines()[1].startswith("trial_b") and "0.03" in table_text
 
 
-def test_rerun_with_another_space_under_the_same_name_is_refused(tmp_path):
+def test_rerun_with_another_space_under_the_same_name_is_refused(tmp_path, sample_shards):
     def exp_for(space_line: str):
         args = cli.parse_args(
             ["tune", "--config", str(TINY), "--space", str(write(tmp_path / "s.yaml", space_line)),
-             "--name", "exp", f"train.output_dir={tmp_path}/runs/base"]
+             "--name", "exp", f"train.output_dir={tmp_path}/runs/base", f"data.shards={sample_shards}"]
         )  # fmt: skip
         return tune_cmd.prepare(args)
 
     tune_cmd._check_same_experiment(exp_for("optim.lr: {choice: [0.001, 0.01]}\n"))
     tune_cmd._check_same_experiment(exp_for("optim.lr: {choice: [0.001, 0.01]}\n"))  # same: fine
-    with pytest.raises(ConfigError, match=r"--name exp: .* another space; rerun it unchanged"):
+    with pytest.raises(ConfigError, match=r"--name exp: .* whose space differs; rerun it unchanged"):
         tune_cmd._check_same_experiment(exp_for("optim.lr: {choice: [0.001, 0.02]}\n"))
 
 

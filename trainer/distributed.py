@@ -69,6 +69,18 @@ def _pin_extension_cache() -> None:
 
 
 STALE_BUILD_LOCK_S = 900
+LIVE_BUILD_GRACE_S = 60
+
+
+def _building_in(directory: Path) -> bool:
+    """Whether some process works in ``directory`` (torch runs ninja, hence the compilers, there)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "cwd")) == directory:
+                return True
+        except OSError:  # gone, or another user's process
+            continue
+    return False
 
 
 def _clear_stale_op_build_lock() -> None:
@@ -76,19 +88,34 @@ def _clear_stale_op_build_lock() -> None:
 
     DeepSpeed's CPU backend loads a small JIT-built op at start-up; torch guards the build with a lock
     file and waits for it forever. A process killed while holding it (Ctrl-C during the first
-    build) would make every later run hang silently. A real build takes a minute or two, so a lock
-    older than STALE_BUILD_LOCK_S is an orphan.
+    build) would make every later run hang silently. The lock is an orphan when it is older than
+    LIVE_BUILD_GRACE_S and no process runs in the build directory (a live build's ninja does), or in
+    any case older than STALE_BUILD_LOCK_S (a real build takes a minute or two). ``make venv`` builds
+    the op once up front (:func:`prebuild_cpu_ops`), so a first run does not build it at all.
     """
     from torch.utils.cpp_extension import _get_build_directory
 
     try:
-        lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+        build_dir = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+        lock = build_dir / "lock"
         age = time.time() - lock.stat().st_mtime
     except (OSError, RuntimeError):
         return
-    if age > STALE_BUILD_LOCK_S:
+    if age > STALE_BUILD_LOCK_S or (age > LIVE_BUILD_GRACE_S and not _building_in(build_dir.resolve())):
         print(f"recgpt: removing a stale build lock left by a killed process: {lock}", file=sys.stderr)
         lock.unlink(missing_ok=True)
+
+
+def prebuild_cpu_ops() -> None:
+    """Build DeepSpeed's JIT-compiled CPU communication op now (``make venv`` calls this), in the
+    extension cache the trainer uses, so no training run waits for (or can be killed during) it."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _pin_ninja()
+    _pin_extension_cache()
+    _clear_stale_op_build_lock()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
 
 
 def setup_distributed() -> DistInfo:
