@@ -842,11 +842,9 @@ def _drop_duplicates(table: _Table, log: InputFile, mode: str, where: str) -> tu
     return frame, count
 
 
-def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
-    """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
-    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col``,
-    ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
-    the file (and line) of the first bad input."""
+def resolve_input(path: str | os.PathLike, cfg: ShardsConfig) -> tuple[str, InputFile, InputFile | None]:
+    """(format, interactions file, item metadata file or None) of an input as ``cfg`` says
+    (``shards.format``, ``shards.meta``, the generic ``user_col``/``item_col``); DataError when none fits."""
     fmt, meta = cfg.format, cfg.meta
     files = list_files(path)
     columns = (cfg.user_col, cfg.item_col)
@@ -864,6 +862,24 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
         fmt, log, meta_file = detect_format(files, fmt, columns)
     if meta is not None:
         meta_file = list_files(meta)[0]
+    return fmt, log, meta_file
+
+
+def source_notices(used: list[InputFile]) -> list[str]:
+    """One line per input file read in a way to know about (a ``.gz`` name on plain text)."""
+    return [
+        f"{f.name}: not gzip-compressed (no gzip header), read as plain text"
+        for f in used
+        if f.gzip_mislabelled
+    ]
+
+
+def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
+    """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
+    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col``,
+    ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
+    the file (and line) of the first bad input."""
+    fmt, log, meta_file = resolve_input(path, cfg)
     opts = _read_options(cfg, fmt)
     readers: dict[str, Callable[[], tuple]] = {
         "amazon": lambda: _read_amazon(log, meta_file, fmt, opts),
@@ -883,11 +899,7 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
     ts, unit = coarsest_unit(frame["timestamp"].to_numpy(np.int64), table.unit)
     frame = frame.assign(timestamp=ts).reset_index(drop=True)
     used = [log] + ([meta_file] if meta_file else [])
-    notices = [
-        f"{f.name}: not gzip-compressed (no gzip header), read as plain text"
-        for f in used
-        if f.gzip_mislabelled
-    ]
+    notices = source_notices(used)
     removed = {**table.removed, "duplicate": duplicates if cfg.duplicates == "drop" else 0}
     return Interactions(
         frame,
