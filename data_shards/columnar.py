@@ -97,6 +97,13 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _is_id_type(t: pa.DataType) -> bool:
+    """Ids DuckDB reads as the reference does: integers (uint64 aside) and strings."""
+    return (
+        (pa.types.is_integer(t) and t != pa.uint64()) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    )
+
+
 def _parquet_source(
     con: Any, log: InputFile, meta_file: InputFile | None, cfg: ShardsConfig
 ) -> Source | None:
@@ -115,10 +122,7 @@ def _parquet_source(
     if any(c not in schema.names for c in named) or len(set(named)) < len(named):
         return None
     kind = {k: schema.field(c).type for k, c in cols.items() if c}
-    is_id = lambda t: (
-        (pa.types.is_integer(t) and t != pa.uint64()) or pa.types.is_string(t) or pa.types.is_large_string(t)
-    )  # noqa: E731
-    if not (is_id(kind["user"]) and is_id(kind["item"])):
+    if not (_is_id_type(kind["user"]) and _is_id_type(kind["item"])):
         return None
     if not (pa.types.is_integer(kind["time"]) and kind["time"] != pa.uint64()):
         return None
@@ -143,8 +147,9 @@ def _parquet_source(
         if pa.types.is_floating(rating_type):
             missing[cols["rating"]] += f" OR isnan({r})"
             nonfinite = f"isinf({r})"
-            # The reference reads a float32 as its shortest text, then as float64 (0.1f -> 0.1).
-            rating = f"{r}::DOUBLE" if rating_type == pa.float64() else f"{r}::VARCHAR::DOUBLE"
+            # A float32 stays float32 here: the reference reads it as its shortest text, then as float64
+            # (0.1f -> 0.1), which sort_rows does to the distinct values only.
+            rating = r
         else:
             rating, nonfinite = f"{r}::DOUBLE", "false"
     missing[cols["time"]] = f"{time} IS NULL"
@@ -295,7 +300,16 @@ def sort_rows(con: Any) -> Sorted:
     """Code users and items in natural order and stream every row out of DuckDB sorted by (user code,
     time, file order) — DuckDB's external sort, so only the result arrays are held here."""
     user_ids, item_ids = _distinct(con, "user"), _distinct(con, "item")
-    levels = np.sort(con.sql("SELECT DISTINCT rating FROM raw").fetchnumpy()["rating"].astype(np.float64))
+    # Distinct ratings in their stored type; as float64 the way the reference reads them (a float32 via
+    # its shortest text). The conversion keeps the order, so codes into either are the same.
+    stored = (
+        con.sql("SELECT DISTINCT rating FROM raw ORDER BY rating").to_arrow_table().column(0).combine_chunks()
+    )
+    if pa.types.is_floating(stored.type) and stored.type != pa.float64():
+        levels = pc.cast(pc.cast(stored, pa.string()), pa.float64()).to_numpy()
+    else:
+        levels = pc.cast(stored, pa.float64()).to_numpy()
+    stored = stored.to_numpy()
     con.register("user_codes", pa.table({"id": user_ids, "code": np.arange(len(user_ids), dtype=np.int32)}))
     con.register("item_codes", pa.table({"id": item_ids, "code": np.arange(len(item_ids), dtype=np.int32)}))
     (n,) = con.sql("SELECT count(*) FROM raw").fetchall()[0]
@@ -321,7 +335,7 @@ def sort_rows(con: Any) -> Sorted:
         out.user[s] = batch.column("u").to_numpy()
         out.item[s] = batch.column("i").to_numpy()
         out.ts[s] = batch.column("ts").to_numpy()
-        out.rating[s] = np.searchsorted(levels, batch.column("rating").to_numpy())
+        out.rating[s] = np.searchsorted(stored, batch.column("rating").to_numpy())
         out.line[s] = batch.column("line").to_numpy()
         at += k
     assert at == n, (at, n)
@@ -620,7 +634,9 @@ def eval_chunks(kept: Kept, texts: _Texts, max_history: int) -> Iterator[tuple[p
             target = n - back
             lo = np.maximum(0, target - max_history)
             head = texts.head(uid, offsets[u0:u1] + lo, target + 1 - lo)
-            keys = np.unique(local[pos < target[local]] * n_items + iid[pos < target[local]])
+            before = pos < target[local]
+            keys = np.sort(local[before] * n_items + iid[before])  # a sort: np.unique hashes, slower here
+            keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
             seen_off = np.zeros(u1 - u0 + 1, dtype=np.int64)
             np.cumsum(np.bincount(keys // n_items, minlength=u1 - u0), out=seen_off[1:])
             seen = _joined(
@@ -692,6 +708,9 @@ class Engine:
         if cfg.engine_threads:
             config["threads"] = cfg.engine_threads
         self.con = duckdb.connect(":memory:", config=config)
+        # Parquet statistics leave NaN out of a column's min/max, from which DuckDB's statistics
+        # propagation concludes isnan(x) is false for every row (2.0.1): a NaN rating would be kept.
+        self.con.execute("SET disabled_optimizers = 'statistics_propagation'")
 
     def close(self) -> None:
         self.con.close()
