@@ -349,22 +349,24 @@ def repeats(rows: Sorted, alive: np.ndarray) -> np.ndarray:
 
     Rows are sorted by (user, time, file order), so repeats lie inside runs of equal (user, time) — ties,
     a small share of a log; only those rows are sorted again, by item."""
-    idx = np.flatnonzero(alive)
-    u, t = rows.user[idx], rows.ts[idx]
+    every = bool(alive.all())  # the usual case: no gathered copies of the columns
+    idx = None if every else np.flatnonzero(alive)
+    u, t = (rows.user, rows.ts) if idx is None else (rows.user[idx], rows.ts[idx])
     tie = (u[1:] == u[:-1]) & (t[1:] == t[:-1])
+    del u, t
     dup = np.zeros(len(rows.user), dtype=bool)
     if not tie.any():
         return dup
-    run = np.concatenate([[0], np.cumsum(~tie)])  # run id of every alive row
-    in_run = np.zeros(len(idx), dtype=bool)
+    in_run = np.zeros(len(tie) + 1, dtype=bool)
     in_run[1:] |= tie
     in_run[:-1] |= tie
-    cand = np.flatnonzero(in_run)
-    items = rows.item[idx[cand]]
-    order = np.lexsort((items, run[cand]))  # stable: file order within equal (run, item)
-    c = cand[order]
-    same = (run[c][1:] == run[c][:-1]) & (items[order][1:] == items[order][:-1])
-    dup[idx[c[1:][same]]] = True
+    cand = np.flatnonzero(in_run)  # alive rows tied with a neighbour (indices among the alive rows)
+    run = np.cumsum(~tie)[np.maximum(cand - 1, 0)] * (cand > 0)  # run id: ties seen before each row
+    pos = cand if idx is None else idx[cand]  # row numbers
+    items = rows.item[pos]
+    order = np.lexsort((items, run))  # stable: file order within equal (run, item)
+    same = (run[order][1:] == run[order][:-1]) & (items[order][1:] == items[order][:-1])
+    dup[pos[order][1:][same]] = True
     return dup
 
 
@@ -416,6 +418,7 @@ def apply_filters(
             raise _duplicate_error(rows, dup, source)
         removed["duplicate"] = int(dup.sum())
         alive &= ~dup
+    rows.line = np.zeros(0, dtype=np.int64)  # file order only named a duplicate's line: free it
     if not alive.any():
         raise DataError(f"{source.log_name}: no interactions found")
     unit = source.unit
@@ -439,7 +442,8 @@ def apply_filters(
     weight = alive & ~repeats(rows, alive) if cfg.duplicates == "keep" else alive
 
     def counts(codes: np.ndarray, size: int) -> np.ndarray:
-        return np.bincount(codes[weight & alive], minlength=size)
+        counted = weight & alive
+        return np.bincount(codes if counted.all() else codes[counted], minlength=size)
 
     keep = counts(rows.user, n_users)[rows.user] >= MIN_USER_INTERACTIONS
     removed_by["too_short"] = int(np.count_nonzero(alive & ~keep))
