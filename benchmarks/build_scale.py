@@ -5,8 +5,8 @@
 
 For each size, writes a synthetic log (``benchmarks/synthetic_log.py``, seed 0; kept between runs in
 ``--workdir``), then runs ``recgpt shards build LOG --out DIR --rating-col rating --engine-threads T`` in a
-child process and reads its peak resident set from ``getrusage(RUSAGE_CHILDREN)`` (the build is the only
-child alive at that point, so the figure is its own high-water mark). Prints one table and a JSON line;
+child process and reads its peak resident set and CPU time from ``getrusage(RUSAGE_CHILDREN)`` of a
+wrapper process whose only child is the build (so the figures are the build's own). Prints one table and a JSON line;
 shard directories are deleted after each size unless ``--keep``. ``--threads 1`` is what a shared machine
 should be measured with (DuckDB's threads; numpy/Arrow work is single-threaded here anyway).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,34 +25,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _peak_children_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Runs the build as its only child and prints that child's peak RSS (KiB) and CPU seconds: a fresh
+# process, so an earlier child (the log generator, ~60 bytes per interaction) cannot hide the figure.
+_WRAPPER = """
+import json, resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:]).returncode
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "maxrss_kib": r.ru_maxrss, "cpu_s": r.ru_utime + r.ru_stime}), file=sys.stderr)
+"""
 
 
 def measure(log: Path, out: Path, threads: int, engine: str, memory_gb: float) -> dict:
-    """Wall seconds, peak RSS (GiB) and the manifest's counts of one build."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "POLARS_MAX_THREADS": str(threads or 1)}
-    cmd = [sys.executable, "-m", "launcher", "shards", "build", str(log), "--out", str(out), "--force",
-           "--rating-col", "rating", "--engine", engine, "--engine-threads", str(threads),
-           "--engine-memory-gb", str(memory_gb)]  # fmt: skip
-    before = _peak_children_kib()
+    """Wall seconds, CPU seconds, peak RSS (GiB) and the manifest's counts of one build."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _WRAPPER, sys.executable, "-m", "launcher", "shards", "build", str(log),
+           "--out", str(out), "--force", "--rating-col", "rating", "--engine", engine,
+           "--engine-threads", str(threads), "--engine-memory-gb", str(memory_gb)]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"build failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    peak = _peak_children_kib()
+    usage = json.loads(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode or usage["rc"]:
+        raise SystemExit(f"build failed ({usage['rc']}): {proc.stderr.strip()[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    rows = manifest["rows"]["read"]
     return {
-        "rows": manifest["rows"]["read"],
+        "rows": rows,
         "interactions": manifest["num_interactions"],
         "users": manifest["num_users"],
         "items": manifest["num_items"],
         "wall_s": round(wall, 1),
-        # ru_maxrss only rises: a size smaller than an earlier one would show the earlier peak.
-        "peak_rss_gib": round(peak / 2**20, 2) if peak > before else None,
-        "us_per_interaction": round(wall / manifest["rows"]["read"] * 1e6, 3),
+        # CPU time is what the build needs; wall time also counts waiting for a core on a shared machine.
+        "cpu_s": round(usage["cpu_s"], 1),
+        "peak_rss_gib": round(usage["maxrss_kib"] / 2**20, 2),
+        "us_per_interaction": round(wall / rows * 1e6, 3),
+        "cpu_us_per_interaction": round(usage["cpu_s"] / rows * 1e6, 3),
         "output_gib": round(size / 2**30, 2),
         "fingerprint": manifest["fingerprint"][:16],
     }
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for n in sorted(a.sizes):  # ascending: RUSAGE_CHILDREN's peak only rises
+    for n in sorted(a.sizes):
         log = a.workdir / f"log-{n}-{a.items}.parquet"
         if not log.exists():
             subprocess.run([sys.executable, str(REPO / "benchmarks" / "synthetic_log.py"), "--interactions",
@@ -82,13 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             shutil.rmtree(out, ignore_errors=True)
         print(json.dumps(r), flush=True)
-    base = results[0]["us_per_interaction"]
-    print(
-        f"\n{'interactions':>13} {'users':>10} {'items':>9} {'wall s':>8} {'peak GiB':>9} {'us/int':>7} {'vs first':>8}"
-    )
+    wall0, cpu0 = results[0]["us_per_interaction"], results[0]["cpu_us_per_interaction"]
+    head = [
+        "interactions",
+        "users",
+        "items",
+        "wall s",
+        "CPU s",
+        "peak GiB",
+        "wall us/int",
+        "x first",
+        "CPU us/int",
+        "x first",
+    ]
+    print("\n" + " ".join(f"{h:>12}" for h in head))
     for r in results:
-        print(f"{r['interactions']:>13,} {r['users']:>10,} {r['items']:>9,} {r['wall_s']:>8} "
-              f"{r['peak_rss_gib']!s:>9} {r['us_per_interaction']:>7} {r['us_per_interaction'] / base:>8.2f}")  # fmt: skip
+        cells = [f"{r['interactions']:,}", f"{r['users']:,}", f"{r['items']:,}", r["wall_s"], r["cpu_s"],
+                 r["peak_rss_gib"], r["us_per_interaction"], f"{r['us_per_interaction'] / wall0:.2f}",
+                 r["cpu_us_per_interaction"], f"{r['cpu_us_per_interaction'] / cpu0:.2f}"]  # fmt: skip
+        print(" ".join(f"{c!s:>12}" for c in cells))
     print(json.dumps({"engine": a.engine, "threads": a.threads, "results": results}))
     return 0
 

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from configs import DataError, ShardsConfig
+from configs import DataError, ShardsConfig, one_line
 from configs.schema import MIN_USER_INTERACTIONS, TIME_UNITS
 from data_shards.ingest import (
     FORMAT_TIME_UNIT,
@@ -723,14 +723,26 @@ class Engine:
 
 def prepare(input_path: str | os.PathLike, cfg: ShardsConfig) -> Prepared:
     """Read, deduplicate, filter and sort the log (the module docstring); DataError as the reference."""
+    import duckdb
+
     engine = Engine(cfg)
     try:
         fmt, log, meta_file = resolve_input(input_path, cfg)
-        source = _parquet_source(engine.con, log, meta_file, cfg) if fmt == "parquet" else None
+        source = None
+        if fmt == "parquet":
+            try:
+                source = _parquet_source(engine.con, log, meta_file, cfg)
+            except duckdb.Error:  # a file DuckDB cannot read: the reference reader names the problem
+                source = None
         if source is None:
             engine.con.execute("DROP VIEW IF EXISTS src")
             source = _reference_source(engine.con, input_path, cfg)
         rows = sort_rows(engine.con)
+    except duckdb.Error as e:  # out of memory or of spill space: one line, exit 2
+        raise DataError(
+            f"{input_path}: the local build engine failed ({one_line(e)}); shards.engine_memory_gb, "
+            "shards.engine_threads and the free space of the temporary directory bound it"
+        ) from None
     finally:
         engine.close()
     kept, filters, counts = apply_filters(rows, source, cfg)
