@@ -247,3 +247,25 @@ def test_engine_setting_is_checked():
 
     with pytest.raises(ConfigError, match="shards.engine"):
         ShardsConfig(engine="spark")
+
+
+@pytest.mark.slow  # a subprocess that imports the whole launcher: ~10-20 s
+def test_build_scale_benchmark_at_a_small_size(tmp_path):
+    """benchmarks/build_scale.py end to end at 20K interactions (CI's size of the scale path): the
+    build it times is the same build (fingerprint) as in-process, and it reports time and memory."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "build_scale.py"), "--sizes", "20000", "--items", "2000",
+         "--workdir", str(tmp_path), "--keep"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [result] = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert result["rows"] >= 20_000 and result["interactions"] <= result["rows"]
+    assert result["wall_s"] > 0 and result["cpu_s"] > 0 and 0 < result["peak_rss_gib"] < 4
+    manifest = build_shards(
+        tmp_path / "log-20000-2000.parquet", tmp_path / "again", ShardsConfig(rating_col="rating")
+    )
+    assert manifest["fingerprint"].startswith(result["fingerprint"])
