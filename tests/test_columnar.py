@@ -17,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from configs import DataError, ShardsConfig
 from data_shards import columnar
@@ -269,3 +271,69 @@ def test_build_scale_benchmark_at_a_small_size(tmp_path):
         tmp_path / "log-20000-2000.parquet", tmp_path / "again", ShardsConfig(rating_col="rating")
     )
     assert manifest["fingerprint"].startswith(result["fingerprint"])
+
+
+@st.composite
+def parquet_logs(draw) -> dict:
+    """Small Parquet logs the fast path reads: integer or string ids, integer times in s/ms/us with ties,
+    exact repeats, a few nulls, float32/float64/integer/no ratings."""
+    n = draw(st.integers(1, 60))
+    ints = draw(st.booleans())
+    users = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    items = draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
+    scale = draw(st.sampled_from([1, 1000, 10**6]))
+    times = [1_600_000_000 * scale + t * draw(st.sampled_from([1, scale])) for t in draw(
+        st.lists(st.integers(0, 8), min_size=n, max_size=n))]  # fmt: skip
+    rating_kind = draw(st.sampled_from(["float32", "float64", "int", "none"]))
+    ratings = draw(st.lists(st.sampled_from([0.1, 1.0, 2.5, 4.0]), min_size=n, max_size=n))
+    for k in draw(st.lists(st.integers(0, n - 1), max_size=4)):  # exact repeats of a row
+        users.append(users[k]), items.append(items[k]), times.append(times[k]), ratings.append(ratings[k])
+    cols = {
+        "user_id": pa.array(users, pa.int64()) if ints else pa.array([f"u{u}" for u in users]),
+        "item_id": pa.array(items, pa.int32()) if ints else pa.array([f"{i:03d}" for i in items]),
+        "timestamp": pa.array(times, pa.int64()),
+    }
+    if rating_kind != "none":
+        cols["rating"] = pa.array([int(r) if rating_kind == "int" else r for r in ratings],
+                                  pa.int64() if rating_kind == "int" else getattr(pa, rating_kind)())  # fmt: skip
+    nulls = draw(
+        st.lists(st.tuples(st.integers(0, len(users) - 1), st.sampled_from(sorted(cols))), max_size=2)
+    )
+    for row, col in nulls:
+        values = cols[col].to_pylist()
+        values[row] = None
+        cols[col] = pa.array(values, cols[col].type)
+    return cols
+
+
+@settings(
+    deadline=None, database=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cols=parquet_logs(),
+    duplicates=st.sampled_from(["drop", "keep", "error"]),
+    skip_bad=st.booleans(),
+    min_item=st.integers(1, 3),
+)
+def test_parquet_fast_path_agrees_with_the_reference(cols, duplicates, skip_bad, min_item, tmp_path_factory):
+    """The same manifest and bytes, or the same one-line error, from both engines."""
+    d = tmp_path_factory.mktemp("fast")
+    src = _parquet(d / "log.parquet", cols)
+    settings_ = dict(
+        rating_col="rating" if "rating" in cols else None, duplicates=duplicates, skip_bad_lines=skip_bad,
+        min_user_interactions=3, min_item_interactions=min_item, max_history=3,
+    )  # fmt: skip
+    outcome = {}
+    for engine in ("python", "local"):
+        try:
+            outcome[engine] = build_shards(src, d / engine, ShardsConfig(engine=engine, **settings_))
+        except DataError as e:
+            outcome[engine] = str(e)
+    ref, new = outcome["python"], outcome["local"]
+    if isinstance(ref, str) or isinstance(new, str):
+        assert new == ref
+        return
+    assert new["fingerprint"] == ref["fingerprint"]
+    assert {k: v for k, v in new.items() if k != "shards_config"} == {
+        k: v for k, v in ref.items() if k != "shards_config"
+    }
