@@ -135,7 +135,8 @@ class ShardsConfig:
     engine: str = "local"
     """Build engine: local (columnar: DuckDB sorts, counts and joins with bounded memory, spilling to
     disk; numpy/Arrow assemble the windows and their JSON; no per-row Python), or python (the reference
-    pandas/Python path). Both write the same shards; periodic builds (shards.base) use the reference path."""
+    pandas/Python path). Both write the same shards; periodic builds (shards.base) use the reference path,
+    and inputs the columnar readers do not take (see README) its readers."""
     engine_threads: int = 0
     """Threads of the local engine's DuckDB (0 = every core)."""
     engine_memory_gb: float = 2.0

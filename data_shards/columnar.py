@@ -16,11 +16,15 @@ The engine writes exactly what the reference path (``shards.engine=python``: pan
 per record) writes — the same items, records, bytes and fingerprint — which ``tests/test_columnar.py``
 checks on the bundled sample, a synthetic log and every input format.
 
-Input: generic Parquet logs whose id columns are integers or strings and whose time column holds epoch
-integers are read by DuckDB directly (the path that scales); every other input (MovieLens, Amazon,
-CSV, JSON lines, the sequence files, Parquet with float ids or timestamp-typed or text times) is read
-by the reference readers of :mod:`data_shards.ingest` (their error messages and counts stay the
-reference) and handed to the same columnar pipeline as an Arrow table.
+Input (one dispatch, :func:`prepare`): generic Parquet logs whose id columns are integers or strings and
+whose time column holds epoch integers are read by DuckDB directly (the path that scales); generic
+CSV/TSV logs and ml-latest's ratings.csv without quote characters or blank lines, with epoch-integer
+times and plain decimal ratings, are parsed by Arrow's streaming CSV reader into a DuckDB table. Every
+other input — MovieLens 100K/1M/10M, Amazon and generic JSON lines, the sequence files, gzip, quoted
+CSV, Parquet with float ids or timestamp-typed or text times, any value with surrounding spaces or that
+does not parse — is read by the reference readers of :mod:`data_shards.ingest` (their error messages,
+counts and line numbers) and handed to the same columnar pipeline as an Arrow table. A missing value is
+named (or counted) by the columnar readers themselves, in the reference's words.
 
 Memory: DuckDB's limit (``shards.engine_memory_gb``), plus 26 bytes per interaction for the sorted
 columns (user and item codes int32, time int64, rating level uint16, file order int64 until duplicates
@@ -35,7 +39,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +53,9 @@ from configs.schema import MIN_USER_INTERACTIONS, TIME_UNITS
 from data_shards.ingest import (
     FORMAT_TIME_UNIT,
     InputFile,
+    movielens_meta,
     read_interactions,
+    read_options,
     resolve_input,
     source_notices,
 )
@@ -154,42 +160,67 @@ def _parquet_source(
         else:
             rating, nonfinite = f"{r}::DOUBLE", "false"
     missing[cols["time"]] = f"{time} IS NULL"
+    odd = f"NOT ({' OR '.join(missing.values())}) AND (({nonfinite}) OR ({' OR '.join(spaced) or 'false'}))"
+    return _checked_source(
+        con, log, meta_file, cfg, "parquet", "row", missing, odd,
+        columns=f"file_row_number + 1 AS line, {user} AS user, {item} AS item, {rating} AS rating, {time}::BIGINT AS ts",
+        relation=f"read_parquet({_literal(log.path)}, file_row_number = true)",
+    )  # fmt: skip
+
+
+def _checked_source(
+    con: Any,
+    log: InputFile,
+    meta_file: InputFile | None,
+    cfg: ShardsConfig,
+    fmt: str,
+    where: str,
+    missing: dict[str, str],
+    odd: str,
+    *,
+    columns: str,
+    relation: str,
+    meta: Callable[[], tuple[dict, dict, int]] = lambda: ({}, {}, 0),
+) -> Source | None:
+    """The view ``raw`` over ``relation`` (``columns``: line, user, item, rating, ts) without rows missing
+    a value, checked as the reference checks it: ``missing`` maps each field, in the reference's order of
+    checks, to its SQL condition; a missing value is the reference's one-line error naming the first
+    such row (or counted with shards.skip_bad_lines). None when some row is ``odd`` (a value only the
+    reference reader handles exactly)."""
     flags = ", ".join(f"({cond}) AS m{k}" for k, cond in enumerate(missing.values()))
     con.execute(
-        f"CREATE TEMP VIEW src AS SELECT file_row_number + 1 AS line, {user} AS user, {item} AS item, "
-        f"{rating} AS rating, {time}::BIGINT AS ts, {flags}, ({' OR '.join(missing.values())}) AS miss, "
-        f"({nonfinite}) AS nonfinite, ({' OR '.join(spaced) or 'false'}) AS spaced "
-        f"FROM read_parquet({_literal(log.path)}, file_row_number = true)"
+        f"CREATE TEMP VIEW src AS SELECT {columns}, {flags}, ({' OR '.join(missing.values())}) AS miss, "
+        f"({odd}) AS odd FROM {relation}"
     )
     n, n_missing, first_missing, n_odd, t_min, t_max = con.sql(
-        "SELECT count(*), count(*) FILTER (WHERE miss), min(line) FILTER (WHERE miss), "
-        "count(*) FILTER (WHERE NOT miss AND (nonfinite OR spaced)), "
+        "SELECT count(*), count(*) FILTER (WHERE miss), min(line) FILTER (WHERE miss), count(*) FILTER (WHERE odd), "
         "min(ts) FILTER (WHERE ts IS NOT NULL), max(ts) FILTER (WHERE ts IS NOT NULL) FROM src"
     ).fetchall()[0]
-    if n_odd:  # a non-finite rating or an id with surrounding spaces: the reference's exact handling
+    if n_odd or not n:  # an empty log: the reference's own message
         return None
     if n_missing and not cfg.skip_bad_lines:
         marks = ", ".join(f"m{k}" for k in range(len(missing)))
         row = con.sql(f"SELECT {marks} FROM src WHERE line = {int(first_missing)}").fetchall()[0]
         col = next(c for c, m in zip(missing, row) if m)
         raise DataError(
-            f"{log.name}: row {first_missing}: field {col!r}: missing value "
+            f"{log.name}: {where} {first_missing}: field {col!r}: missing value "
             "(shards.skip_bad_lines=true skips such lines)"
         )
     con.execute("CREATE TEMP VIEW raw AS SELECT line, user, item, rating, ts FROM src WHERE NOT miss")
     if cfg.time_unit != "auto":
         unit, unit_from = cfg.time_unit, "shards.time_unit"
-    elif FORMAT_TIME_UNIT.get("parquet"):
-        unit, unit_from = FORMAT_TIME_UNIT["parquet"], "format"
+    elif FORMAT_TIME_UNIT.get(fmt):
+        unit, unit_from = FORMAT_TIME_UNIT[fmt], "format"
     else:  # the magnitude of every time present, as the reference reader does
         max_abs = float(max(abs(t_min or 0), abs(t_max or 0)))
         unit = "s" if max_abs < 1e11 else "ms" if max_abs < 1e14 else "us" if max_abs < 1e17 else "ns"
         unit_from = "magnitude"
     used = [log] + ([meta_file] if meta_file else [])
+    titles, item_meta, meta_skipped = meta()  # after the log's checks, as the reference reads them
     return Source(
-        format="parquet",
+        format=fmt,
         files=[f.name for f in used],
-        where="row",
+        where=where,
         log_name=log.name,
         rows_read=int(n),
         removed={"bad_line": 0, "missing_value": int(n_missing)},
@@ -197,9 +228,140 @@ def _parquet_source(
         unit=unit,
         duplicates_resolved=False,
         coarsened=False,
+        titles=titles,
+        meta=item_meta,
         notices=source_notices(used),
-        skipped_lines=int(n_missing),
+        skipped_lines=int(n_missing) + meta_skipped,
     )
+
+
+CSV_SCAN_BYTES = 1 << 24  # bytes read at a time while a CSV file is checked
+
+
+def _plain_csv(log: InputFile, spill: str) -> tuple[str, int, bytes] | None:
+    """(a local path of the file, its lines, its first line) when the file has no quote character, no
+    blank line and no byte-order mark — then splitting on the separator and newlines is all there is to
+    parse, and Arrow's CSV reader cannot read it otherwise than pandas does; None otherwise. A zip
+    member is copied out (beside DuckDB's spill files)."""
+    import zipfile
+
+    try:
+        if log.member is None:
+            path, stream = log.path, open(log.path, "rb")
+        else:
+            path = os.path.join(spill, "log" + os.path.splitext(log.member)[1])
+            stream = zipfile.ZipFile(log.path).open(log.member)
+    except (OSError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
+        return None
+    lines, first, last = 0, b"", b""
+    copy = open(path, "wb") if log.member is not None else None
+    try:
+        while chunk := stream.read(CSV_SCAN_BYTES):
+            if not first:
+                first = chunk.split(b"\n", 1)[0]
+                if chunk.startswith(b"\xef\xbb\xbf"):
+                    return None
+            # A quote, or a blank line (pandas drops it, Arrow reads a row of empty values): the reference.
+            joined = last + chunk
+            if b'"' in chunk or b"\n\n" in joined or b"\n\r\n" in joined:
+                return None
+            lines += chunk.count(b"\n")
+            last = chunk[-2:]
+            if copy is not None:
+                copy.write(chunk)
+    except (OSError, EOFError, zipfile.BadZipFile, RuntimeError):
+        return None
+    finally:
+        stream.close()
+        if copy is not None:
+            copy.close()
+    if last[-1:] != b"\n":
+        lines += 1
+    return path, lines, first.removesuffix(b"\r")
+
+
+def _csv_source(
+    con: Any, log: InputFile, meta_file: InputFile | None, fmt: str, cfg: ShardsConfig, spill: str
+) -> Source | None:
+    """A generic CSV/TSV or ml-latest ratings.csv read by Arrow's CSV reader into DuckDB, or None when
+    the reference reader must read it: gzip, a quote character anywhere, a header it would rename
+    (empty or repeated names), a line that is not one row (blank, a field count off), ids or values with
+    surrounding spaces, ratings other than plain decimals, times other than epoch integers."""
+    import pyarrow.csv as pcsv
+
+    if log.basename.endswith(".gz") or (fmt == "csv" and cfg.title_col):
+        return None
+    plain = _plain_csv(log, spill)
+    if plain is None:
+        return None
+    path, lines, first = plain
+    sep = "\t" if fmt == "csv" and log.basename.endswith(".tsv") else ","
+    try:
+        header = first.decode("utf-8").split(sep)
+    except UnicodeDecodeError:
+        return None
+    if len(set(header)) < len(header) or not all(header):
+        return None
+    if fmt == "ml-latest":
+        cols = {"user": "userId", "item": "movieId", "rating": "rating", "time": "timestamp"}
+    else:
+        cols = {"user": cfg.user_col, "item": cfg.item_col, "rating": cfg.rating_col, "time": cfg.time_col}
+    named = [c for c in cols.values() if c]
+    if any(c not in header for c in named) or len(set(named)) < len(named):
+        return None
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=CSV_SCAN_BYTES),
+            parse_options=pcsv.ParseOptions(delimiter=sep, quote_char=False, ignore_empty_lines=False),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=named, column_types={c: pa.string() for c in named}, strings_can_be_null=False
+            ),
+        )
+    except (pa.ArrowException, OSError):
+        return None
+    names = {c: f"c{k}" for k, c in enumerate(named)}
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        line = 2  # the header is line 1
+        for batch in reader:
+            arrays = [pa.array(np.arange(line, line + batch.num_rows, dtype=np.int64))]
+            yield pa.RecordBatch.from_arrays(
+                arrays + [batch.column(c) for c in named], ["line", *names.values()]
+            )
+            line += batch.num_rows
+
+    schema = pa.schema([("line", pa.int64())] + [(names[c], pa.string()) for c in named])
+    con.execute("DROP TABLE IF EXISTS csv_rows")
+    con.register("csv_batches", pa.RecordBatchReader.from_batches(schema, batches()))
+    try:  # a table: DuckDB keeps (and spills) the text once for the passes below
+        con.execute("CREATE TEMP TABLE csv_rows AS SELECT * FROM csv_batches")
+    finally:
+        con.unregister("csv_batches")
+    (rows,) = con.sql("SELECT count(*) FROM csv_rows").fetchall()[0]
+    if rows != lines - 1:  # a blank line or a field count Arrow read otherwise: the reference decides
+        return None
+    user, item, time = (_ident(names[cols[k]]) for k in ("user", "item", "time"))
+    missing = {cols["user"]: f"{user} = ''", cols["item"]: f"{item} = ''"}
+    spaced = [f"regexp_matches({_ident(c)}, '^{_SPACE_CLASS}|{_SPACE_CLASS}$')" for c in names.values()]
+    bad = [
+        f"({time} <> '' AND (NOT regexp_full_match({time}, '-?[0-9]+') OR TRY_CAST({time} AS BIGINT) IS NULL))"
+    ]
+    rating = "1.0::DOUBLE"
+    if cols["rating"]:
+        r = _ident(names[cols["rating"]])
+        missing[cols["rating"]] = f"{r} = ''"
+        bad.append(f"({r} <> '' AND NOT regexp_full_match({r}, '[0-9]+(\\.[0-9]+)?'))")
+        rating = f"TRY_CAST({r} AS DOUBLE)"
+    missing[cols["time"]] = f"{time} = ''"
+    meta: Callable[[], tuple[dict, dict, int]] = lambda: ({}, {}, 0)  # noqa: E731
+    if fmt == "ml-latest":
+        meta = lambda: movielens_meta(meta_file, fmt, read_options(cfg, fmt))  # noqa: E731
+    return _checked_source(
+        con, log, meta_file, cfg, fmt, "line", missing, " OR ".join(spaced + bad),
+        columns=f"line, {user} AS user, {item} AS item, {rating} AS rating, TRY_CAST({time} AS BIGINT) AS ts",
+        relation="csv_rows", meta=meta,
+    )  # fmt: skip
 
 
 def _reference_source(con: Any, input_path: str | os.PathLike, cfg: ShardsConfig) -> Source:
@@ -730,13 +892,16 @@ def prepare(input_path: str | os.PathLike, cfg: ShardsConfig) -> Prepared:
     try:
         fmt, log, meta_file = resolve_input(input_path, cfg)
         source = None
-        if fmt == "parquet":
-            try:
+        try:  # one dispatch: the columnar readers, else the reference reader
+            if fmt == "parquet":
                 source = _parquet_source(engine.con, log, meta_file, cfg)
-            except duckdb.Error:  # a file DuckDB cannot read: the reference reader names the problem
-                source = None
+            elif fmt in ("csv", "ml-latest"):
+                source = _csv_source(engine.con, log, meta_file, fmt, cfg, engine.spill)
+        except duckdb.Error:  # a file DuckDB cannot read: the reference reader names the problem
+            source = None
         if source is None:
             engine.con.execute("DROP VIEW IF EXISTS src")
+            engine.con.execute("DROP TABLE IF EXISTS csv_rows")
             source = _reference_source(engine.con, input_path, cfg)
         rows = sort_rows(engine.con)
     except duckdb.Error as e:  # out of memory or of spill space: one line, exit 2

@@ -592,7 +592,7 @@ class _ReadOptions:
     time_unit_from: str
 
 
-def _read_options(cfg: ShardsConfig, fmt: str) -> _ReadOptions:
+def read_options(cfg: ShardsConfig, fmt: str) -> _ReadOptions:
     if cfg.time_unit != "auto":
         return _ReadOptions(cfg.skip_bad_lines, cfg.time_unit, "shards.time_unit")
     known = FORMAT_TIME_UNIT.get(fmt)
@@ -724,6 +724,12 @@ def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, opts: _Rea
             log, sep=sep, names=["user", "item", "rating", "timestamp"], encoding=enc, skip_bad=opts.skip_bad
         )
     table = _validated(df, log, cols, opts, bad_lines=skipped)
+    return (table, *movielens_meta(meta, fmt, opts))
+
+
+def movielens_meta(meta: InputFile | None, fmt: str, opts: _ReadOptions) -> tuple:
+    """(titles, item metadata, metadata lines skipped) of a MovieLens item file (u.item, movies.dat,
+    movies.csv), or empty ones without it."""
     titles: dict[str, str] = {}
     item_meta: dict[str, dict[str, Any]] = {}
     meta_skipped = 0
@@ -749,7 +755,7 @@ def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, opts: _Rea
         for item_id, title, genres in zip(m["item"].str.strip(), m["title"], m["genres"]):
             titles[item_id] = title
             item_meta[item_id] = {"genres": genres}
-    return table, titles, item_meta, meta_skipped
+    return titles, item_meta, meta_skipped
 
 
 def _parquet_frame(log: InputFile, wanted: list[str], time_col: str) -> tuple[pd.DataFrame, _Times | None]:
@@ -880,7 +886,7 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
     ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
     the file (and line) of the first bad input."""
     fmt, log, meta_file = resolve_input(path, cfg)
-    opts = _read_options(cfg, fmt)
+    opts = read_options(cfg, fmt)
     readers: dict[str, Callable[[], tuple]] = {
         "amazon": lambda: _read_amazon(log, meta_file, fmt, opts),
         "ml": lambda: _read_movielens(log, meta_file, fmt, opts),

@@ -337,3 +337,63 @@ def test_parquet_fast_path_agrees_with_the_reference(cols, duplicates, skip_bad,
     assert {k: v for k, v in new.items() if k != "shards_config"} == {
         k: v for k, v in ref.items() if k != "shards_config"
     }
+
+
+@st.composite
+def csv_logs(draw) -> tuple[str, str]:
+    """(file name, text) of small generic CSV/TSV logs: the shapes the columnar CSV reader takes and the
+    ones it must leave to the reference reader (quotes, blank lines, spaces, odd numbers, field counts)."""
+    sep = draw(st.sampled_from([",", "\t"]))
+    end = draw(st.sampled_from(["\n", "\r\n"]))
+    header = ["user_id", "item_id", "rating", "timestamp"] + draw(st.sampled_from([[], ["note"]]))
+    clean = draw(st.booleans())  # only values the columnar reader takes (empty = missing) or any
+    id_text = st.one_of(st.integers(0, 6).map(str), st.sampled_from(["u1", "007", "7", "é", ""]))
+    rating_text = st.sampled_from(["4", "4.0", "2.50", "0.1", ""])
+    time_text = st.one_of(
+        st.integers(1_600_000_000, 1_600_000_008).map(str), st.sampled_from(["1600000000000", ""])
+    )
+    if not clean:
+        id_text = st.one_of(id_text, st.sampled_from([" 3", "4 "]))
+        rating_text = st.one_of(rating_text, st.sampled_from(["x", "1e1", " 3", "-1"]))
+        time_text = st.one_of(
+            time_text, st.sampled_from(["1600000001.5", "-5", "2020-01-01T00:00:00Z", " 7"])
+        )
+    rows = []
+    for _ in range(draw(st.integers(1, 40))):
+        cells = [draw(id_text), draw(id_text), draw(rating_text), draw(time_text)][: len(header)]
+        cells += ["ok"] * (len(header) - len(cells))
+        rows.append(sep.join(cells))
+    for k in draw(st.lists(st.integers(0, 10**6), max_size=3)):  # exact repeats
+        rows.append(rows[k % len(rows)])
+    odd = "" if clean else draw(st.sampled_from(["", "blank", "quote", "short", "long"]))
+    at = draw(st.integers(0, len(rows)))
+    rows.insert(at, {"": rows[0], "blank": "", "quote": sep.join(['"1"', "2", "3.0", "1600000000"]),
+                     "short": sep.join(["1", "2"]), "long": sep.join(["1", "2", "3", "1600000000", "x", "y"])}[odd])  # fmt: skip
+    name = "log.tsv" if sep == "\t" else "log.csv"
+    return name, end.join([sep.join(header), *rows]) + draw(st.sampled_from(["", end]))
+
+
+@settings(
+    deadline=None, database=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(log=csv_logs(), duplicates=st.sampled_from(["drop", "keep"]), skip_bad=st.booleans())
+def test_csv_reader_agrees_with_the_reference(log, duplicates, skip_bad, tmp_path_factory):
+    """The columnar CSV reader (or its hand-over to the reference reader) gives the reference's manifest
+    and bytes, or its one-line error."""
+    d = tmp_path_factory.mktemp("csv")
+    (d / log[0]).write_bytes(log[1].encode())
+    settings_ = dict(rating_col="rating", duplicates=duplicates, skip_bad_lines=skip_bad, min_user_interactions=3,
+                     max_history=3)  # fmt: skip
+    outcome = {}
+    for engine in ("python", "local"):
+        try:
+            outcome[engine] = build_shards(d / log[0], d / engine, ShardsConfig(engine=engine, **settings_))
+        except DataError as e:
+            outcome[engine] = str(e)
+    ref, new = outcome["python"], outcome["local"]
+    if isinstance(ref, str) or isinstance(new, str):
+        assert new == ref
+        return
+    assert {k: v for k, v in new.items() if k != "shards_config"} == {
+        k: v for k, v in ref.items() if k != "shards_config"
+    }
