@@ -878,6 +878,7 @@ class Engine:
         # Parquet statistics leave NaN out of a column's min/max, from which DuckDB's statistics
         # propagation concludes isnan(x) is false for every row (2.0.1): a NaN rating would be kept.
         self.con.execute("SET disabled_optimizers = 'statistics_propagation'")
+        self.con.execute("SET enable_progress_bar = false")  # a long sort would draw one on the terminal
 
     def close(self) -> None:
         self.con.close()
