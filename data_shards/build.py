@@ -299,7 +299,7 @@ def _local_parts(input_path: str | os.PathLike, cfg: ShardsConfig) -> _Parts:
     def write(tmp: Path) -> tuple[str, str, dict[str, Any]]:
         items_bytes = columnar.items_lines(kept, src.titles, src.meta)
         (tmp / ITEMS).write_bytes(items_bytes)
-        texts = columnar._Texts(kept)
+        texts = columnar.RecordTexts(kept)
         packers = {}
         for split in SPLITS:
             (tmp / split).mkdir(parents=True, exist_ok=True)

@@ -731,7 +731,7 @@ def window_plan(
 # --------------------------------------------------------------------------- records as JSON text
 
 
-class _Texts:
+class RecordTexts:
     """Per-row and per-user text pieces of the records, made once."""
 
     def __init__(self, kept: Kept) -> None:
@@ -766,7 +766,7 @@ def _joined(offsets: pa.Array, values: pa.Array) -> pa.Array:
     return pc.binary_join(pa.ListArray.from_arrays(offsets, values), ",")
 
 
-def train_chunks(kept: Kept, texts: _Texts, cfg: ShardsConfig) -> Iterator[pa.Array]:
+def train_chunks(kept: Kept, texts: RecordTexts, cfg: ShardsConfig) -> Iterator[pa.Array]:
     """Training records (each text ending with a comma) in the reference's seeded order, a chunk at a
     time: the window plan of every user, permuted by ``default_rng(0)`` as ``split.train_records``."""
     lengths = np.diff(kept.offsets) - 2
@@ -781,7 +781,9 @@ def train_chunks(kept: Kept, texts: _Texts, cfg: ShardsConfig) -> Iterator[pa.Ar
         )
 
 
-def eval_chunks(kept: Kept, texts: _Texts, max_history: int) -> Iterator[tuple[pa.Array, pa.Array, pa.Array]]:
+def eval_chunks(
+    kept: Kept, texts: RecordTexts, max_history: int
+) -> Iterator[tuple[pa.Array, pa.Array, pa.Array]]:
     """(valid records, test records, histories.jsonl lines) of consecutive users; a record text ends
     with a comma, a history line with a newline. The test record is the history's window and seen set
     (``split.user_histories``), so a history line is the test record plus ``untrained``."""
@@ -914,13 +916,6 @@ def prepare(input_path: str | os.PathLike, cfg: ShardsConfig) -> Prepared:
         engine.close()
     kept, filters, counts = apply_filters(rows, source, cfg)
     return Prepared(source, kept, filters, counts)
-
-
-def sha256_text(chunks: Iterator[bytes]) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
 
 
 def write_histories(path: Path, lines: Iterator[pa.Array]) -> str:
