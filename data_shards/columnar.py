@@ -876,11 +876,15 @@ class Engine:
         }
         if cfg.engine_threads:
             config["threads"] = cfg.engine_threads
-        self.con = duckdb.connect(":memory:", config=config)
-        # Parquet statistics leave NaN out of a column's min/max, from which DuckDB's statistics
-        # propagation concludes isnan(x) is false for every row (2.0.1): a NaN rating would be kept.
-        self.con.execute("SET disabled_optimizers = 'statistics_propagation'")
-        self.con.execute("SET enable_progress_bar = false")  # a long sort would draw one on the terminal
+        try:
+            self.con = duckdb.connect(":memory:", config=config)
+            # Parquet statistics leave NaN out of a column's min/max, from which DuckDB's statistics
+            # propagation concludes isnan(x) is false for every row (2.0.1): a NaN rating would be kept.
+            self.con.execute("SET disabled_optimizers = 'statistics_propagation'")
+            self.con.execute("SET enable_progress_bar = false")  # a long sort would draw one on a terminal
+        except BaseException:  # no spill directory left behind
+            shutil.rmtree(self.spill, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         self.con.close()
