@@ -18,15 +18,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from webdataset import TarWriter
 
 from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
-from data_shards import storage
+from data_shards import columnar, storage
 from data_shards.incremental import (
     HISTORIES,
     check_chronology,
@@ -73,7 +75,11 @@ class _ShardSink:
             self._flush_member()
 
     def _flush_member(self) -> None:
-        payload = _json(self.buffer)
+        self.add_member(_json(self.buffer), len(self.buffer))
+        self.buffer = []
+
+    def add_member(self, payload: bytes, count: int) -> None:
+        """One tar member of ``count`` records (``payload``: their JSON list)."""
         member_bytes = _TAR_BLOCK + _round_up(len(payload), _TAR_BLOCK)  # header + padded data
         if self.writer is not None and _tar_file_bytes(self.size + member_bytes) > self.max_bytes:
             self._close_shard()
@@ -86,8 +92,7 @@ class _ShardSink:
         self.writer.write({"__key__": key, MEMBER_EXT: payload})
         self.size += member_bytes
         self.members += 1
-        self.records += len(self.buffer)
-        self.buffer = []
+        self.records += count
 
     def _close_shard(self) -> None:
         assert self.writer is not None
@@ -141,36 +146,38 @@ def row_counts(
     return rows
 
 
-def build_shards(
-    input_path: str | os.PathLike,
-    out: str | os.PathLike,
-    cfg: ShardsConfig | None = None,
-    *,
-    force: bool = False,
-    command: str = "",
-) -> dict[str, Any]:
-    """Build a shard directory at ``out`` (atomically) from the logs at ``input_path``; returns the manifest.
+@dataclass
+class _Parts:
+    """What an engine hands to the writer: the manifest's counts and a function writing the files."""
 
-    ``cfg`` (default: every ``shards.*`` default) says how to read, filter, split and pack; it is
-    recorded in the manifest (``shards_config``) with ``command``, the command line that rebuilds it.
-    ``force`` replaces a non-empty ``out``. With ``shards.base`` the input holds only a new period and
-    the build continues the base (:mod:`data_shards.incremental`). Raises DataError naming the file,
-    line or key.
-    """
-    cfg = cfg or ShardsConfig()
+    source: dict[str, Any]
+    filters: dict[str, Any]
+    rows: dict[str, Any]
+    unit: str
+    num_users: int
+    num_items: int
+    num_interactions: int
+    rating_levels: list[float]
+    write: Callable[[Path], tuple[str, str, dict[str, Any]]]  # dir -> (items sha, histories sha, splits)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # base, period
+
+
+def _source(input_path: str | os.PathLike, logs: Any) -> dict[str, Any]:
+    return {
+        "input": str(input_path),
+        "format": logs.format,
+        "files": logs.files,
+        "skipped_lines": logs.skipped_lines,
+        "metadata_items": len(logs.titles),
+        **logs.time,
+        "notices": logs.notices,
+    }
+
+
+def _reference_parts(input_path: str | os.PathLike, cfg: ShardsConfig, base: Any) -> _Parts:
+    """The reference engine (``shards.engine=python``, and every periodic build): pandas frames and one
+    Python dict per record."""
     max_history, window_stride, prefix_records = cfg.max_history, cfg.window_stride, cfg.prefix_records
-    records_per_member, max_shard_bytes = cfg.records_per_member, cfg.max_shard_bytes
-    remote = storage.is_url(out)
-    if remote:
-        out = str(out)
-        if storage.listdir(out) and not force:  # also: the bucket exists and the credentials work
-            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
-    else:
-        out = Path(out)
-        if out.exists() and any(out.iterdir()) and not force:
-            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
-
-    base = read_base(str(cfg.base), cfg) if cfg.base else None  # first: a bad base fails at once
     logs = read_interactions(input_path, cfg)
     unit = logs.timestamp_unit
     if base is None:
@@ -187,15 +194,7 @@ def build_shards(
         period = period_records(seqs, base, cfg, base_scale)
     rows = row_counts(logs, filter_stats.pop("removed_by"), frame, keep=cfg.duplicates == "keep")
 
-    if remote:  # built locally, then uploaded (manifest last)
-        scratch = Path(tempfile.mkdtemp(prefix="recgpt-shards-"))
-        tmp = scratch / "build"
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scratch = tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> tuple[str, str, dict[str, Any]]:
         known = base.items if base is not None else []
         items_bytes = b"".join(
             _json(
@@ -226,56 +225,182 @@ def build_shards(
             histories = period.histories
         histories_bytes = b"".join(_json(h) + b"\n" for h in histories)
         (tmp / HISTORIES).write_bytes(histories_bytes)
-        splits = {s: write_split(tmp, s, sources[s], records_per_member, max_shard_bytes) for s in SPLITS}
-        items_sha = sha256_bytes(items_bytes)
+        per_member, max_bytes = cfg.records_per_member, cfg.max_shard_bytes
+        splits = {s: write_split(tmp, s, sources[s], per_member, max_bytes) for s in SPLITS}
+        return sha256_bytes(items_bytes), sha256_bytes(histories_bytes), splits
+
+    extra: dict[str, Any] = {}
+    if base is not None:
+        extra["base"] = {
+            "location": base.location,
+            "fingerprint": base.manifest["fingerprint"],
+            "num_users": base.manifest["num_users"],
+            "num_items": base.manifest["num_items"],
+            "num_interactions": base.manifest["num_interactions"],
+        }
+        extra["period"] = {
+            "interactions": len(seqs.item_idx),
+            "first_timestamp": int(seqs.timestamps.min()),
+            "last_timestamp": int(seqs.timestamps.max()),
+            "carry_base_train": cfg.carry_base_train,
+            **period.stats,
+        }
+    return _Parts(
+        source=_source(input_path, logs),
+        filters=filter_stats,
+        rows=rows,
+        unit=unit,
+        num_users=len(seqs.users),
+        num_items=len(seqs.items),
+        num_interactions=len(seqs.item_idx) + (base.manifest["num_interactions"] if base else 0),
+        rating_levels=sorted(
+            set(seqs.ratings.tolist()) | set(base.manifest.get("rating_levels", []) if base else [])
+        ),
+        write=write,
+        extra=extra,
+    )
+
+
+class _Packer:
+    """Packs record texts (JSON objects each followed by a comma, back to back) into tar members of
+    ``records_per_member`` records: a member is ``[`` + its records without the last comma + ``]``,
+    the bytes ``json.dumps`` gives the list of those records."""
+
+    def __init__(self, sink: _ShardSink) -> None:
+        self.sink, self.pieces, self.count = sink, [], 0
+
+    def add(self, texts: Any) -> None:
+        data, off = columnar.text_bytes(texts)
+        i, n = 0, len(off) - 1
+        while i < n:
+            take = min(self.sink.per_member - self.count, n - i)
+            self.pieces.append(data[off[i] : off[i + take]])
+            self.count += take
+            i += take
+            if self.count == self.sink.per_member:
+                self._emit()
+
+    def _emit(self) -> None:
+        body = b"".join(self.pieces)
+        self.sink.add_member(b"[" + body[:-1] + b"]", self.count)
+        self.pieces, self.count = [], 0
+
+    def close(self) -> dict[str, Any]:
+        if self.count:
+            self._emit()
+        return self.sink.close()
+
+
+def _local_parts(input_path: str | os.PathLike, cfg: ShardsConfig) -> _Parts:
+    """The columnar engine (``shards.engine=local``, :mod:`data_shards.columnar`)."""
+    prep = columnar.prepare(input_path, cfg)
+    kept, src = prep.kept, prep.source
+
+    def write(tmp: Path) -> tuple[str, str, dict[str, Any]]:
+        items_bytes = columnar.items_lines(kept, src.titles, src.meta)
+        (tmp / ITEMS).write_bytes(items_bytes)
+        texts = columnar.RecordTexts(kept)
+        packers = {}
+        for split in SPLITS:
+            (tmp / split).mkdir(parents=True, exist_ok=True)
+            packers[split] = _Packer(_ShardSink(tmp, split, cfg.records_per_member, cfg.max_shard_bytes))
+        for chunk in columnar.train_chunks(kept, texts, cfg):
+            packers["train"].add(chunk)
+
+        def eval_lines() -> Any:
+            for valid, test, history in columnar.eval_chunks(kept, texts, cfg.max_history):
+                packers["valid"].add(valid)
+                packers["test"].add(test)
+                yield history
+
+        histories_sha = columnar.write_histories(tmp / HISTORIES, eval_lines())
+        splits = {s: packers[s].close() for s in SPLITS}
+        return sha256_bytes(items_bytes), histories_sha, splits
+
+    return _Parts(
+        source=_source(input_path, src),
+        filters=prep.filters,
+        rows=prep.rows,
+        unit=src.unit,
+        num_users=len(kept.users),
+        num_items=len(kept.items),
+        num_interactions=len(kept.uid),
+        rating_levels=kept.levels[np.unique(kept.rating)].tolist(),
+        write=write,
+    )
+
+
+def build_shards(
+    input_path: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: ShardsConfig | None = None,
+    *,
+    force: bool = False,
+    command: str = "",
+) -> dict[str, Any]:
+    """Build a shard directory at ``out`` (atomically) from the logs at ``input_path``; returns the manifest.
+
+    ``cfg`` (default: every ``shards.*`` default) says how to read, filter, split and pack; it is
+    recorded in the manifest (``shards_config``) with ``command``, the command line that rebuilds it.
+    ``force`` replaces a non-empty ``out``. ``shards.engine`` picks the engine: ``local`` (the columnar
+    one, :mod:`data_shards.columnar`) or ``python`` (the reference); both write the same bytes. With
+    ``shards.base`` the input holds only a new period and the build continues the base
+    (:mod:`data_shards.incremental`, on the reference engine). Raises DataError naming the file, line
+    or key.
+    """
+    cfg = cfg or ShardsConfig()
+    remote = storage.is_url(out)
+    if remote:
+        out = str(out)
+        if storage.listdir(out) and not force:  # also: the bucket exists and the credentials work
+            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
+    else:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not force:
+            raise DataError(f"{out}: already exists and is not empty (--force replaces it)")
+
+    base = read_base(str(cfg.base), cfg) if cfg.base else None  # first: a bad base fails at once
+    # One dispatch: the columnar engine, or the reference path (asked for, or a periodic build).
+    if base is None and cfg.engine == "local":
+        parts = _local_parts(input_path, cfg)
+    else:
+        parts = _reference_parts(input_path, cfg, base)
+
+    if remote:  # built locally, then uploaded (manifest last)
+        scratch = Path(tempfile.mkdtemp(prefix="recgpt-shards-"))
+        tmp = scratch / "build"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        items_sha, histories_sha, splits = parts.write(tmp)
+        prefix_records = cfg.prefix_records
         manifest = {
             "format_version": FORMAT_VERSION,
-            "source": {
-                "input": str(input_path),
-                "format": logs.format,
-                "files": logs.files,
-                "skipped_lines": logs.skipped_lines,
-                "metadata_items": len(logs.titles),
-                **logs.time,
-                "notices": logs.notices,
-            },
+            "source": parts.source,
             "command": command,
             "shards_config": dataclasses.asdict(cfg),
-            "filters": filter_stats,
-            "rows": rows,
-            "max_history": max_history,
+            "filters": parts.filters,
+            "rows": parts.rows,
+            "max_history": cfg.max_history,
             "train_records": "prefix" if prefix_records else "windows",
-            "window_stride": None if prefix_records else (window_stride or max_history),
-            "records_per_member": records_per_member,
-            "num_users": len(seqs.users),
-            "num_items": len(seqs.items),
-            "num_interactions": len(seqs.item_idx) + (base.manifest["num_interactions"] if base else 0),
-            "timestamp_unit": unit,
-            "rating_levels": sorted(
-                set(seqs.ratings.tolist()) | set(base.manifest.get("rating_levels", []) if base else [])
-            ),
+            "window_stride": None if prefix_records else (cfg.window_stride or cfg.max_history),
+            "records_per_member": cfg.records_per_member,
+            "num_users": parts.num_users,
+            "num_items": parts.num_items,
+            "num_interactions": parts.num_interactions,
+            "timestamp_unit": parts.unit,
+            "rating_levels": parts.rating_levels,
             "items_file": ITEMS,
             "items_sha256": items_sha,
             "histories_file": HISTORIES,
-            "histories_sha256": sha256_bytes(histories_bytes),
+            "histories_sha256": histories_sha,
             "fingerprint": fingerprint(splits, items_sha),
             "splits": splits,
+            **parts.extra,
         }
-        if base is not None:
-            manifest["base"] = {
-                "location": base.location,
-                "fingerprint": base.manifest["fingerprint"],
-                "num_users": base.manifest["num_users"],
-                "num_items": base.manifest["num_items"],
-                "num_interactions": base.manifest["num_interactions"],
-            }
-            manifest["period"] = {
-                "interactions": len(seqs.item_idx),
-                "first_timestamp": int(seqs.timestamps.min()),
-                "last_timestamp": int(seqs.timestamps.max()),
-                "carry_base_train": cfg.carry_base_train,
-                **period.stats,
-            }
         # The manifest is written last and the directory renamed whole (an object store: uploaded
         # last): readers never see a partial build.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -592,7 +592,7 @@ class _ReadOptions:
     time_unit_from: str
 
 
-def _read_options(cfg: ShardsConfig, fmt: str) -> _ReadOptions:
+def read_options(cfg: ShardsConfig, fmt: str) -> _ReadOptions:
     if cfg.time_unit != "auto":
         return _ReadOptions(cfg.skip_bad_lines, cfg.time_unit, "shards.time_unit")
     known = FORMAT_TIME_UNIT.get(fmt)
@@ -724,6 +724,12 @@ def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, opts: _Rea
             log, sep=sep, names=["user", "item", "rating", "timestamp"], encoding=enc, skip_bad=opts.skip_bad
         )
     table = _validated(df, log, cols, opts, bad_lines=skipped)
+    return (table, *movielens_meta(meta, fmt, opts))
+
+
+def movielens_meta(meta: InputFile | None, fmt: str, opts: _ReadOptions) -> tuple:
+    """(titles, item metadata, metadata lines skipped) of a MovieLens item file (u.item, movies.dat,
+    movies.csv), or empty ones without it."""
     titles: dict[str, str] = {}
     item_meta: dict[str, dict[str, Any]] = {}
     meta_skipped = 0
@@ -749,7 +755,7 @@ def _read_movielens(log: InputFile, meta: InputFile | None, fmt: str, opts: _Rea
         for item_id, title, genres in zip(m["item"].str.strip(), m["title"], m["genres"]):
             titles[item_id] = title
             item_meta[item_id] = {"genres": genres}
-    return table, titles, item_meta, meta_skipped
+    return titles, item_meta, meta_skipped
 
 
 def _parquet_frame(log: InputFile, wanted: list[str], time_col: str) -> tuple[pd.DataFrame, _Times | None]:
@@ -842,11 +848,9 @@ def _drop_duplicates(table: _Table, log: InputFile, mode: str, where: str) -> tu
     return frame, count
 
 
-def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
-    """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
-    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col``,
-    ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
-    the file (and line) of the first bad input."""
+def resolve_input(path: str | os.PathLike, cfg: ShardsConfig) -> tuple[str, InputFile, InputFile | None]:
+    """(format, interactions file, item metadata file or None) of an input as ``cfg`` says
+    (``shards.format``, ``shards.meta``, the generic ``user_col``/``item_col``); DataError when none fits."""
     fmt, meta = cfg.format, cfg.meta
     files = list_files(path)
     columns = (cfg.user_col, cfg.item_col)
@@ -864,7 +868,25 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
         fmt, log, meta_file = detect_format(files, fmt, columns)
     if meta is not None:
         meta_file = list_files(meta)[0]
-    opts = _read_options(cfg, fmt)
+    return fmt, log, meta_file
+
+
+def source_notices(used: list[InputFile]) -> list[str]:
+    """One line per input file read in a way to know about (a ``.gz`` name on plain text)."""
+    return [
+        f"{f.name}: not gzip-compressed (no gzip header), read as plain text"
+        for f in used
+        if f.gzip_mislabelled
+    ]
+
+
+def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interactions:
+    """Read an interaction log (directory, single file or ``.zip``) as ``cfg`` says: ``shards.format``
+    (auto-detected from file names), ``shards.meta``, the generic column mapping ``shards.*_col``,
+    ``shards.time_unit``, ``shards.duplicates`` and ``shards.skip_bad_lines``. Raises DataError naming
+    the file (and line) of the first bad input."""
+    fmt, log, meta_file = resolve_input(path, cfg)
+    opts = read_options(cfg, fmt)
     readers: dict[str, Callable[[], tuple]] = {
         "amazon": lambda: _read_amazon(log, meta_file, fmt, opts),
         "ml": lambda: _read_movielens(log, meta_file, fmt, opts),
@@ -883,11 +905,7 @@ def read_interactions(path: str | os.PathLike, cfg: ShardsConfig) -> Interaction
     ts, unit = coarsest_unit(frame["timestamp"].to_numpy(np.int64), table.unit)
     frame = frame.assign(timestamp=ts).reset_index(drop=True)
     used = [log] + ([meta_file] if meta_file else [])
-    notices = [
-        f"{f.name}: not gzip-compressed (no gzip header), read as plain text"
-        for f in used
-        if f.gzip_mislabelled
-    ]
+    notices = source_notices(used)
     removed = {**table.removed, "duplicate": duplicates if cfg.duplicates == "drop" else 0}
     return Interactions(
         frame,
