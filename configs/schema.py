@@ -429,6 +429,10 @@ class TrainConfig:
     """Sequences per rank per forward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (one backward each)."""
+    keep_global_batch: bool = True
+    """On a resume at another world size, keep the checkpoint's global batch (micro-batch size x
+    accumulation steps re-chosen per rank; refused when it cannot be split); false: use
+    micro_batch_size x grad_accum x the new world size as configured."""
     max_steps: int = 1000
     """Optimizer steps to run (0 = run train.epochs epochs instead)."""
     epochs: int = 0

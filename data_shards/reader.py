@@ -362,13 +362,16 @@ class ShardLoader:
             "batch": batch,
         }
 
-    def load_state_dict(self, state: dict[str, Any], replan: bool = False) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], replan: bool = False, drop_remainder: bool = False
+    ) -> None:
         """Continue at batch ``state["batch"]`` of epoch ``state["epoch"]``; refuses another plan's state.
 
         ``replan``: the state may come from a plan of another world size or batch size (any rank's state
         of that plan: they are in lockstep); the rest of its epoch is re-planned over this loader's ranks
         (module docstring). Raises :class:`DataError` when the rest does not fill whole batches of this
-        plan (a record would be dropped) or the state belongs to other data."""
+        plan (a record would be dropped; ``drop_remainder``: leave those records out of this epoch with
+        a warning naming their count instead) or the state belongs to other data."""
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise DataError(f"reader state: missing key {missing[0]!r}")
@@ -397,7 +400,12 @@ class ShardLoader:
         if not 0 <= batch <= plan.num_batches:
             raise DataError(f"reader state: batch {batch} outside 0..{plan.num_batches}")
         left = plan.available - plan.num_batches * self.world_size * self.batch_size
-        if segments and left:
+        if segments and left and drop_remainder:
+            log.warning(
+                "reader: %d records left of epoch %d do not fill a batch of %d x %d and are left out of "
+                "this epoch", left, epoch, self.world_size, self.batch_size,
+            )  # fmt: skip
+        elif segments and left:
             raise DataError(
                 f"reader state: the {plan.available} records left of epoch {epoch} do not fill batches of "
                 f"{self.world_size} x {self.batch_size}; {left} would be dropped (choose a micro-batch size "

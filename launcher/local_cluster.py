@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -215,9 +215,16 @@ class LocalCluster:
         me = psutil.Process()
         spare = {me.pid, *(p.pid for p in me.parents())}
         found: dict[int, psutil.Process] = {}
+        # The head's Ray Client server names only the GCS address (host IP and the head's port).
+        client = f":{self.port}" if node == HEAD else None
         for p in psutil.process_iter(["cmdline"]):
             args = p.info["cmdline"] or []
-            if p.pid in spare or not any(a == d or a.endswith(f"={d}") or f"{d}/" in a for a in args):
+            mine = any(a == d or a.endswith(f"={d}") or f"{d}/" in a for a in args) or (
+                client is not None
+                and "ray.util.client.server" in args
+                and any(a.startswith("--address=") and a.endswith(client) for a in args)
+            )
+            if p.pid in spare or not mine:
                 continue
             found[p.pid] = p
             try:
@@ -392,8 +399,15 @@ class LocalCluster:
 # --------------------------------------------------------------------------- command line
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit 2, like every other error of the script."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="local_two_nodes.sh",
         description="A two-node Ray cluster on this machine (a head and node_b, token auth on), for "
         "trying STRICT_SPREAD placement and node loss. See docs/cluster.md.",

@@ -114,7 +114,7 @@ def test_two_changes_in_one_epoch_and_a_restore_at_the_new_size(sample_shards):
     assert served == full
 
 
-def test_a_rest_that_does_not_fill_whole_batches_is_refused(sample_shards):
+def test_a_rest_that_does_not_fill_whole_batches_is_refused_or_dropped_with_a_warning(sample_shards, caplog):
     a = loaders(sample_shards, 1, 32)[0]
     take(a, 1)
     # 32 x (n - 1) records left; 3 x 32 batches leave a remainder unless (n - 1) is a multiple of 3
@@ -126,6 +126,11 @@ def test_a_rest_that_does_not_fill_whole_batches_is_refused(sample_shards):
         DataError, match=r"^reader state: the \d+ records left of epoch 0 do not fill batches of 3 x 32"
     ):
         b.load_state_dict(a.state_dict(), replan=True)
+    # a global batch changed on purpose (train.keep_global_batch=false): the few left over are named
+    rest = (len(a) - a.state_dict()["batch"]) * 32
+    b.load_state_dict(a.state_dict(), replan=True, drop_remainder=True)
+    assert len(b) == rest // 96
+    assert f"reader: {rest % 96} records left of epoch 0 do not fill a batch of 3 x 32" in caplog.text
     with pytest.raises(DataError, match="rank was 0"):
         loaders(sample_shards, 2, 16)[1].load_state_dict(loaders(sample_shards, 1, 16)[0].state_dict())
 

@@ -227,11 +227,18 @@ def test_another_world_size_keeps_the_global_batch():
     assert batch_for_world_size(halved, state, tiny, 1)[:2] == (32, 1)
     assert batch_for_world_size(halved, state, tiny, 2) == (16, 1, [32, 1], None)
     asked = _cfg("train.micro_batch_size=8")
-    assert batch_for_world_size(tiny, {"world_size": 2}, asked, 1) == (8, 1, [8, 1], None)
+    *values, line = batch_for_world_size(tiny, {"world_size": 2}, asked, 1)
+    assert values == [8, 1, [8, 1]] and line.startswith(
+        "resume: global batch 64 -> 8 (as configured: 1 ranks x"
+    )
     with pytest.raises(
         ConfigError, match=r"^train.micro_batch_size: the checkpoint's global batch of 64 records"
     ):
         batch_for_world_size(tiny, {"world_size": 2}, tiny, 3)
+    # the way out the error names: the configured values on 3 ranks, a global batch of 96
+    *values, line = batch_for_world_size(tiny, {"world_size": 2}, _cfg("train.keep_global_batch=false"), 3)
+    assert values == [32, 1, [32, 1]]
+    assert line.startswith("resume: global batch 64 -> 96 (train.keep_global_batch=false")
 
 
 def test_other_build_of_the_data_is_refused(tmp_path):

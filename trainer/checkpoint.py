@@ -536,7 +536,13 @@ class CheckpointManager:
         return self.root / f".tmp-{ckpt.name}-universal"
 
     def load(
-        self, engine, ckpt: Path, train_loader, universal: bool = False, convert: bool = False
+        self,
+        engine,
+        ckpt: Path,
+        train_loader,
+        universal: bool = False,
+        convert: bool = False,
+        drop_remainder: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Restore engine (weights, optimizer, scheduler) and the data cursor; return the trainer
         state and this rank's RNG state (applied by the loop right before the first step; None when the
@@ -544,7 +550,9 @@ class CheckpointManager:
 
         ``universal``: load through DeepSpeed's universal checkpoint (another world size under ZeRO
         >= 1; the engine was built with ``load_universal``); ``convert``: this rank converts (one per
-        node-local run directory), the others wait at a barrier. Raises :class:`CheckpointError`."""
+        node-local run directory), the others wait at a barrier; ``drop_remainder``: records of the
+        epoch's rest that fill no batch of the new plan are left out with a warning (a global batch
+        deliberately changed) instead of refused. Raises :class:`CheckpointError`."""
         state = json.loads((ckpt / "trainer_state.json").read_text())
         resized = state["world_size"] != self.world_size
         if universal:
@@ -571,7 +579,7 @@ class CheckpointManager:
         reader = ckpt / "reader" / f"{'rank_00000' if resized else rank_file}.json"
         reader_state = json.loads(reader.read_text())
         replan = resized or reader_state["batch_size"] != train_loader.batch_size
-        train_loader.load_state_dict(reader_state, replan=replan)
+        train_loader.load_state_dict(reader_state, replan=replan, drop_remainder=drop_remainder)
         rng = None if resized else torch.load(ckpt / "rng" / f"{rank_file}.pt", weights_only=True)
         return state, rng
 

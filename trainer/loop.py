@@ -305,7 +305,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         if resume_from is not None:
             # One converter per run directory: rank 0, or each node's first rank on node-local staging.
             convert = info.is_main if sync is None else info.local_rank == 0
-            saved, rng = ckpts.load(engine, resume_from, train_loader, universal=universal, convert=convert)
+            saved, rng = ckpts.load(
+                engine, resume_from, train_loader, universal=universal, convert=convert,
+                drop_remainder=not tc.keep_global_batch,
+            )  # fmt: skip
             st = TrainState.from_dict(saved)
             st.requested_batch = requested
             if saved_world != info.world_size:

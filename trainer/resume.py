@@ -107,22 +107,29 @@ def batch_for_world_size(
     The checkpoint ran ``W0`` ranks x ``saved.train.micro_batch_size`` x ``saved.train.grad_accum``
     records per optimizer step (its global batch G). ``requested`` is what the user's config asked for
     (``saved_state["requested_batch"]``, else the saved values). When this run's config still asks for
-    the same, G is kept: per rank G / world_size records per step, as the largest micro-batch size ``d``
+    the same and ``train.keep_global_batch`` is on, G is kept: per rank G / world_size records per step, as the largest micro-batch size ``d``
     not above the requested one that divides them and lets ``world_size x d`` divide the old
     ``W0 x micro-batch`` (so the rest of the epoch fills whole batches), the rest accumulated. When the
-    config asks for other values, they rule (a deliberate change of the batch, logged as one).
+    config asks for other values, or keep_global_batch is off, the configured values rule (a change of
+    the global batch, logged as one).
     ``message`` is the log line of a change (None: nothing changed). Raises :class:`ConfigError` when G
     cannot be split over ``world_size`` ranks.
     """
     w0 = int(saved_state["world_size"])
     mb0, acc0 = saved.train.micro_batch_size, saved.train.grad_accum
+    g = w0 * mb0 * acc0
     requested = [int(x) for x in saved_state.get("requested_batch") or [mb0, acc0]]
     mb, acc = cfg.train.micro_batch_size, cfg.train.grad_accum
-    if [mb, acc] != requested:
-        return mb, acc, [mb, acc], None
+    if [mb, acc] != requested or not cfg.train.keep_global_batch:
+        why = "train.keep_global_batch=false" if cfg.train.keep_global_batch is False else "as configured"
+        new = world_size * mb * acc
+        message = None if new == g else (
+            f"resume: global batch {g} -> {new} ({why}: {world_size} ranks x micro_batch_size {mb} x "
+            f"grad_accum {acc}; was {w0} x {mb0} x {acc0})"
+        )  # fmt: skip
+        return mb, acc, [mb, acc], message
     if world_size == w0:
         return mb0, acc0, requested, None
-    g = w0 * mb0 * acc0
     per_rank = g // world_size
     fits = [
         d for d in range(min(mb, per_rank), 0, -1)
@@ -132,8 +139,8 @@ def batch_for_world_size(
         raise ConfigError(
             f"train.micro_batch_size: the checkpoint's global batch of {g} records ({w0} ranks x {mb0} x "
             f"{acc0} accumulation steps) cannot be split evenly over {world_size} ranks; resume on a "
-            f"world size that divides {w0 * mb0}, or set train.micro_batch_size/train.grad_accum for a new "
-            "global batch"
+            f"world size that divides {w0 * mb0}, or set train.keep_global_batch=false to train on with "
+            f"{world_size} x train.micro_batch_size x train.grad_accum ({world_size * mb * acc} now)"
         )
     d = fits[0]
     message = (
