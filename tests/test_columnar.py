@@ -306,6 +306,25 @@ def parquet_logs(draw) -> dict:
     return cols
 
 
+def _assert_engines_agree(src, d, settings_: dict) -> None:
+    """Both engines build ``src`` into ``d/<engine>``: the same manifest (fingerprint included; the
+    engine setting aside), or the same one-line error."""
+    outcome = {}
+    for engine in ("python", "local"):
+        try:
+            outcome[engine] = build_shards(src, d / engine, ShardsConfig(engine=engine, **settings_))
+        except DataError as e:
+            outcome[engine] = str(e)
+    ref, new = outcome["python"], outcome["local"]
+    if isinstance(ref, str) or isinstance(new, str):
+        assert new == ref
+        return
+    assert new["fingerprint"] == ref["fingerprint"]
+    assert {k: v for k, v in new.items() if k != "shards_config"} == {
+        k: v for k, v in ref.items() if k != "shards_config"
+    }
+
+
 @settings(
     deadline=None, database=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -323,20 +342,7 @@ def test_parquet_fast_path_agrees_with_the_reference(cols, duplicates, skip_bad,
         rating_col="rating" if "rating" in cols else None, duplicates=duplicates, skip_bad_lines=skip_bad,
         min_user_interactions=3, min_item_interactions=min_item, max_history=3,
     )  # fmt: skip
-    outcome = {}
-    for engine in ("python", "local"):
-        try:
-            outcome[engine] = build_shards(src, d / engine, ShardsConfig(engine=engine, **settings_))
-        except DataError as e:
-            outcome[engine] = str(e)
-    ref, new = outcome["python"], outcome["local"]
-    if isinstance(ref, str) or isinstance(new, str):
-        assert new == ref
-        return
-    assert new["fingerprint"] == ref["fingerprint"]
-    assert {k: v for k, v in new.items() if k != "shards_config"} == {
-        k: v for k, v in ref.items() if k != "shards_config"
-    }
+    _assert_engines_agree(src, d, settings_)
 
 
 @st.composite
@@ -384,16 +390,4 @@ def test_csv_reader_agrees_with_the_reference(log, duplicates, skip_bad, tmp_pat
     (d / log[0]).write_bytes(log[1].encode())
     settings_ = dict(rating_col="rating", duplicates=duplicates, skip_bad_lines=skip_bad, min_user_interactions=3,
                      max_history=3)  # fmt: skip
-    outcome = {}
-    for engine in ("python", "local"):
-        try:
-            outcome[engine] = build_shards(d / log[0], d / engine, ShardsConfig(engine=engine, **settings_))
-        except DataError as e:
-            outcome[engine] = str(e)
-    ref, new = outcome["python"], outcome["local"]
-    if isinstance(ref, str) or isinstance(new, str):
-        assert new == ref
-        return
-    assert {k: v for k, v in new.items() if k != "shards_config"} == {
-        k: v for k, v in ref.items() if k != "shards_config"
-    }
+    _assert_engines_agree(d / log[0], d, settings_)
