@@ -218,8 +218,9 @@ class ModelConfig:
     name_or_path: str | None = None
     """Hugging Face causal LM: a local directory (a recgpt export included) or a hub name."""
     architecture: str = "gpt2"
-    """Block layout of a preset: gpt2 (pre-LN blocks, GPT-2) or bart (post-LN blocks with LayerNorm on the
-    embeddings, SASRec's layout; built from Hugging Face's BART decoder)."""
+    """Block layout of a preset: gpt2 (pre-LN blocks, GPT-2), bart (post-LN blocks with LayerNorm on the
+    embeddings, SASRec's layout; built from Hugging Face's BART decoder) or ligr (eSASRec's LiGR blocks:
+    pre-LN with a sigmoid gate on each residual branch and a SwiGLU FFN; modeling/ligr.py)."""
     prompt: str = "ids"
     """Prompt format: ids (item tokens only, SASRec-like) or text (titles and ratings in words)."""
     n_layer: int | None = None
@@ -228,8 +229,12 @@ class ModelConfig:
     """Hidden size of a preset model; null = the preset's."""
     n_head: int | None = None
     """Attention heads of a preset model; null = the preset's."""
+    ffn_multiplier: float | None = None
+    """FFN hidden size of a preset model as a multiple of model.n_embd (rounded); null = 4 for gpt2 and
+    bart (GELU, two matrices), 2 for ligr (SwiGLU, three matrices: a ligr block then has a GPT-2
+    block's weight count, gates included; eSASRec used 1-2)."""
     dropout: float = 0.1
-    """Dropout of a preset model (residual, embedding and attention)."""
+    """Dropout of a preset model (residual, embedding and attention; ligr also inside its FFN)."""
     tokenizer_vocab_size: int = 2000
     """Size of the byte-level BPE vocabulary trained locally on item titles for preset models."""
     item_init: str = "mean"
@@ -254,12 +259,12 @@ class ModelConfig:
         )
         if self.preset is not None:
             _choice(self.preset, "model.preset", ("tiny", "small", "base"))
-        _choice(self.architecture, "model.architecture", ("gpt2", "bart"))
+        _choice(self.architecture, "model.architecture", ("gpt2", "bart", "ligr"))
         _choice(self.prompt, "model.prompt", ("ids", "text"))
         _choice(self.item_init, "model.item_init", ("mean", "title", "random", "cooccurrence"))
         _choice(self.rating_head, "model.rating_head", ("classes", "regression"))
         if self.preset is None:
-            for key in ("n_layer", "n_embd", "n_head"):
+            for key in ("n_layer", "n_embd", "n_head", "ffn_multiplier"):
                 _check(
                     getattr(self, key) is None,
                     f"model.{key}",
@@ -274,6 +279,11 @@ class ModelConfig:
             )
             _check(
                 shape["n_embd"] % shape["n_head"] == 0, "model.n_embd", "must be divisible by model.n_head"
+            )
+            _check(
+                self.ffn_multiplier is None or self.ffn_size() >= 1,
+                "model.ffn_multiplier",
+                f"got {self.ffn_multiplier}, must give an FFN of at least 1 unit (> 0)",
             )
             _check(
                 self.trainable_layers is None or self.trainable_layers <= shape["n_layer"],
@@ -292,6 +302,13 @@ class ModelConfig:
         base = PRESET_SHAPES[self.preset or "tiny"]
         return {k: base[k] if getattr(self, k) is None else getattr(self, k) for k in base}
 
+    def ffn_size(self) -> int:
+        """FFN hidden size of a preset: ``model.ffn_multiplier`` (or the architecture's default) x n_embd."""
+        multiplier = self.ffn_multiplier
+        if multiplier is None:
+            multiplier = 2.0 if self.architecture == "ligr" else 4.0
+        return round(multiplier * self.shape()["n_embd"])
+
 
 @dataclass
 class LoraConfig:
@@ -306,7 +323,8 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] | None = None
-    """Modules to adapt; null picks them per architecture (GPT-2 c_attn/c_proj/c_fc, Llama q..down_proj)."""
+    """Modules to adapt; null picks them per architecture (GPT-2 c_attn/c_proj/c_fc, Llama and ligr
+    q_proj..down_proj, BART q_proj..fc2)."""
 
     def __post_init__(self) -> None:
         _choice(self.method, "lora.method", ("lora", "adalora"))

@@ -1,9 +1,10 @@
 """Build the recommender (RecModel) and its tokenizer from the config and the shard vocabulary.
 
 * ``model.preset`` (tiny/small/base): a decoder-only transformer with random weights, in the GPT-2
-  block layout (pre-LN, ``model.architecture=gpt2``) or the SASRec/BART one (post-LN with LayerNorm on
-  the embeddings, built from Hugging Face's BART decoder, ``bart``), and a byte-level BPE tokenizer
-  trained here on the item titles — nothing is downloaded.
+  block layout (pre-LN, ``model.architecture=gpt2``), the SASRec/BART one (post-LN with LayerNorm on
+  the embeddings, built from Hugging Face's BART decoder, ``bart``) or eSASRec's gated LiGR blocks
+  (``ligr``, :mod:`modeling.ligr`), and a byte-level BPE tokenizer trained here on the item titles —
+  nothing is downloaded.
 * ``model.name_or_path``: any HF causal LM (local directory, a recgpt export included, or hub name)
   through the Auto classes.
 
@@ -37,6 +38,7 @@ from transformers import (
 
 from configs import ConfigError, RecGPTConfig
 from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
+from modeling.ligr import LiGRConfig, LiGRForCausalLM
 from modeling.lora import apply_freeze, apply_lora, trainable_parameters
 from modeling.model import RecModel, is_tied
 from modeling.warm_start import WarmStart, base_tokenizer, load_warm_weights
@@ -129,6 +131,26 @@ def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], so
 def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
     shape = cfg.model.shape()
     p = cfg.model.dropout
+    if cfg.model.architecture == "ligr":
+        # Importing modeling.ligr registered it with the Auto classes: its exports load through
+        # AutoModelForCausalLM here (model.name_or_path, serving) and, without recgpt, through the copy of
+        # modeling/ligr.py that save_pretrained puts beside the weights (auto_map).
+        ligr = LiGRConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape["n_embd"],
+            num_hidden_layers=shape["n_layer"],
+            num_attention_heads=shape["n_head"],
+            intermediate_size=cfg.model.ffn_size(),
+            max_position_embeddings=PRESET_CONTEXT,
+            dropout=p,
+            attention_dropout=p,
+            activation_dropout=p,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        return LiGRForCausalLM._from_config(ligr)  # the constructor path that honours ZeRO-3
     if cfg.model.architecture == "bart":
         # BART's decoder alone is a causal LM: embeddings + positions -> LayerNorm -> post-LN blocks,
         # the layout of SASRec. It carries (unused, untrained) cross-attention weights.
@@ -137,7 +159,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
             d_model=shape["n_embd"],
             decoder_layers=shape["n_layer"],
             decoder_attention_heads=shape["n_head"],
-            decoder_ffn_dim=4 * shape["n_embd"],
+            decoder_ffn_dim=cfg.model.ffn_size(),
             encoder_layers=1,
             max_position_embeddings=PRESET_CONTEXT,
             dropout=p,
@@ -170,6 +192,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        n_inner=cfg.model.ffn_size(),
         **shape,
     )
     return GPT2LMHeadModel._from_config(config)  # the constructor path that honours ZeRO-3

@@ -17,12 +17,15 @@ from transformers import PreTrainedModel
 from configs import ConfigError, RecGPTConfig
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+# Also recgpt's ligr preset (modeling/ligr.py names its modules as Llama does): attention projections
+# and the SwiGLU FFN; its residual gates (attn_gate, ffn_gate) stay full-rank and frozen.
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BART_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def default_target_modules(lm: nn.Module) -> list[str]:
-    """LoRA targets by architecture, recognised from module names (GPT-2, Llama-style or BART)."""
+    """LoRA targets by architecture, recognised from module names (GPT-2, Llama-style — recgpt's ligr
+    included — or BART)."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
     for family in (GPT2_TARGETS, LLAMA_TARGETS if "o_proj" in leaves else BART_TARGETS):
         present = [t for t in family if t in leaves]

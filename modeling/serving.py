@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from configs.errors import ExportError, one_line
 from configs.files import sha256_file
 from modeling.collate import RATING_LEVELS_KEY, PromptSpec, make_collate
+from modeling.ligr import register_auto_classes
 from modeling.model import RecModel, is_tied
 
 MANIFEST = "export_manifest.json"
@@ -150,6 +151,10 @@ def load_export(directory: str | os.PathLike, verify: bool = False) -> LoadedExp
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # A ligr export (model_type recgpt_ligr) resolves to recgpt's own classes (registered at import of
+    # modeling.ligr; repeated here, it costs nothing): the copy of modeling/ligr.py in the export and its
+    # auto_map are for loading without recgpt, and are never executed here (no trust_remote_code needed).
+    register_auto_classes()
     d = Path(directory)
     missing = [f for f in (CONFIG_FILE, ITEMS_FILE, "config.json") if not (d / f).is_file()]
     if missing:

@@ -35,7 +35,11 @@ def _items() -> list[dict]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A shard directory holding only what the modeling factory reads: manifest + item vocabulary."""
-    d = tmp_path_factory.mktemp("shards")
+    return vocabulary_shards(tmp_path_factory.mktemp("shards"))
+
+
+def vocabulary_shards(d):
+    """Write the manifest and item vocabulary of :func:`_items` into directory ``d``; returns ``d``."""
     data = "\n".join(json.dumps(it) for it in _items()).encode() + b"\n"
     (d / "items.jsonl").write_bytes(data)
     manifest = {
@@ -399,7 +403,7 @@ def _tiny_llama(tmp_path, tok):
     return tmp_path / "llama"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bart", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "bart", "ligr", "llama"])
 @pytest.mark.parametrize("n", [0, 1])
 def test_freeze_trains_only_the_top_blocks_item_rows_and_heads(shards, tmp_path, arch, n):
     """model.trainable_layers=N: exactly the top N blocks (BART's cross-attention excepted) and the item

@@ -165,6 +165,7 @@ REFUSED = {
     "model.n_layer": (["model.n_layer=3"], []),
     "model.n_embd": (["model.n_embd=128"], []),
     "model.n_head": (["model.n_head=4"], []),
+    "model.ffn_multiplier": (["model.ffn_multiplier=2"], []),
     "model.prompt": (["model.prompt=text"], []),
     "model.tokenizer_vocab_size": (["model.tokenizer_vocab_size=1000"], []),
     "model.rating_head": (

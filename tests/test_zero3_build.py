@@ -32,13 +32,17 @@ full = sum(p.ds_numel for p in params if hasattr(p, "ds_numel"))
 with deepspeed.zero.GatheredParameters(params):
     rows = model.embed(model.item_token_ids)  # through the module: also right under PEFT's token wrapper
     first = next(p for n, p in model.named_parameters() if "lora_A" in n) if cfg.lora.enabled else rows
-    out = {"partitioned": all(hasattr(p, "ds_id") for p in base), "held_now": held_now, "local": local, "full": full,
+    out = {"lm": type(model.causal_lm).__name__, "partitioned": all(hasattr(p, "ds_id") for p in base), "held_now": held_now, "local": local, "full": full,
            "item_std": float(rows.std()), "checksum": float(rows.double().sum()), "adapter_checksum": float(first.double().abs().sum())}
 json.dump(out, open(f"{sys.argv[2]}.{info.rank}", "w"))
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["lora.enabled=true"]], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["lora.enabled=true"], ["model.architecture=ligr"]],
+    ids=["full", "lora", "ligr"],
+)
 def test_zero3_model_is_built_partitioned_and_equal_on_every_rank(sample_shards, tmp_path, extra):
     script = tmp_path / "build.py"
     script.write_text(SCRIPT)
@@ -63,3 +67,4 @@ def test_zero3_model_is_built_partitioned_and_equal_on_every_rank(sample_shards,
         assert r["local"] <= r["full"] / 2 + 2 * 64  # each rank keeps its half (+ padding)
         assert 0.015 < r["item_std"] < 0.025  # initialised (GPT-2 std 0.02), not left empty or N(0, 1)
     assert r0["checksum"] == r1["checksum"] and r0["adapter_checksum"] == r1["adapter_checksum"]
+    assert r0["lm"] == ("LiGRForCausalLM" if "model.architecture=ligr" in extra else "GPT2LMHeadModel")

@@ -56,6 +56,8 @@ FIXED: dict[str, tuple[Getter, str]] = {
     "model.n_layer": (lambda c: c.model.shape()["n_layer"] if c.model.preset else None, "another shape"),
     "model.n_embd": (lambda c: c.model.shape()["n_embd"] if c.model.preset else None, "another shape"),
     "model.n_head": (lambda c: c.model.shape()["n_head"] if c.model.preset else None, "another shape"),
+    # The resolved FFN width: null and the architecture's default multiplier are the same model.
+    "model.ffn_multiplier": (lambda c: c.model.ffn_size() if c.model.preset else None, "another shape"),
     "model.prompt": (lambda c: c.model.prompt, "the model was trained on the other prompt layout"),
     "model.tokenizer_vocab_size": (
         lambda c: c.model.tokenizer_vocab_size if c.model.preset else None,

@@ -45,6 +45,7 @@ SAME_MODEL = (
     "model.n_layer",
     "model.n_embd",
     "model.n_head",
+    "model.ffn_multiplier",
     "model.prompt",
     "model.tokenizer_vocab_size",
     "model.rating_head",
