@@ -14,8 +14,8 @@ or a sum of per-piece figures that the local engine computes over the whole:
 3. **per user** (:func:`encode_block`, then a group-by on the partition and :func:`filter_partition`):
    every row of a partition's users sorted by (user, time, file order) — the local engine's order — and
    :func:`columnar.filter_state` (duplicates, rating threshold, too short) on them.
-4. **counts** (:func:`partial_counts` per block, summed by key, :func:`merge_counts`): events per user
-   and item, the rounds of :func:`columnar.k_core`, the time unit, the row accounting
+4. **counts** (:func:`partial_counts` per block, summed by the driver in :func:`merge_counts`): events
+   per user and item, the rounds of :func:`columnar.k_core`, the time unit, the row accounting
    (:func:`columnar.filter_report`).
 5. **records** (:func:`final_block`, a group-by on new partitions of dense user ids, then
    :func:`partition_records`): :func:`columnar.window_texts` and :func:`columnar.eval_chunks` on the
@@ -279,8 +279,9 @@ def partial_counts(
     table: pa.Table, users_ok: np.ndarray | None, items_ok: np.ndarray | None, first: bool
 ) -> pa.Table:
     """Figures of one block of :func:`filter_partition`'s rows, each a (kind, code) key with counts n and
-    w that sum over blocks: rows alive (state ALIVE, user and item ok; None = all ok) per USER and ITEM
-    code (n rows, w events), per RATING code, KEPT_REPEATS (alive rows of weight 0). With ``first``
+    w that :func:`merge_counts` sums over blocks: rows alive (state ALIVE, user and item ok; None = all
+    ok) per USER and ITEM code (n rows, w events), per RATING code, KEPT_REPEATS (alive rows of weight
+    0). With ``first``
     also: POST_USER / POST_ITEM (rows left after duplicates), STATE (rows per state), COARSE (code:
     :func:`columnar.coarse_power` of the block's rows after duplicates) and FIRST_DUPLICATE (code: the
     smallest file position of a duplicate) — these two are taken as minima, not sums."""
@@ -328,7 +329,8 @@ class Counts:
 
 
 def merge_counts(batches: Iterator[pa.Table], n_users: int, n_items: int, n_levels: int) -> Counts:
-    """:class:`Counts` from the summed (kind, code, n, w) rows (``n`` and ``w`` summed per key)."""
+    """:class:`Counts` from :func:`partial_counts`' (kind, code, n, w) rows of every block, summed (a key
+    may come from many blocks)."""
     dense = {k: (np.zeros(size, np.int64), np.zeros(size, np.int64))
              for k, size in ((USER, n_users), (ITEM, n_items), (RATING, n_levels), (POST_USER, n_users),
                              (POST_ITEM, n_items))}  # fmt: skip
