@@ -61,7 +61,7 @@ def partition_count(rows: int, cpus: int) -> int:
 
 def row_groups(url: str) -> tuple[pa.Schema, list[dict[str, Any]]]:
     """(the Arrow schema of the Parquet log at ``url``, one dict per row group: ``path``, ``row_group``,
-    ``first_line``: the 1-based file position of its first row). Reads only the footer, through
+    ``first_line``: the 1-based file position of its first row, ``rows``). Reads only the footer, through
     :mod:`data_shards.storage` (a path or any fsspec URL). DataError naming ``url`` when it is not a
     readable Parquet file."""
     import pyarrow.parquet as pq
@@ -73,8 +73,9 @@ def row_groups(url: str) -> tuple[pa.Schema, list[dict[str, Any]]]:
         raise DataError(f"{url}: not a readable Parquet file ({one_line(e)})") from None
     groups, line = [], 1
     for k in range(meta.num_row_groups):
-        groups.append({"path": str(url), "row_group": k, "first_line": line})
-        line += meta.row_group(k).num_rows
+        rows = meta.row_group(k).num_rows
+        groups.append({"path": str(url), "row_group": k, "first_line": line, "rows": rows})
+        line += rows
     return meta.schema.to_arrow_schema(), groups
 
 

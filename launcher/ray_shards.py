@@ -168,14 +168,17 @@ def _read(
         fmt, log, meta_file = resolve_input(input_path, cfg)
     why = f"{fmt} input"
     if fmt == "parquet" and log.member is None and not log.basename.endswith(".gz"):
-        plan = None
+        plan, groups = None, []
         try:
             schema, groups = partitioned.row_groups(log.path)
             plan = columnar.parquet_plan(schema, cfg)
-        except DataError:
+            why = "column types only the reference reader reads"
+            if not sum(g["rows"] for g in groups):  # (Ray Data's Unique fails on no rows at all)
+                plan, why = None, "no rows"
+        except DataError:  # damaged: the reference reader names the problem
             if remote:
                 raise
-        why = "column types only the reference reader reads"
+            why = "not a Parquet file the workers can read"
         if plan is not None:
             checked = (
                 ray.data.from_items(groups, override_num_blocks=len(groups))
