@@ -29,8 +29,9 @@ PRESET_SHAPES: dict[str, dict[str, int]] = {
 MIN_USER_INTERACTIONS = 3
 TIME_UNITS = ("s", "ms", "us", "ns")  # epoch units, coarsest first
 DUPLICATES = ("drop", "keep", "error")
-# `shards build` engines: local = the columnar one (data_shards/columnar.py), python = the reference path.
-BUILD_ENGINES = ("local", "python")
+# `shards build` engines: local = the columnar one (data_shards/columnar.py), python = the reference path,
+# ray = the columnar steps as a Ray Data pipeline (launcher/ray_shards.py, data_shards/partitioned.py).
+BUILD_ENGINES = ("local", "python", "ray")
 INPUT_FORMATS = (
     "auto",
     "ml-100k",
@@ -134,11 +135,14 @@ class ShardsConfig:
     shards then hold every period, for from-scratch training); false: only the new targets (re-tuning)."""
     engine: str = "local"
     """Build engine: local (columnar: DuckDB sorts, counts and joins with bounded memory, spilling to
-    disk; numpy/Arrow assemble the windows and their JSON; no per-row Python), or python (the reference
-    pandas/Python path). Both write the same shards; periodic builds (shards.base) use the reference path,
-    and inputs the columnar readers do not take (see README) its readers."""
+    disk; numpy/Arrow assemble the windows and their JSON; no per-row Python), ray (the same steps as a
+    Ray Data pipeline on RAY_ADDRESS's cluster or a local Ray: Parquet logs, local or s3://, are read by
+    the workers), or python (the reference pandas/Python path). All write the same shards; periodic
+    builds (shards.base) use the reference path, and inputs the columnar readers do not take (see
+    README) its readers."""
     engine_threads: int = 0
-    """Threads of the local engine's DuckDB (0 = every core)."""
+    """Threads of the local engine's DuckDB (0 = every core); with engine=ray, the CPUs of the local Ray
+    it starts (0 = every core; ignored when RAY_ADDRESS names a cluster)."""
     engine_memory_gb: float = 2.0
     """Memory limit of the local engine's DuckDB in GiB (it spills to a temporary directory beyond it);
     the engine's numpy columns come on top (peak RSS 3.7 GiB for 50M interactions at 2 GiB)."""

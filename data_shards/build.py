@@ -14,11 +14,12 @@ manifest last, so a reader never finds a manifest before every shard it names.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 from webdataset import TarWriter
 
-from configs import DataError, ShardsConfig, sha256_bytes, sha256_file
+from configs import ConfigError, DataError, ShardsConfig, sha256_bytes, sha256_file
 from data_shards import columnar, storage
 from data_shards.incremental import (
     HISTORIES,
@@ -147,8 +148,9 @@ def row_counts(
 
 
 @dataclass
-class _Parts:
-    """What an engine hands to the writer: the manifest's counts and a function writing the files."""
+class Parts:
+    """What an engine hands to the writer: the manifest's counts and a function writing the files
+    (``write(dir)`` -> (items.jsonl sha256, histories.jsonl sha256, the manifest's ``splits``))."""
 
     source: dict[str, Any]
     filters: dict[str, Any]
@@ -162,7 +164,7 @@ class _Parts:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # base, period
 
 
-def _source(input_path: str | os.PathLike, logs: Any) -> dict[str, Any]:
+def source_entry(input_path: str | os.PathLike, logs: Any) -> dict[str, Any]:
     return {
         "input": str(input_path),
         "format": logs.format,
@@ -174,7 +176,7 @@ def _source(input_path: str | os.PathLike, logs: Any) -> dict[str, Any]:
     }
 
 
-def _reference_parts(input_path: str | os.PathLike, cfg: ShardsConfig, base: Any) -> _Parts:
+def _reference_parts(input_path: str | os.PathLike, cfg: ShardsConfig, base: Any) -> Parts:
     """The reference engine (``shards.engine=python``, and every periodic build): pandas frames and one
     Python dict per record."""
     max_history, window_stride, prefix_records = cfg.max_history, cfg.window_stride, cfg.prefix_records
@@ -245,8 +247,8 @@ def _reference_parts(input_path: str | os.PathLike, cfg: ShardsConfig, base: Any
             "carry_base_train": cfg.carry_base_train,
             **period.stats,
         }
-    return _Parts(
-        source=_source(input_path, logs),
+    return Parts(
+        source=source_entry(input_path, logs),
         filters=filter_stats,
         rows=rows,
         unit=unit,
@@ -291,34 +293,54 @@ class _Packer:
         return self.sink.close()
 
 
-def _local_parts(input_path: str | os.PathLike, cfg: ShardsConfig) -> _Parts:
+def write_texts(
+    root: Path, cfg: ShardsConfig, pieces: Iterable[tuple[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """Write record texts into each split's shards under ``root`` and history lines into
+    ``histories.jsonl``, each in the order they come: (histories sha256, the manifest's ``splits``).
+
+    ``pieces``: (split or columnar.HISTORY_LINES, Arrow string array); a record text ends with a comma
+    (:class:`_Packer`), a history line with a newline. Splits may interleave; within a split the order is
+    the output's. Both columnar engines (local and Ray) write through here."""
+    packers = {}
+    for split in SPLITS:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        packers[split] = _Packer(_ShardSink(root, split, cfg.records_per_member, cfg.max_shard_bytes))
+    h = hashlib.sha256()
+    with open(root / HISTORIES, "wb") as f:
+        for kind, texts in pieces:
+            if kind != columnar.HISTORY_LINES:
+                packers[kind].add(texts)
+                continue
+            data, off = columnar.text_bytes(texts)
+            chunk = data[off[0] : off[-1]]
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest(), {s: packers[s].close() for s in SPLITS}
+
+
+def _local_parts(input_path: str | os.PathLike, cfg: ShardsConfig) -> Parts:
     """The columnar engine (``shards.engine=local``, :mod:`data_shards.columnar`)."""
     prep = columnar.prepare(input_path, cfg)
     kept, src = prep.kept, prep.source
 
-    def write(tmp: Path) -> tuple[str, str, dict[str, Any]]:
-        items_bytes = columnar.items_lines(kept, src.titles, src.meta)
-        (tmp / ITEMS).write_bytes(items_bytes)
+    def pieces() -> Iterator[tuple[str, Any]]:
         texts = columnar.RecordTexts(kept)
-        packers = {}
-        for split in SPLITS:
-            (tmp / split).mkdir(parents=True, exist_ok=True)
-            packers[split] = _Packer(_ShardSink(tmp, split, cfg.records_per_member, cfg.max_shard_bytes))
         for chunk in columnar.train_chunks(kept, texts, cfg):
-            packers["train"].add(chunk)
+            yield "train", chunk
+        for _, valid, test, history in columnar.eval_chunks(kept, texts, cfg.max_history):
+            yield "valid", valid
+            yield "test", test
+            yield columnar.HISTORY_LINES, history
 
-        def eval_lines() -> Any:
-            for valid, test, history in columnar.eval_chunks(kept, texts, cfg.max_history):
-                packers["valid"].add(valid)
-                packers["test"].add(test)
-                yield history
-
-        histories_sha = columnar.write_histories(tmp / HISTORIES, eval_lines())
-        splits = {s: packers[s].close() for s in SPLITS}
+    def write(tmp: Path) -> tuple[str, str, dict[str, Any]]:
+        items_bytes = columnar.items_lines(kept.items, kept.item_counts, src.titles, src.meta)
+        (tmp / ITEMS).write_bytes(items_bytes)
+        histories_sha, splits = write_texts(tmp, cfg, pieces())
         return sha256_bytes(items_bytes), histories_sha, splits
 
-    return _Parts(
-        source=_source(input_path, src),
+    return Parts(
+        source=source_entry(input_path, src),
         filters=prep.filters,
         rows=prep.rows,
         unit=src.unit,
@@ -337,16 +359,18 @@ def build_shards(
     *,
     force: bool = False,
     command: str = "",
+    engine: Callable[[str | os.PathLike, ShardsConfig], Parts] | None = None,
 ) -> dict[str, Any]:
     """Build a shard directory at ``out`` (atomically) from the logs at ``input_path``; returns the manifest.
 
     ``cfg`` (default: every ``shards.*`` default) says how to read, filter, split and pack; it is
     recorded in the manifest (``shards_config``) with ``command``, the command line that rebuilds it.
     ``force`` replaces a non-empty ``out``. ``shards.engine`` picks the engine: ``local`` (the columnar
-    one, :mod:`data_shards.columnar`) or ``python`` (the reference); both write the same bytes. With
-    ``shards.base`` the input holds only a new period and the build continues the base
-    (:mod:`data_shards.incremental`, on the reference engine). Raises DataError naming the file, line
-    or key.
+    one, :mod:`data_shards.columnar`), ``python`` (the reference) or ``ray`` (``engine``: the Ray Data
+    pipeline of :mod:`launcher.ray_shards`, which this layer may not import; ConfigError without it);
+    all write the same bytes. With ``shards.base`` the input holds only a new period and the build
+    continues the base (:mod:`data_shards.incremental`, on the reference engine). Raises DataError
+    naming the file, line or key.
     """
     cfg = cfg or ShardsConfig()
     remote = storage.is_url(out)
@@ -363,6 +387,13 @@ def build_shards(
     # One dispatch: the columnar engine, or the reference path (asked for, or a periodic build).
     if base is None and cfg.engine == "local":
         parts = _local_parts(input_path, cfg)
+    elif base is None and cfg.engine == "ray":
+        if engine is None:
+            raise ConfigError(
+                "shards.engine: ray runs from the launcher (recgpt shards build --engine ray), which "
+                "connects to Ray"
+            )
+        parts = engine(input_path, cfg)
     else:
         parts = _reference_parts(input_path, cfg, base)
 

@@ -34,14 +34,12 @@ at 1M interactions, 3.7 GiB at 50M (docs/BENCHMARKS.md, ``benchmarks/build_scale
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,18 +109,23 @@ def _is_id_type(t: pa.DataType) -> bool:
     )
 
 
-def _parquet_source(
-    con: Any, log: InputFile, meta_file: InputFile | None, cfg: ShardsConfig
-) -> Source | None:
-    """DuckDB reads a generic Parquet log itself, or None when the reference reader must (its column
-    types, a zip member, a title column, ids with surrounding spaces, a non-finite rating)."""
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class CheckPlan:
+    """How the rows of one log are read and checked, as SQL over a relation that holds the log's own
+    columns (and a file-order column): the same text runs in the local engine's DuckDB view and, one
+    block at a time, in the Ray engine's tasks (:func:`check_sql`)."""
 
-    if log.member is not None or cfg.title_col or log.basename.endswith(".gz"):
-        return None
-    try:
-        schema = pq.read_schema(log.path)
-    except Exception:  # damaged: the reference reader names the problem
+    columns: tuple[str, ...]  # the log's columns the plan reads
+    select: str  # "<expr> AS user, <expr> AS item, <expr> AS rating, <expr> AS ts"
+    missing: dict[str, str]  # field name -> SQL "the value is missing", in the reference's order of checks
+    odd: str  # SQL: a present value only the reference reader handles exactly
+
+
+def parquet_plan(schema: pa.Schema, cfg: ShardsConfig) -> CheckPlan | None:
+    """The check plan of a generic Parquet log with this schema, or None when the reference reader must
+    read it (a title column, a named column absent or named twice, float or uint64 ids, times that are not
+    integers, ratings that are not numbers)."""
+    if cfg.title_col:
         return None
     cols = {"user": cfg.user_col, "item": cfg.item_col, "rating": cfg.rating_col, "time": cfg.time_col}
     named = [c for c in cols.values() if c]
@@ -155,17 +158,61 @@ def _parquet_source(
             missing[cols["rating"]] += f" OR isnan({r})"
             nonfinite = f"isinf({r})"
             # A float32 stays float32 here: the reference reads it as its shortest text, then as float64
-            # (0.1f -> 0.1), which sort_rows does to the distinct values only.
+            # (0.1f -> 0.1), which rating_levels does to the distinct values only.
             rating = r
         else:
             rating, nonfinite = f"{r}::DOUBLE", "false"
     missing[cols["time"]] = f"{time} IS NULL"
     odd = f"NOT ({' OR '.join(missing.values())}) AND (({nonfinite}) OR ({' OR '.join(spaced) or 'false'}))"
-    return _checked_source(
-        con, log, meta_file, cfg, "parquet", "row", missing, odd,
-        columns=f"file_row_number + 1 AS line, {user} AS user, {item} AS item, {rating} AS rating, {time}::BIGINT AS ts",
-        relation=f"read_parquet({_literal(log.path)}, file_row_number = true)",
-    )  # fmt: skip
+    return CheckPlan(
+        columns=tuple(named),
+        select=f"{user} AS user, {item} AS item, {rating} AS rating, {time}::BIGINT AS ts",
+        missing=missing,
+        odd=odd,
+    )
+
+
+def check_sql(plan: CheckPlan, line: str, relation: str) -> str:
+    """SELECT over ``relation`` of (line, user, item, rating, ts, miss, odd): ``miss`` is the index in
+    ``plan.missing`` of the first missing field of the row (-1: none), ``odd`` whether a present value
+    needs the reference reader. ``line`` is the SQL of the row's file order (1-based)."""
+    cases = " ".join(f"WHEN {cond} THEN {k}" for k, cond in enumerate(plan.missing.values()))
+    return (
+        f"SELECT {line} AS line, {plan.select}, CASE {cases} ELSE -1 END::TINYINT AS miss, "
+        f"({plan.odd}) AS odd FROM {relation}"
+    )
+
+
+@dataclass
+class CheckStats:
+    """What the checks found over every row: the figures a :class:`Source` is decided from."""
+
+    rows: int
+    missing: int  # rows missing a value
+    first_missing_line: int | None
+    first_missing_field: str | None  # the column name of that row's first missing value
+    odd: int
+    ts_min: int | None  # over every row with a time, missing other values or not
+    ts_max: int | None
+
+
+def _parquet_source(
+    con: Any, log: InputFile, meta_file: InputFile | None, cfg: ShardsConfig
+) -> Source | None:
+    """DuckDB reads a generic Parquet log itself, or None when the reference reader must (its column
+    types, a zip member, a title column, ids with surrounding spaces, a non-finite rating)."""
+    import pyarrow.parquet as pq
+
+    if log.member is not None or log.basename.endswith(".gz"):
+        return None
+    try:
+        plan = parquet_plan(pq.read_schema(log.path), cfg)
+    except Exception:  # damaged: the reference reader names the problem
+        return None
+    if plan is None:
+        return None
+    relation = f"read_parquet({_literal(log.path)}, file_row_number = true)"
+    return _checked_source(con, log, meta_file, cfg, "parquet", "row", plan, "file_row_number + 1", relation)
 
 
 def _checked_source(
@@ -175,44 +222,57 @@ def _checked_source(
     cfg: ShardsConfig,
     fmt: str,
     where: str,
-    missing: dict[str, str],
-    odd: str,
-    *,
-    columns: str,
+    plan: CheckPlan,
+    line: str,
     relation: str,
     meta: Callable[[], tuple[dict, dict, int]] = lambda: ({}, {}, 0),
 ) -> Source | None:
-    """The view ``raw`` over ``relation`` (``columns``: line, user, item, rating, ts) without rows missing
-    a value, checked as the reference checks it: ``missing`` maps each field, in the reference's order of
-    checks, to its SQL condition; a missing value is the reference's one-line error naming the first
-    such row (or counted with shards.skip_bad_lines). None when some row is ``odd`` (a value only the
-    reference reader handles exactly)."""
-    flags = ", ".join(f"({cond}) AS m{k}" for k, cond in enumerate(missing.values()))
-    con.execute(
-        f"CREATE TEMP VIEW src AS SELECT {columns}, {flags}, ({' OR '.join(missing.values())}) AS miss, "
-        f"({odd}) AS odd FROM {relation}"
-    )
+    """The view ``raw`` (line, user, item, rating, ts) over ``relation`` without rows missing a value,
+    checked by :func:`check_sql` and decided by :func:`checked_source`; None when the reference reader
+    must read the log."""
+    con.execute(f"CREATE TEMP VIEW src AS {check_sql(plan, line, relation)}")
     n, n_missing, first_missing, n_odd, t_min, t_max = con.sql(
-        "SELECT count(*), count(*) FILTER (WHERE miss), min(line) FILTER (WHERE miss), count(*) FILTER (WHERE odd), "
-        "min(ts) FILTER (WHERE ts IS NOT NULL), max(ts) FILTER (WHERE ts IS NOT NULL) FROM src"
+        "SELECT count(*), count(*) FILTER (WHERE miss >= 0), min(line) FILTER (WHERE miss >= 0), "
+        "count(*) FILTER (WHERE odd), min(ts), max(ts) FROM src"
     ).fetchall()[0]
-    if n_odd or not n:  # an empty log: the reference's own message
+    field_name = None
+    if n_missing:
+        (k,) = con.sql(f"SELECT miss FROM src WHERE line = {int(first_missing)}").fetchall()[0]
+        field_name = list(plan.missing)[k]
+    stats = CheckStats(int(n), int(n_missing), first_missing, field_name, int(n_odd), t_min, t_max)
+    source = checked_source(log, meta_file, cfg, fmt, where, stats, meta)
+    if source is not None:
+        con.execute("CREATE TEMP VIEW raw AS SELECT line, user, item, rating, ts FROM src WHERE miss < 0")
+    return source
+
+
+def checked_source(
+    log: InputFile,
+    meta_file: InputFile | None,
+    cfg: ShardsConfig,
+    fmt: str,
+    where: str,
+    stats: CheckStats,
+    meta: Callable[[], tuple[dict, dict, int]] = lambda: ({}, {}, 0),
+) -> Source | None:
+    """The :class:`Source` of a log whose rows the columnar checks read (both engines decide here), or
+    None when some row is odd or there is none (the reference reader then reads it, with its own
+    message for an empty log). A missing value is the reference's one-line DataError naming the first
+    such row, unless shards.skip_bad_lines counts it. The time unit comes from shards.time_unit, the
+    format, or the magnitude of every time present."""
+    if stats.odd or not stats.rows:
         return None
-    if n_missing and not cfg.skip_bad_lines:
-        marks = ", ".join(f"m{k}" for k in range(len(missing)))
-        row = con.sql(f"SELECT {marks} FROM src WHERE line = {int(first_missing)}").fetchall()[0]
-        col = next(c for c, m in zip(missing, row) if m)
+    if stats.missing and not cfg.skip_bad_lines:
         raise DataError(
-            f"{log.name}: {where} {first_missing}: field {col!r}: missing value "
-            "(shards.skip_bad_lines=true skips such lines)"
+            f"{log.name}: {where} {stats.first_missing_line}: field {stats.first_missing_field!r}: missing "
+            "value (shards.skip_bad_lines=true skips such lines)"
         )
-    con.execute("CREATE TEMP VIEW raw AS SELECT line, user, item, rating, ts FROM src WHERE NOT miss")
     if cfg.time_unit != "auto":
         unit, unit_from = cfg.time_unit, "shards.time_unit"
     elif FORMAT_TIME_UNIT.get(fmt):
         unit, unit_from = FORMAT_TIME_UNIT[fmt], "format"
     else:  # the magnitude of every time present, as the reference reader does
-        max_abs = float(max(abs(t_min or 0), abs(t_max or 0)))
+        max_abs = float(max(abs(stats.ts_min or 0), abs(stats.ts_max or 0)))
         unit = "s" if max_abs < 1e11 else "ms" if max_abs < 1e14 else "us" if max_abs < 1e17 else "ns"
         unit_from = "magnitude"
     used = [log] + ([meta_file] if meta_file else [])
@@ -222,8 +282,8 @@ def _checked_source(
         files=[f.name for f in used],
         where=where,
         log_name=log.name,
-        rows_read=int(n),
-        removed={"bad_line": 0, "missing_value": int(n_missing)},
+        rows_read=stats.rows,
+        removed={"bad_line": 0, "missing_value": stats.missing},
         time={"time_format": "epoch", "time_unit": unit, "time_unit_from": unit_from},
         unit=unit,
         duplicates_resolved=False,
@@ -231,7 +291,7 @@ def _checked_source(
         titles=titles,
         meta=item_meta,
         notices=source_notices(used),
-        skipped_lines=int(n_missing) + meta_skipped,
+        skipped_lines=stats.missing + meta_skipped,
     )
 
 
@@ -357,11 +417,13 @@ def _csv_source(
     meta: Callable[[], tuple[dict, dict, int]] = lambda: ({}, {}, 0)  # noqa: E731
     if fmt == "ml-latest":
         meta = lambda: movielens_meta(meta_file, fmt, read_options(cfg, fmt))  # noqa: E731
-    return _checked_source(
-        con, log, meta_file, cfg, fmt, "line", missing, " OR ".join(spaced + bad),
-        columns=f"line, {user} AS user, {item} AS item, {rating} AS rating, TRY_CAST({time} AS BIGINT) AS ts",
-        relation="csv_rows", meta=meta,
-    )  # fmt: skip
+    plan = CheckPlan(
+        columns=tuple(names.values()),
+        select=f"{user} AS user, {item} AS item, {rating} AS rating, TRY_CAST({time} AS BIGINT) AS ts",
+        missing=missing,
+        odd=" OR ".join(spaced + bad),
+    )
+    return _checked_source(con, log, meta_file, cfg, fmt, "line", plan, "line", "csv_rows", meta)
 
 
 def _reference_source(con: Any, input_path: str | os.PathLike, cfg: ShardsConfig) -> Source:
@@ -417,7 +479,7 @@ def natural_permutation(ids: pa.Array) -> np.ndarray:
     return by_text
 
 
-def _id_text(ids: pa.Array) -> pa.Array:
+def id_text(ids: pa.Array) -> pa.Array:
     """Ids as the text the records spell them with (integers in decimal)."""
     return ids if pa.types.is_string(ids.type) else pc.cast(ids, pa.string())
 
@@ -452,27 +514,37 @@ class Sorted:
     levels: np.ndarray  # float64 distinct ratings, ascending
 
 
-def _distinct(con: Any, col: str) -> pa.Array:
-    ids = con.sql(f"SELECT DISTINCT {col} AS id FROM raw").to_arrow_table().column("id").combine_chunks()
+def natural_ids(ids: pa.Array) -> pa.Array:
+    """Distinct ids (integers, or text of any Arrow string type) in natural order, text as ``string``."""
     if not pa.types.is_integer(ids.type):  # large_string or string_view, as DuckDB hands it out
         ids = pc.cast(ids, pa.string())
     return ids.take(pa.array(natural_permutation(ids)))
+
+
+def rating_levels(stored: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct stored ratings ascending, as numpy in their stored type; the same as float64 the way
+    the reference reads them). A float32 goes through its shortest text (0.1f -> 0.1) as the reference
+    does; the conversion keeps the order, so a code into either array is the same."""
+    stored = stored.take(pc.sort_indices(stored))
+    if pa.types.is_floating(stored.type) and stored.type != pa.float64():
+        levels = pc.cast(pc.cast(stored, pa.string()), pa.float64()).to_numpy()
+    else:
+        levels = pc.cast(stored, pa.float64()).to_numpy()
+    return stored.to_numpy(), levels
+
+
+def _distinct(con: Any, col: str) -> pa.Array:
+    ids = con.sql(f"SELECT DISTINCT {col} AS id FROM raw").to_arrow_table().column("id").combine_chunks()
+    return natural_ids(ids)
 
 
 def sort_rows(con: Any) -> Sorted:
     """Code users and items in natural order and stream every row out of DuckDB sorted by (user code,
     time, file order) — DuckDB's external sort, so only the result arrays are held here."""
     user_ids, item_ids = _distinct(con, "user"), _distinct(con, "item")
-    # Distinct ratings in their stored type; as float64 the way the reference reads them (a float32 via
-    # its shortest text). The conversion keeps the order, so codes into either are the same.
-    stored = (
-        con.sql("SELECT DISTINCT rating FROM raw ORDER BY rating").to_arrow_table().column(0).combine_chunks()
+    stored, levels = rating_levels(
+        con.sql("SELECT DISTINCT rating FROM raw").to_arrow_table().column(0).combine_chunks()
     )
-    if pa.types.is_floating(stored.type) and stored.type != pa.float64():
-        levels = pc.cast(pc.cast(stored, pa.string()), pa.float64()).to_numpy()
-    else:
-        levels = pc.cast(stored, pa.float64()).to_numpy()
-    stored = stored.to_numpy()
     con.register("user_codes", pa.table({"id": user_ids, "code": np.arange(len(user_ids), dtype=np.int32)}))
     con.register("item_codes", pa.table({"id": item_ids, "code": np.arange(len(item_ids), dtype=np.int32)}))
     (n,) = con.sql("SELECT count(*) FROM raw").fetchall()[0]
@@ -535,35 +607,171 @@ def repeats(rows: Sorted, alive: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- filters
 
+# Per-row filter states (int8), in the order the filters apply; the k-core comes last and is global.
+ALIVE, DUPLICATE, BELOW_THRESHOLD, TOO_SHORT = 0, 1, 2, 3
+
 
 @dataclass
 class Kept:
-    """The rows that make records: per user in (time, file order), dense ids in natural order."""
+    """The rows that make records: per user in (time, file order), dense ids in natural order. The Ray
+    engine holds a slice of the users in one: local user 0 is uid ``first_uid``."""
 
-    uid: np.ndarray  # int32 per row
+    uid: np.ndarray  # int32 per row: local user index
     iid: np.ndarray  # int32 per row
     ts: np.ndarray  # int64 per row
     rating: np.ndarray  # code into levels
     offsets: np.ndarray  # int64 [users + 1]
-    users: pa.Array  # uid -> id text
+    users: pa.Array  # local user -> id text
     items: pa.Array  # iid -> id text
     item_counts: np.ndarray  # int64 [items]
     levels: np.ndarray  # float64
+    first_uid: int = 0
+
+
+def per_user(user: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """int64 per row: how many rows of the row's user have ``mask``; ``user`` sorted (runs of equal codes)."""
+    if not len(user):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]]))
+    counts = np.add.reduceat(mask.astype(np.int64), starts)
+    return np.repeat(counts, np.diff(np.append(starts, len(user))))
+
+
+def filter_state(
+    rows: Sorted, levels: np.ndarray, cfg: ShardsConfig, dedup: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The filters that need only each user's own rows, as :func:`data_shards.split.apply_filters` and the
+    reference reader apply them: (state int8 per row: ALIVE, DUPLICATE (``dedup`` and not
+    shards.duplicates=keep: a repeat of an earlier row's user, item and time), BELOW_THRESHOLD
+    (shards.rating_threshold), TOO_SHORT (fewer than MIN_USER_INTERACTIONS events left); weight bool per
+    row: whether the row counts as an event — shards.duplicates=keep counts a repeat as none).
+
+    ``rows`` (user, item, ts, rating codes into ``levels``) are sorted by (user, time, file order) and hold
+    every row of each of their users: the whole log (local engine) or one partition of users (Ray)."""
+    n = len(rows.user)
+    state = np.zeros(n, dtype=np.int8)
+    alive = np.ones(n, dtype=bool)
+    if dedup and cfg.duplicates != "keep":
+        dup = repeats(rows, alive)
+        state[dup] = DUPLICATE
+        alive &= ~dup
+    if cfg.rating_threshold is not None:
+        low = alive & ~(levels[rows.rating] >= cfg.rating_threshold)
+        state[low] = BELOW_THRESHOLD
+        alive &= ~low
+    # Every count is of distinct events: a row repeating one (shards.duplicates=keep) weighs 0.
+    weight = alive & ~repeats(rows, alive) if cfg.duplicates == "keep" else alive.copy()
+    short = alive & (per_user(rows.user, weight) < MIN_USER_INTERACTIONS)
+    state[short] = TOO_SHORT
+    weight &= ~short
+    return state, weight
+
+
+def coarse_power(ts: np.ndarray) -> int:
+    """How many times (0-3) 1000 divides every time in ``ts`` (int64, non-empty)."""
+    power = 0
+    while power < 3 and not (ts % 1000 ** (power + 1)).any():
+        power += 1
+    return power
+
+
+def coarsen(source: Source, power: int) -> int:
+    """Set ``source.unit`` to the coarsest of s/ms/us/ns holding every time exactly (``power``: what
+    :func:`coarse_power` found over the rows left after duplicates); how many times to divide by 1000."""
+    if source.coarsened:  # the reference reader did it
+        return 0
+    at = TIME_UNITS.index(source.unit)
+    steps = min(power, at)
+    source.unit = TIME_UNITS[at - steps]
+    return steps
+
+
+def k_core(
+    counts: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    n_users: int,
+    n_items: int,
+    cfg: ShardsConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k-core (shards.min_user_interactions / min_item_interactions) as (user ok, item ok): bool per
+    code. ``counts(users_ok, items_ok)`` gives the weight (events) per user and per item code of the rows
+    still alive: state ALIVE, user and item ok. Each round drops every user and item under its minimum,
+    until a round drops none — the rounds of the reference's loop; a row is kept iff its user and item
+    are. Every user or item with an alive row has a weight >= 1 (a repeat's first row is alive with it),
+    so "under the minimum with a weight" is "has rows to drop"."""
+    users_ok = np.ones(n_users, dtype=bool)
+    items_ok = np.ones(n_items, dtype=bool)
+    while True:
+        user_w, item_w = counts(users_ok, items_ok)
+        low_u = (user_w > 0) & (user_w < cfg.min_user_interactions)
+        low_i = (item_w > 0) & (item_w < cfg.min_item_interactions)
+        if not (low_u.any() or low_i.any()):
+            return users_ok, items_ok
+        users_ok &= ~low_u
+        items_ok &= ~low_i
+
+
+def duplicate_message(source: Source, line: int, first: int, user: str, item: str, total: int) -> str:
+    """The reference's line for shards.duplicates=error: the repeat with the smallest file position."""
+    where = source.where
+    return (
+        f"{source.log_name}: {where} {line}: duplicate of {where} {first} (user {user!r}, item {item!r}, "
+        f"same timestamp); {total} duplicate rows in all (shards.duplicates=drop drops them, keep keeps them)"
+    )
 
 
 def _duplicate_error(rows: Sorted, dup: np.ndarray, source: Source) -> DataError:
-    where = source.where
     first_dup = np.flatnonzero(dup)
     j = int(first_dup[np.argmin(rows.line[first_dup])])
     same = (rows.user == rows.user[j]) & (rows.item == rows.item[j]) & (rows.ts == rows.ts[j])
+    user = id_text(rows.user_ids.take(pa.array([rows.user[j]])))[0].as_py()
+    item = id_text(rows.item_ids.take(pa.array([rows.item[j]])))[0].as_py()
     first = int(rows.line[same].min())
-    user = _id_text(rows.user_ids.take(pa.array([rows.user[j]])))[0].as_py()
-    item = _id_text(rows.item_ids.take(pa.array([rows.item[j]])))[0].as_py()
-    return DataError(
-        f"{source.log_name}: {where} {int(rows.line[j])}: duplicate of {where} {first} (user {user!r}, item "
-        f"{item!r}, same timestamp); {int(dup.sum())} duplicate rows in all "
-        "(shards.duplicates=drop drops them, keep keeps them)"
-    )
+    return DataError(duplicate_message(source, int(rows.line[j]), first, user, item, int(dup.sum())))
+
+
+def filter_report(
+    source: Source,
+    cfg: ShardsConfig,
+    before: dict[str, int],
+    by_state: dict[int, int],
+    k_core_rows: int,
+    kept: dict[str, int],
+    duplicates_kept: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the manifest's ``filters``, its ``rows``) from what the filters did: ``before`` = interactions,
+    users and items left after duplicates; ``by_state`` = rows per :func:`filter_state` state;
+    ``k_core_rows`` = rows the k-core dropped; ``kept`` = interactions, users and items left. DataError
+    when nothing is left; AssertionError when the counts do not reconcile."""
+    if not kept["interactions"]:
+        raise DataError(
+            f"no interactions left after filtering (shards.min_user_interactions={cfg.min_user_interactions}, "
+            f"shards.min_item_interactions={cfg.min_item_interactions}, "
+            f"shards.rating_threshold={cfg.rating_threshold}) of {before['interactions']} read"
+        )
+    removed = {"bad_line": 0, "missing_value": 0, "duplicate": 0, **source.removed}
+    if not source.duplicates_resolved:  # else the reference reader counted them
+        removed["duplicate"] = by_state.get(DUPLICATE, 0)
+    removed["rating_threshold"] = by_state.get(BELOW_THRESHOLD, 0)
+    removed["too_short"] = by_state.get(TOO_SHORT, 0)
+    removed["k_core"] = k_core_rows
+    stats = {
+        "min_user_interactions": cfg.min_user_interactions,
+        "min_item_interactions": cfg.min_item_interactions,
+        "rating_threshold": cfg.rating_threshold,
+        "removed_interactions": before["interactions"] - kept["interactions"],
+        "removed_users": before["users"] - kept["users"],
+        "removed_items": before["items"] - kept["items"],
+    }
+    reasons = ("bad_line", "missing_value", "duplicate", "rating_threshold", "too_short", "k_core")
+    counts_rows = {
+        "read": source.rows_read,
+        "kept": kept["interactions"],
+        "removed": {reason: int(removed.get(reason, 0)) for reason in reasons},
+        "duplicates_kept": duplicates_kept,
+    }
+    if counts_rows["read"] != counts_rows["kept"] + sum(counts_rows["removed"].values()):
+        raise AssertionError(f"row counts do not reconcile: {counts_rows}")
+    return stats, counts_rows
 
 
 def apply_filters(
@@ -572,107 +780,67 @@ def apply_filters(
     """Duplicates, ``shards.rating_threshold``, too_short and the k-core exactly as
     :func:`data_shards.split.apply_filters` and the reference reader apply them; (kept rows, filter
     stats, row counts)."""
-    n = len(rows.user)
-    alive = np.ones(n, dtype=bool)
-    removed = {"bad_line": 0, "missing_value": 0, "duplicate": 0, **source.removed}
-    if not source.duplicates_resolved and cfg.duplicates != "keep":
-        dup = repeats(rows, alive)
-        if dup.any() and cfg.duplicates == "error":
-            raise _duplicate_error(rows, dup, source)
-        removed["duplicate"] = int(dup.sum())
-        alive &= ~dup
+    state, weight = filter_state(rows, rows.levels, cfg, dedup=not source.duplicates_resolved)
+    dup = state == DUPLICATE
+    if cfg.duplicates == "error" and dup.any():
+        raise _duplicate_error(rows, dup, source)
     rows.line = np.zeros(0, dtype=np.int64)  # file order only named a duplicate's line: free it
-    if not alive.any():
+    post = ~dup
+    if not post.any():
         raise DataError(f"{source.log_name}: no interactions found")
-    unit = source.unit
-    if not source.coarsened:  # the coarsest of s/ms/us/ns holding every time exactly
-        while unit != "s" and not (rows.ts[alive] % 1000).any():
-            rows.ts //= 1000
-            unit = TIME_UNITS[TIME_UNITS.index(unit) - 1]
-    source.unit = unit
+    steps = coarsen(source, coarse_power(rows.ts[post]))
+    if steps:
+        rows.ts //= 1000**steps
     n_users, n_items = len(rows.user_ids), len(rows.item_ids)
     before = {
-        "interactions": int(alive.sum()),
-        "users": int(np.count_nonzero(np.bincount(rows.user[alive], minlength=n_users))),
-        "items": int(np.count_nonzero(np.bincount(rows.item[alive], minlength=n_items))),
+        "interactions": int(np.count_nonzero(post)),
+        "users": int(np.count_nonzero(np.bincount(rows.user[post], minlength=n_users))),
+        "items": int(np.count_nonzero(np.bincount(rows.item[post], minlength=n_items))),
     }
-    removed_by = {"rating_threshold": 0, "too_short": 0, "k_core": 0}
-    if cfg.rating_threshold is not None:
-        keep = rows.levels[rows.rating] >= cfg.rating_threshold
-        removed_by["rating_threshold"] = int(np.count_nonzero(alive & ~keep))
-        alive &= keep
-    # Every count is of distinct events: a row repeating one (shards.duplicates=keep) weighs 0.
-    weight = alive & ~repeats(rows, alive) if cfg.duplicates == "keep" else alive
+    del post, dup
+    alive0 = state == ALIVE
 
-    def counts(codes: np.ndarray, size: int) -> np.ndarray:
-        counted = weight & alive
-        return np.bincount(codes if counted.all() else codes[counted], minlength=size)
+    def counts(users_ok: np.ndarray, items_ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        counted = weight & alive0 & users_ok[rows.user] & items_ok[rows.item]
+        user = rows.user if counted.all() else rows.user[counted]
+        item = rows.item if counted.all() else rows.item[counted]
+        return np.bincount(user, minlength=n_users), np.bincount(item, minlength=n_items)
 
-    keep = counts(rows.user, n_users)[rows.user] >= MIN_USER_INTERACTIONS
-    removed_by["too_short"] = int(np.count_nonzero(alive & ~keep))
-    alive &= keep
-    while True:
-        keep = (counts(rows.user, n_users)[rows.user] >= cfg.min_user_interactions) & (
-            counts(rows.item, n_items)[rows.item] >= cfg.min_item_interactions
-        )
-        dropped = np.count_nonzero(alive & ~keep)
-        if not dropped:
-            break
-        removed_by["k_core"] += int(dropped)
-        alive &= keep
-    if not alive.any():
-        raise DataError(
-            f"no interactions left after filtering (shards.min_user_interactions={cfg.min_user_interactions}, "
-            f"shards.min_item_interactions={cfg.min_item_interactions}, "
-            f"shards.rating_threshold={cfg.rating_threshold}) of {before['interactions']} read"
-        )
-    duplicates_kept = int(np.count_nonzero(repeats(rows, alive))) if cfg.duplicates == "keep" else 0
-    kept = _dense(rows, alive)
-    stats = {
-        "min_user_interactions": cfg.min_user_interactions,
-        "min_item_interactions": cfg.min_item_interactions,
-        "rating_threshold": cfg.rating_threshold,
-        "removed_interactions": before["interactions"] - len(kept.uid),
-        "removed_users": before["users"] - len(kept.users),
-        "removed_items": before["items"] - len(kept.items),
-    }
-    counts_rows = {
-        "read": source.rows_read,
-        "kept": len(kept.uid),
-        "removed": {
-            reason: int({**removed, **removed_by}.get(reason, 0))
-            for reason in (
-                "bad_line",
-                "missing_value",
-                "duplicate",
-                "rating_threshold",
-                "too_short",
-                "k_core",
-            )
-        },
-        "duplicates_kept": duplicates_kept,
-    }
-    if counts_rows["read"] != counts_rows["kept"] + sum(counts_rows["removed"].values()):
-        raise AssertionError(f"row counts do not reconcile: {counts_rows}")
+    users_ok, items_ok = k_core(counts, n_users, n_items, cfg)
+    alive = alive0 & users_ok[rows.user] & items_ok[rows.item]
+    by_state = dict(zip(*(x.tolist() for x in np.unique(state, return_counts=True))))
+    n_kept = int(np.count_nonzero(alive))
+    # Under shards.duplicates=keep a kept row repeating an earlier kept row is exactly a kept row of
+    # weight 0: its first row has the same user and item, so the k-core kept both or neither.
+    duplicates_kept = int(np.count_nonzero(alive & ~weight)) if cfg.duplicates == "keep" else 0
+    kept = _dense(rows, alive) if n_kept else None
+    stats, counts_rows = filter_report(
+        source, cfg, before, by_state, int(np.count_nonzero(alive0)) - n_kept,
+        {"interactions": n_kept, "users": len(kept.users) if kept else 0, "items": len(kept.items) if kept else 0},
+        duplicates_kept,
+    )  # fmt: skip
+    assert kept is not None  # filter_report raised when nothing is left
     return kept, stats, counts_rows
 
 
-def _renumber(codes: np.ndarray, ids: pa.Array, size: int) -> tuple[np.ndarray, pa.Array, bool]:
-    """(new dense index per old code, ids of the survivors in natural order, order changed?). The
-    survivors' natural order is the old one unless the filters removed every id that made the ids sort as
-    strings (then they sort as numbers now)."""
-    present = np.flatnonzero(np.bincount(codes, minlength=size))
+def renumber(counts: np.ndarray, ids: pa.Array) -> tuple[np.ndarray, pa.Array, bool]:
+    """Dense indices for the codes with a count > 0: (int32 new index per old code, -1 for the others; the
+    surviving ids in natural order; whether that order differs from the old one). It does when the
+    filters removed every id that made the ids sort as text (they then sort as numbers)."""
+    present = np.flatnonzero(counts)
     survivors = ids.take(pa.array(present))
     perm = natural_permutation(survivors)
-    new = np.full(size, -1, dtype=np.int32)
+    new = np.full(len(ids), -1, dtype=np.int32)
     new[present[perm]] = np.arange(len(present), dtype=np.int32)
     return new, survivors.take(pa.array(perm)), bool((perm != np.arange(len(perm))).any())
 
 
 def _dense(rows: Sorted, alive: np.ndarray) -> Kept:
     idx = np.flatnonzero(alive)
-    user_new, users, moved = _renumber(rows.user[idx], rows.user_ids, len(rows.user_ids))
-    item_new, items, _ = _renumber(rows.item[idx], rows.item_ids, len(rows.item_ids))
+    user_new, users, moved = renumber(
+        np.bincount(rows.user[idx], minlength=len(rows.user_ids)), rows.user_ids
+    )
+    item_new, items, _ = renumber(np.bincount(rows.item[idx], minlength=len(rows.item_ids)), rows.item_ids)
     uid = user_new[rows.user[idx]]
     if moved:  # users now sort otherwise: move their blocks (each keeps its (time, file order))
         idx = idx[np.argsort(uid, kind="stable")]
@@ -686,14 +854,36 @@ def _dense(rows: Sorted, alive: np.ndarray) -> Kept:
         ts=rows.ts[idx],
         rating=rows.rating[idx],
         offsets=offsets,
-        users=_id_text(users),
-        items=_id_text(items),
+        users=id_text(users),
+        items=id_text(items),
         item_counts=np.bincount(iid, minlength=len(items)).astype(np.int64),
         levels=rows.levels,
     )
 
 
 # --------------------------------------------------------------------------- windows
+
+
+def window_counts(
+    lengths: np.ndarray, max_history: int, prefix_records: bool = False, stride: int | None = None
+) -> np.ndarray:
+    """int64 per user: how many training windows :func:`window_plan` gives a user with ``lengths``
+    training items."""
+    n = np.asarray(lengths, dtype=np.int64)
+    if prefix_records:
+        return np.maximum(n - 1, 0)
+    s = max_history if stride is None else stride
+    # Window k (0 = newest) ends at n - k*s; it exists while it ends at >= 2 and the window after it
+    # (k - 1) did not start at 0.
+    reach = np.where(n >= 2, (n - 2) // s + 1, 0)
+    after = 1 + np.where(n >= max_history + 2, (n - max_history - 2) // s + 1, 0)
+    return np.minimum(reach, after)
+
+
+def train_order(total: int) -> np.ndarray:
+    """The reference's seeded order of the training records (``split.train_records``): output record k is
+    window ``order[k]``, windows numbered by user, each user's oldest first. int64 [total]."""
+    return np.random.default_rng(0).permutation(total)
 
 
 def window_plan(
@@ -703,15 +893,8 @@ def window_plan(
     int64 arrays, users in order and each user's windows oldest first. ``lengths``: training items per
     user (the user's interactions minus the valid and test targets)."""
     n = np.asarray(lengths, dtype=np.int64)
-    if prefix_records:
-        count = np.maximum(n - 1, 0)
-    else:
-        s = max_history if stride is None else stride
-        # Window k (0 = newest) ends at n - k*s; it exists while it ends at >= 2 and the window after
-        # it (k - 1) did not start at 0.
-        reach = np.where(n >= 2, (n - 2) // s + 1, 0)
-        after = 1 + np.where(n >= max_history + 2, (n - max_history - 2) // s + 1, 0)
-        count = np.minimum(reach, after)
+    count = window_counts(n, max_history, prefix_records, stride)
+    s = max_history if stride is None else stride
     total = int(count.sum())
     user = np.repeat(np.arange(len(n), dtype=np.int64), count)
     first = np.zeros(len(n) + 1, dtype=np.int64)
@@ -753,11 +936,13 @@ class RecordTexts:
             _joined(offsets, pc.cast(pa.array(k.ts[idx]), pa.string())),
         )
 
-    def head(self, uid: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
-        """``{"user":…,"uid":…,"items":[…],"ratings":[…],"timestamps":[…]`` of each record."""
+    def head(self, user: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
+        """``{"user":…,"uid":…,"items":[…],"ratings":[…],"timestamps":[…]`` of each record; ``user``: local
+        user indices (uid = ``kept.first_uid`` + user)."""
         items, ratings, times = self.lists(starts, lengths)
+        uid = pa.array(user + self.kept.first_uid)
         return pc.binary_join_element_wise(
-            '{"user":', self.user_json.take(pa.array(uid)), ',"uid":', pc.cast(pa.array(uid), pa.string()),
+            '{"user":', self.user_json.take(pa.array(user)), ',"uid":', pc.cast(uid, pa.string()),
             ',"items":[', items, '],"ratings":[', ratings, '],"timestamps":[', times, "]", "",
         )  # fmt: skip
 
@@ -766,28 +951,38 @@ def _joined(offsets: pa.Array, values: pa.Array) -> pa.Array:
     return pc.binary_join(pa.ListArray.from_arrays(offsets, values), ",")
 
 
+def window_texts(
+    kept: Kept, texts: RecordTexts, user: np.ndarray, lo: np.ndarray, hi: np.ndarray, first_new: np.ndarray
+) -> pa.Array:
+    """Training records of windows [lo, hi) of local users ``user`` (int64 arrays, one entry per record:
+    :func:`window_plan`'s columns), each text ending with a comma."""
+    head = texts.head(user, kept.offsets[user] + lo, hi - lo)
+    return pc.binary_join_element_wise(
+        head, ',"first_new_target":', pc.cast(pa.array(first_new), pa.string()), "},", ""
+    )
+
+
 def train_chunks(kept: Kept, texts: RecordTexts, cfg: ShardsConfig) -> Iterator[pa.Array]:
     """Training records (each text ending with a comma) in the reference's seeded order, a chunk at a
-    time: the window plan of every user, permuted by ``default_rng(0)`` as ``split.train_records``."""
+    time: the window plan of every user, permuted by :func:`train_order`."""
     lengths = np.diff(kept.offsets) - 2
     user, lo, hi, first_new = window_plan(lengths, cfg.max_history, cfg.prefix_records, cfg.window_stride)
-    order = np.random.default_rng(0).permutation(len(user))
+    order = train_order(len(user))
     for a in range(0, len(order), CHUNK_RECORDS):
         pick = order[a : a + CHUNK_RECORDS]
-        u, lo_, hi_ = user[pick], lo[pick], hi[pick]
-        head = texts.head(u, kept.offsets[u] + lo_, hi_ - lo_)
-        yield pc.binary_join_element_wise(
-            head, ',"first_new_target":', pc.cast(pa.array(first_new[pick]), pa.string()), "},", ""
-        )
+        yield window_texts(kept, texts, user[pick], lo[pick], hi[pick], first_new[pick])
 
 
 def eval_chunks(
     kept: Kept, texts: RecordTexts, max_history: int
-) -> Iterator[tuple[pa.Array, pa.Array, pa.Array]]:
-    """(valid records, test records, histories.jsonl lines) of consecutive users; a record text ends
-    with a comma, a history line with a newline. The test record is the history's window and seen set
+) -> Iterator[tuple[int, pa.Array, pa.Array, pa.Array]]:
+    """(first local user, valid records, test records, histories.jsonl lines) of consecutive users, one
+    of each per user; a record text ends with a comma, a history line with a newline. The test record is the history's window and seen set
     (``split.user_histories``), so a history line is the test record plus ``untrained``."""
-    offsets, n_users, n_items = kept.offsets, len(kept.users), max(1, len(kept.items))
+    # Seen sets are sorted as user * n_items + item keys: any n_items above every item index works (a
+    # Ray partition's Kept holds its users' rows, not the catalogue).
+    offsets, n_users = kept.offsets, len(kept.users)
+    n_items = int(kept.iid.max()) + 1 if len(kept.iid) else 1
     u0 = 0
     while u0 < n_users:
         by_rows = int(np.searchsorted(offsets, offsets[u0] + CHUNK_ROWS, side="right")) - 1
@@ -814,6 +1009,7 @@ def eval_chunks(
             out.append(pc.binary_join_element_wise(head, ',"seen":[', seen, "]", ""))
         valid, test = out
         yield (
+            u0,
             pc.binary_join_element_wise(valid, "},", ""),
             pc.binary_join_element_wise(test, "},", ""),
             pc.binary_join_element_wise(test, ',"untrained":2}\n', ""),
@@ -821,28 +1017,37 @@ def eval_chunks(
         u0 = u1
 
 
+# In a stream of (split, texts) for build.write_texts: the key of histories.jsonl lines.
+HISTORY_LINES = "histories"
+
+
 def text_bytes(texts: pa.Array) -> tuple[memoryview, np.ndarray]:
-    """(the data buffer, int64 offsets [n + 1]) of a string array: its strings back to back."""
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)[texts.offset : texts.offset + len(texts) + 1]
+    """(the data buffer, int64 offsets [n + 1]) of a string or large_string array: its strings back to
+    back."""
+    width = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], dtype=width)[texts.offset : texts.offset + len(texts) + 1]
     return memoryview(texts.buffers()[2]), offsets.astype(np.int64)
 
 
-def items_lines(kept: Kept, titles: dict[str, str], meta: dict[str, dict[str, Any]]) -> bytes:
-    """``items.jsonl``: one JSON object per dense item (index, item_id, title, count, meta)."""
+def items_lines(
+    items: pa.Array, item_counts: np.ndarray, titles: dict[str, str], meta: dict[str, dict[str, Any]]
+) -> bytes:
+    """``items.jsonl``: one JSON object per dense item (index, item_id, title, count, meta); ``items``:
+    the ids' text by dense index, ``item_counts``: int64 interactions per item."""
     if titles or meta:  # metadata formats (MovieLens, Amazon): one dict per item, as the reference
         lines = [
             json.dumps(
                 {"index": i, "item_id": item_id, "title": titles.get(item_id, ""),
-                 "count": int(kept.item_counts[i]), "meta": meta.get(item_id) or {}},
+                 "count": int(item_counts[i]), "meta": meta.get(item_id) or {}},
                 separators=(",", ":"), ensure_ascii=False,
             ).encode() + b"\n"
-            for i, item_id in enumerate(kept.items.to_pylist())
+            for i, item_id in enumerate(items.to_pylist())
         ]  # fmt: skip
         return b"".join(lines)
-    n = len(kept.items)
+    n = len(items)
     text = pc.binary_join_element_wise(
         '{"index":', pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string()), ',"item_id":',
-        json_strings(kept.items), ',"title":"","count":', pc.cast(pa.array(kept.item_counts), pa.string()),
+        json_strings(items), ',"title":"","count":', pc.cast(pa.array(item_counts), pa.string()),
         ',"meta":{}}\n', "",
     )  # fmt: skip
     data, off = text_bytes(text)
@@ -891,44 +1096,64 @@ class Engine:
         shutil.rmtree(self.spill, ignore_errors=True)
 
 
+def read_source(engine: Engine, input_path: str | os.PathLike, cfg: ShardsConfig) -> Source:
+    """Read the log into the DuckDB view or table ``raw`` (line, user, item, rating, ts) of ``engine``:
+    one dispatch, the columnar readers or else the reference reader. Raises duckdb.Error when DuckDB
+    runs out of memory or spill space, DataError for the input's own problems."""
+    import duckdb
+
+    fmt, log, meta_file = resolve_input(input_path, cfg)
+    source = None
+    try:
+        if fmt == "parquet":
+            source = _parquet_source(engine.con, log, meta_file, cfg)
+        elif fmt in ("csv", "ml-latest"):
+            source = _csv_source(engine.con, log, meta_file, fmt, cfg, engine.spill)
+    except duckdb.Error:  # a file DuckDB cannot read: the reference reader names the problem
+        source = None
+    if source is None:
+        engine.con.execute("DROP VIEW IF EXISTS src")
+        engine.con.execute("DROP TABLE IF EXISTS csv_rows")
+        source = _reference_source(engine.con, input_path, cfg)
+    return source
+
+
+def _engine_failed(input_path: str | os.PathLike, e: BaseException) -> DataError:
+    return DataError(
+        f"{input_path}: the local build engine failed ({one_line(e)}); shards.engine_memory_gb, "
+        "shards.engine_threads and the free space of the temporary directory bound it"
+    )
+
+
 def prepare(input_path: str | os.PathLike, cfg: ShardsConfig) -> Prepared:
     """Read, deduplicate, filter and sort the log (the module docstring); DataError as the reference."""
     import duckdb
 
     engine = Engine(cfg)
     try:
-        fmt, log, meta_file = resolve_input(input_path, cfg)
-        source = None
-        try:  # one dispatch: the columnar readers, else the reference reader
-            if fmt == "parquet":
-                source = _parquet_source(engine.con, log, meta_file, cfg)
-            elif fmt in ("csv", "ml-latest"):
-                source = _csv_source(engine.con, log, meta_file, fmt, cfg, engine.spill)
-        except duckdb.Error:  # a file DuckDB cannot read: the reference reader names the problem
-            source = None
-        if source is None:
-            engine.con.execute("DROP VIEW IF EXISTS src")
-            engine.con.execute("DROP TABLE IF EXISTS csv_rows")
-            source = _reference_source(engine.con, input_path, cfg)
+        source = read_source(engine, input_path, cfg)
         rows = sort_rows(engine.con)
     except duckdb.Error as e:  # out of memory or of spill space: one line, exit 2
-        raise DataError(
-            f"{input_path}: the local build engine failed ({one_line(e)}); shards.engine_memory_gb, "
-            "shards.engine_threads and the free space of the temporary directory bound it"
-        ) from None
+        raise _engine_failed(input_path, e) from None
     finally:
         engine.close()
     kept, filters, counts = apply_filters(rows, source, cfg)
     return Prepared(source, kept, filters, counts)
 
 
-def write_histories(path: Path, lines: Iterator[pa.Array]) -> str:
-    """Stream history lines into ``path``; their sha256."""
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for text in lines:
-            data, off = text_bytes(text)
-            chunk = data[off[0] : off[-1]]
-            h.update(chunk)
-            f.write(chunk)
-    return h.hexdigest()
+def read_raw(input_path: str | os.PathLike, cfg: ShardsConfig) -> tuple[Source, pa.Table]:
+    """The log as this engine's readers read it, checked but neither sorted nor filtered: (its Source;
+    a table of line int64 (file order), user, item (integer or string), rating (float64 or float32), ts
+    int64). The Ray engine starts from it for the inputs its workers do not read themselves; the table is
+    in memory (the reference reader's inputs are anyway)."""
+    import duckdb
+
+    engine = Engine(cfg)
+    try:
+        source = read_source(engine, input_path, cfg)
+        table = engine.con.sql("SELECT line, user, item, rating, ts FROM raw").to_arrow_table()
+    except duckdb.Error as e:
+        raise _engine_failed(input_path, e) from None
+    finally:
+        engine.close()
+    return source, table

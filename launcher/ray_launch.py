@@ -133,8 +133,9 @@ def _snapshot_checkpoint_names(obj: Any) -> set[str]:
     return set()
 
 
-def _connect() -> None:
-    """Connect to RAY_ADDRESS (set inside ``ray job submit``), else start a local Ray instance."""
+def _connect(num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS (set inside ``ray job submit``), else start a local Ray instance (with
+    ``num_cpus`` CPUs; None = every core)."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -150,7 +151,12 @@ def _connect() -> None:
         runtime_env = {"env_vars": {PRINT_PATCH_ENV: "0"}}
     # "local", not None: None would silently join whatever `ray start` cluster this machine last ran.
     # log_to_driver: the workers' progress lines end up in this process's output (and the job's logs).
-    ray.init(address=address or "local", log_to_driver=True, runtime_env=runtime_env)
+    ray.init(
+        address=address or "local",
+        log_to_driver=True,
+        runtime_env=runtime_env,
+        num_cpus=None if address else num_cpus,
+    )
 
 
 def build_trainer(

@@ -99,9 +99,13 @@ def build(args: argparse.Namespace) -> int:
         if getattr(args, f.name) is not None
     }
     cfg = load_shards_config(args.config, args.overrides, values=flags)
-    manifest = build_shards(
-        args.input, args.out, cfg, force=args.force, command=_command_line(args.input, args.out, cfg)
-    )
+    command = _command_line(args.input, args.out, cfg)
+    if cfg.engine == "ray":  # Ray is imported only here, in the launcher (the layer contract)
+        from launcher.ray_shards import build as build_with_ray
+
+        manifest = build_with_ray(args.input, args.out, cfg, force=args.force, command=command)
+    else:
+        manifest = build_shards(args.input, args.out, cfg, force=args.force, command=command)
     for notice in manifest["source"].get("notices", []):
         print(f"note: {notice}", file=sys.stderr)
     skipped = manifest["source"]["skipped_lines"]

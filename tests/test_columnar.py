@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,22 +50,35 @@ def records(out: Path) -> dict[str, list[dict]]:
     return view
 
 
-def both(src: Path, out: Path, **settings) -> tuple[dict, dict]:
-    """Build ``src`` with each engine; assert identical output; (reference manifest, local manifest)."""
-    ref = build_shards(src, out / "python", ShardsConfig(engine="python", **settings))
-    new = build_shards(src, out / "local", ShardsConfig(engine="local", **settings))
+def build_with(engine: str, src: Path | str, out: Path | str, **settings) -> dict:
+    """``src`` built into ``out`` by ``engine`` in this process; the manifest."""
+    return build_shards(src, out, ShardsConfig(engine=engine, **settings))
+
+
+def both(
+    src: Path,
+    out: Path,
+    engines: tuple[str, str] = ("python", "local"),
+    build: Callable[..., dict] | None = None,
+    **settings,
+) -> tuple[dict, dict]:
+    """Build ``src`` with each engine into ``out/<engine>`` (``build(engine, src, out, **settings)``, default
+    :func:`build_with`); assert identical output: the manifest (but the setting naming the engine and the
+    command line), items, histories and every shard's bytes. (first manifest, second)."""
+    first, second = engines
+    build = build or build_with
+    ref = build(first, src, out / first, **settings)
+    new = build(second, src, out / second, **settings)
     assert new["fingerprint"] == ref["fingerprint"]
-    for key in ref:  # every key but the settings (which name the engine) is the same
-        if key != "shards_config":
+    for key in ref:  # every key but how it was built (settings naming the engine, command line)
+        if key not in ("shards_config", "command"):
             assert new[key] == ref[key], key
-    assert new["shards_config"] == {**ref["shards_config"], "engine": "local"}
+    assert new["shards_config"] == {**ref["shards_config"], "engine": second}
     for name in ("items.jsonl", "histories.jsonl"):
-        assert (out / "local" / name).read_bytes() == (out / "python" / name).read_bytes()
+        assert (out / second / name).read_bytes() == (out / first / name).read_bytes()
     for shards in ref["splits"].values():
         for shard in shards["shards"]:
-            assert (out / "local" / shard["path"]).read_bytes() == (
-                out / "python" / shard["path"]
-            ).read_bytes()
+            assert (out / second / shard["path"]).read_bytes() == (out / first / shard["path"]).read_bytes()
     return ref, new
 
 

@@ -64,13 +64,13 @@ class RayHead:
             )
         return proc
 
-    def start(self) -> None:
+    def start(self, num_cpus: int = 4) -> None:
         self.ray("get-auth-token", "--generate")  # with RAY_AUTH_MODE=token a token must exist first
         self.ray(
             "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port),
             "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-            "--num-cpus", "4", "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
+            "--num-cpus", str(num_cpus), "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
             timeout=180,
         )  # fmt: skip
 
