@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import _cli, _env, _json_line, _train_log, popularity_rows  # noqa: E402
+from benchmarks.quality import _cli, _env, _json_line, _train_log, minutes_to, popularity_rows  # noqa: E402
+from benchmarks.quality import _fmt as _mean_std  # noqa: E402
 
 DATA = REPO.parent / "shared" / "datasets"
 FILES = {"toys": "Toys_and_Games.txt", "sports": "Sports_and_Outdoors.txt"}
@@ -182,17 +183,6 @@ def run_row(row: Row, out: Path, shards: Path, extra: list[str] = ()) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _mean_std(values: list[float], digits: int = 4) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def minutes_to(curve: list[dict], target: float) -> float | None:
-    """Training minutes to the first checkpoint whose test NDCG@10 reaches ``target`` (None: never)."""
-    return next((p["minutes"] for p in curve if p["test_ndcg@10"] >= target), None)
 
 
 def report(out: Path) -> str:
