@@ -26,6 +26,13 @@ Resume: batches are counted in the main process as the trainer receives them (no
 them); a restored loader computes the plan and starts at the saved batch, reading at most the one shard
 that the saved position is inside of before yielding.
 
+Scale (issue 15, docs/BENCHMARKS.md "Reader at scale"): nothing is planned per record ahead of use. The
+plan is O(shards) numbers (shard order and offsets) and a few shard permutations; a batch's slots are
+computed when it is due, and when a shard is first needed :meth:`EpochPlan.uses` tells, in O(records of
+that shard), which of its records this worker needs and when it is done with the shard. So the reader's
+memory is a few decoded shards whatever the epoch's length, a restore costs one shard's read wherever
+the position is, and the state is a dozen numbers (plus three per plan change).
+
 Resume on another plan (world size or batch size changed mid-epoch, elastic training): the records
 that the saved plan had not yet served form the rest of the epoch, in the order the saved plan would
 have served them step by step (its batch b of rank 0, of rank 1, …, then batch b + 1, …), and the
@@ -46,7 +53,7 @@ import logging
 import math
 import os
 import tarfile
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,8 +70,68 @@ log = logging.getLogger(__name__)
 STATE_KEYS = ("fingerprint", "split", "rank", "world_size", "batch_size", "seed", "epoch", "batch")
 
 
+PERM_CACHE = 16
+"""Shard permutations an :class:`EpochPlan` keeps (LRU): a batch touches one or two shards of the
+rank-contiguous plan, or one per rank of an earlier plan after a world-size change, so 16 avoids
+recomputing them while keeping the plan's memory O(shard size), not O(epoch)."""
+
+
+class RestOfEpoch:
+    """The positions in G that earlier plans of the epoch left to serve, in serving order (module
+    docstring: resume on another plan), as arithmetic: O(1) memory whatever the epoch's size.
+
+    The first change leaves the rank-contiguous plan ``world_size`` x ``batch_size`` after ``served``
+    batches per rank; its rest is ``j -> position`` of batch ``b``, rank ``r``, slot ``k`` of that plan
+    with ``j = (b * world_size + r) * batch_size + k - offset`` (step-major). Every later change keeps
+    a slice of whole steps of the rest before it, so any chain of changes is ``offset`` and ``length``
+    over the first one. Only drop_last (train) plans are re-planned, so no position of it is a pad.
+    """
+
+    def __init__(self, total: int, world_size: int, batch_size: int, served: int) -> None:
+        self.world_size, self.batch_size = world_size, batch_size
+        self.num_batches = total // (world_size * batch_size)  # per rank, the tail dropped
+        self.offset = served * world_size * batch_size
+        self.length = max((self.num_batches - served) * world_size * batch_size, 0)
+
+    def after(self, world_size: int, batch_size: int, served: int) -> RestOfEpoch:
+        """The rest once a plan ``world_size`` x ``batch_size`` over this rest served ``served`` batches
+        per rank (its tail that fills no whole step is dropped)."""
+        per_step = world_size * batch_size
+        out = RestOfEpoch.__new__(RestOfEpoch)
+        out.world_size, out.batch_size, out.num_batches = self.world_size, self.batch_size, self.num_batches
+        out.offset = self.offset + served * per_step
+        out.length = max((self.length // per_step - served) * per_step, 0)
+        return out
+
+    def __len__(self) -> int:
+        return self.length
+
+    def positions(self, index: np.ndarray) -> np.ndarray:
+        """int64 positions in G of the rest's entries ``index`` (int64, each in [0, len))."""
+        j = index + self.offset
+        step = self.world_size * self.batch_size
+        b, r, k = j // step, (j % step) // self.batch_size, j % self.batch_size
+        return (r * self.num_batches + b) * self.batch_size + k
+
+    def index_of(self, pos: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`positions`: the index in the rest of each position in G (int64), -1
+        where the position is not in it (served before the change, or dropped)."""
+        per_rank = self.num_batches * self.batch_size
+        if per_rank == 0:
+            return np.full(pos.shape, -1, dtype=np.int64)
+        r, within = pos // per_rank, pos % per_rank
+        b, k = within // self.batch_size, within % self.batch_size
+        j = (b * self.world_size + r) * self.batch_size + k - self.offset
+        return np.where((r < self.world_size) & (j >= 0) & (j < self.length), j, -1)
+
+
 class EpochPlan:
-    """Which records, in which order, form every batch of one epoch (see the module docstring)."""
+    """Which records, in which order, form every batch of one epoch (see the module docstring).
+
+    Memory is O(shards) plus at most :data:`PERM_CACHE` shard permutations: batches and the records a
+    shard gives to them are computed when asked for, so a plan of a 50M-interaction epoch is as small
+    as one of the sample's, and starting deep inside an epoch costs no more than starting at its head.
+    """
 
     def __init__(
         self, manifest: dict[str, Any], split: str, world_size: int, batch_size: int, seed: int, epoch: int,
@@ -76,60 +143,91 @@ class EpochPlan:
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.batch_size, self.world_size = batch_size, world_size
         # rest: the positions in G still to serve this epoch (None: all of G, the common case).
-        self.rest: np.ndarray | None = None
+        self.rest: RestOfEpoch | None = None
         for seg_world, seg_batch, served in segments:
-            self.rest = remaining_positions(self.rest, self.total, seg_world, seg_batch, served, drop_last)
+            if not drop_last:  # ShardLoader.load_state_dict refuses this first, with the reason
+                raise DataError("reader: only a drop_last (train) plan can be re-planned mid-epoch")
+            self.rest = (
+                RestOfEpoch(self.total, seg_world, seg_batch, served)
+                if self.rest is None
+                else self.rest.after(seg_world, seg_batch, served)
+            )
         n = self.total if self.rest is None else len(self.rest)
         per_step = world_size * batch_size
         self.available = n
         self.num_batches = n // per_step if drop_last else math.ceil(n / per_step)
         self.per_rank = self.num_batches * batch_size
+        self.slots = self.num_batches * per_step
+        """Slots of the epoch, all ranks; slot q holds rest entry q (q < available) or a pad copy."""
         rng = np.random.default_rng([seed, epoch, 0])
         self.order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        self.place = np.empty_like(self.order)  # shard -> its index in the shard order
+        self.place[self.order] = np.arange(len(self.order))
         self.starts = np.concatenate([[0], np.cumsum(self.counts[self.order])])
-        self._perms: dict[int, np.ndarray] = {}
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _perm(self, shard: int) -> np.ndarray:
-        if shard not in self._perms:
+        """int64 [records of the shard]: record-in-shard at each of the shard's positions in G."""
+        perm = self._perms.pop(shard, None)
+        if perm is None:
             n = int(self.counts[shard])
             rng = np.random.default_rng([self.seed, self.epoch, 1, shard])
-            self._perms[shard] = rng.permutation(n) if self.shuffle else np.arange(n)
-        return self._perms[shard]
+            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            if len(self._perms) >= PERM_CACHE:
+                self._perms.popitem(last=False)
+        self._perms[shard] = perm
+        return perm
+
+    def _slot_pos(self, rank: int, i: int) -> np.ndarray:
+        """int64 [batch_size]: the slots (see ``slots``) of batch i of a rank."""
+        if self.rest is None:
+            return rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
+        # a re-planned rest: step-major (module docstring)
+        return (i * self.world_size + rank) * self.batch_size + np.arange(self.batch_size)
 
     def batch(self, rank: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(shard, record-in-shard, is-pad) of every slot of batch i of a rank."""
-        if self.rest is None:
-            pos = rank * self.per_rank + i * self.batch_size + np.arange(self.batch_size)
-        else:  # a re-planned rest: step-major (module docstring)
-            pos = (i * self.world_size + rank) * self.batch_size + np.arange(self.batch_size)
+        """(shard, record-in-shard, is-pad), each [batch_size], of every slot of batch i of a rank."""
+        pos = self._slot_pos(rank, i)
         pad = pos >= self.available
         pos = pos % self.available  # a pad slot copies a real record
         if self.rest is not None:
-            pos = self.rest[pos]
+            pos = self.rest.positions(pos)
         k = np.searchsorted(self.starts, pos, side="right") - 1
         shard = self.order[k]
         offset = pos - self.starts[k]
-        record = np.array([self._perm(int(s))[o] for s, o in zip(shard, offset)], dtype=np.int64)
+        record = np.empty_like(offset)
+        for s in np.unique(shard).tolist():
+            here = shard == s
+            record[here] = self._perm(s)[offset[here]]
         return shard, record, pad
 
-
-def remaining_positions(
-    rest: np.ndarray | None, total: int, world_size: int, batch_size: int, served: int, drop_last: bool
-) -> np.ndarray:
-    """Positions in G (int64) that a plan of ``world_size`` x ``batch_size`` over ``rest`` (None: all
-    ``total`` of G, the rank-contiguous plan; else a re-planned, step-major rest) had not served after
-    ``served`` batches per rank, in the order it would have served them: batch ``served`` of rank 0,
-    of rank 1, …, then batch ``served + 1``. A dropped tail (``drop_last``) stays dropped."""
-    n = total if rest is None else len(rest)
-    per_step = world_size * batch_size
-    num_batches = n // per_step if drop_last else math.ceil(n / per_step)
-    if rest is not None:
-        return rest[served * per_step : min(num_batches * per_step, n)]
-    b = np.arange(served, num_batches, dtype=np.int64)[:, None, None]
-    r = np.arange(world_size, dtype=np.int64)[None, :, None]
-    k = np.arange(batch_size, dtype=np.int64)[None, None, :]
-    pos = (r * num_batches * batch_size + b * batch_size + k).ravel()
-    return pos[pos < total]
+    def uses(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every slot of the epoch that a record of ``shard`` fills, pad copies included: (record-in-
+        shard, rank, batch), int64 arrays of equal length (at most the shard's records + one step).
+        The inverse of :meth:`batch`, in O(records of the shard): a reader learns which of a shard's
+        records it needs, and until which batch, without planning the rest of the epoch."""
+        lo, n = int(self.starts[self.place[shard]]), int(self.counts[shard])
+        pos = np.arange(lo, lo + n, dtype=np.int64)
+        slot = pos if self.rest is None else self.rest.index_of(pos)
+        keep = (slot >= 0) & (slot < min(self.available, self.slots))  # not served before, not dropped
+        perm = self._perm(shard)
+        records, slot = perm[pos[keep] - lo], slot[keep]
+        if self.slots > self.available:  # eval: the last slots are pad copies of the first records
+            pads = np.arange(self.available, self.slots, dtype=np.int64)
+            source = pads % self.available
+            if self.rest is not None:
+                source = self.rest.positions(source)
+            here = (source >= lo) & (source < lo + n)
+            records = np.concatenate([records, perm[source[here] - lo]])
+            slot = np.concatenate([slot, pads[here]])
+        if self.rest is None:
+            rank, batch = slot // self.per_rank, (slot % self.per_rank) // self.batch_size
+        else:
+            rank, batch = (
+                (slot // self.batch_size) % self.world_size,
+                slot // (self.world_size * self.batch_size),
+            )
+        return records, rank, batch
 
 
 def read_shard(
@@ -192,25 +290,26 @@ class _EpochStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = range(self.start + worker, self.plan.num_batches, workers)
-        slots = [self.plan.batch(self.rank, i) for i in mine]
-        wanted: dict[int, set[int]] = defaultdict(set)
-        last_use: dict[int, int] = {}
-        for j, (shards, records, _) in enumerate(slots):
-            for s, r in zip(shards.tolist(), records.tolist()):
-                wanted[s].add(r)
-                last_use[s] = j
+        first = self.start + worker
+        # Planned batch by batch: a shard's records for this worker (and its last batch here) come from
+        # plan.uses when the shard is first needed, so nothing here grows with the epoch (issue 15).
         cache: dict[int, dict[int, Record]] = {}
+        last_use: dict[int, int] = {}
         skipped = 0
         last_real: Record | None = None
-        for j, (shards, records, pads) in enumerate(slots):
+        for i in range(first, self.plan.num_batches, workers):
+            shards, records, pads = self.plan.batch(self.rank, i)
             for s in dict.fromkeys(shards.tolist()):  # first-use order
                 if s in cache:
                     continue
+                used, ranks, batches = self.plan.uses(s)
+                mine = (ranks == self.rank) & (batches >= i) & ((batches - first) % workers == 0)
+                wanted = set(used[mine].tolist())
+                last_use[s] = int(batches[mine].max())
                 meta = self.plan.shards[s]
                 try:
                     cache[s] = read_shard(
-                        resolve(self.location, meta["path"]), meta, self.records_per_member, wanted[s]
+                        resolve(self.location, meta["path"]), meta, self.records_per_member, wanted
                     )
                 except CorruptShardError as e:
                     skipped += 1
@@ -218,7 +317,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
                         raise
                     log.warning(
                         "skipping corrupt shard (%d of %d tolerated in this reader): %s; its %d records are "
-                        "replaced by pad copies", skipped, self.tolerance, e, len(wanted[s]),
+                        "replaced by pad copies", skipped, self.tolerance, e, len(wanted),
                     )  # fmt: skip
                     cache[s] = {}
             batch: list[Record | None] = []
@@ -229,7 +328,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
             last_real = real
             filled = [r if r is not None else _substitute(real) for r in batch]
             for s in set(shards.tolist()):
-                if last_use[s] == j:
+                if last_use[s] == i:
                     del cache[s]
             yield self.collate_fn(filled) if self.collate_fn is not None else filled
 
