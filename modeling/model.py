@@ -19,6 +19,39 @@ def is_tied(lm: PreTrainedModel) -> bool:
     return out is not None and out.weight is lm.get_input_embeddings().weight
 
 
+# Bounds of the length groups: a row of length n joins the group of the smallest bound >= n (or T).
+_GROUP_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
+# Below this many padded positions saved, one call at the batch width is cheaper than several calls.
+_MIN_SAVED_POSITIONS = 256
+
+
+def length_groups(attention_mask: torch.Tensor | None) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows of a right-padded batch grouped by length, as ``[(row indices [n] int64, width), ...]``.
+
+    ``attention_mask`` [B, T] (1 = token, 0 = padding). A row of ``n`` tokens goes to the group of the
+    smallest bound in ``(8, 16, 32, …, T)`` that holds it; a group's width is its longest row. ``None``
+    when grouping does not pay (no mask, a mask that is not a prefix of ones per row, or fewer than 256
+    padded positions saved): then the batch runs as it is. Several GPU/CPU kernel launches per group
+    are the price; on recommendation batches the saving is most of the transformer's work.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    B, T = attention_mask.shape
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(T, device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
+        return None  # left padding or holes: positions would shift, keep the plain path
+    bounds = torch.tensor([w for w in _GROUP_WIDTHS if w < T] + [T], device=lengths.device)
+    group_of = torch.bucketize(lengths, bounds)  # index of the smallest bound >= length
+    groups = []
+    for g in torch.unique(group_of).tolist():
+        rows = torch.nonzero(group_of == g).squeeze(1)
+        groups.append((rows, max(1, int(lengths[rows].max()))))
+    if B * T - sum(rows.numel() * width for rows, width in groups) < _MIN_SAVED_POSITIONS:
+        return None
+    return groups
+
+
 class RecModel(nn.Module):
     """``forward`` returns the final hidden states; ``item_logits`` / ``rating_output`` score them.
 
@@ -74,6 +107,20 @@ class RecModel(nn.Module):
         """Final hidden states [B, T, H]; the LM head is skipped (item_logits scores what is needed)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
+        groups = length_groups(attention_mask)
+        if groups is None:
+            return self._body(inputs_embeds, attention_mask)
+        # Right-padded rows of very different lengths (a recommendation batch: most histories are short,
+        # a few reach max_len): run each group of rows at its own width instead of the batch's. The
+        # model is causal and the padding is on the right, so a real position sees the same inputs
+        # either way; only the padded positions (never scored) are left out — most of the compute.
+        B, T = attention_mask.shape
+        hidden = inputs_embeds.new_zeros(B, T, self.causal_lm.config.hidden_size)
+        for rows, width in groups:
+            hidden[rows, :width] = self._body(inputs_embeds[rows, :width], attention_mask[rows, :width])
+        return hidden
+
+    def _body(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         body = self.causal_lm.base_model  # GPT2Model / LlamaModel / ...: the transformer without its head
         out = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state

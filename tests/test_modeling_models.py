@@ -517,3 +517,46 @@ def test_cooccurrence_init_puts_co_rated_items_together(sample_shards):
     unit = torch.nn.functional.normalize(vectors, dim=1)
     sims = unit @ unit[0]
     assert int((sims > sims[2353]).sum()) <= 100
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart", "ligr"])
+def test_length_groups_give_the_single_call_hidden_states_and_gradients(shards, arch):
+    """Rows run at their own group's width (most of a recommendation batch is padding): the hidden
+    states of real positions and every gradient match one call at the batch width."""
+    from modeling.model import length_groups
+
+    cfg = _cfg(f"model.architecture={arch}")
+    model, tok = build_model_and_tokenizer(cfg, shards)
+    model.eval()  # no dropout: the two paths draw their masks differently
+    records = [r for n in (2, 3, 5, 9, 17, 40) for r in _records(4, length=min(n, NUM_ITEMS), seed=n)]
+    for i, r in enumerate(records):
+        r["user"], r["uid"] = f"u{i}", i
+    batch = _collate(cfg, tok, _items(), "train")(records)
+    mask = batch["attention_mask"]
+    groups = length_groups(mask)
+    assert groups is not None and len(groups) >= 3
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(records)))
+    assert all(int(mask[rows].sum(1).max()) == width for rows, width in groups)
+
+    def run(grouped: bool):
+        model.zero_grad()
+        embeds = model.embed(batch["input_ids"]).detach().requires_grad_(True)
+        if grouped:
+            hidden = model(attention_mask=mask, inputs_embeds=embeds)
+        else:
+            hidden = model._body(embeds, mask)
+        real = hidden[mask.bool()]
+        (real * torch.linspace(-1, 1, real.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return real.detach(), embeds.grad[mask.bool()], grads
+
+    h1, e1, g1 = run(True)
+    h0, e0, g0 = run(False)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g0.keys() and g1
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+    # Left padding, holes or little to save: one call as before.
+    assert length_groups(mask.flip(1)) is None
+    assert length_groups(torch.ones(4, 30, dtype=torch.long)) is None
