@@ -4,17 +4,27 @@ All three train the same model (built by ``modeling.factory`` from the same conf
 (``modeling.data.build_loader`` batches), with the same DeepSpeed settings (``trainer.engine.deepspeed_config``),
 on the same number of processes (torchrun). Throughput = global samples per second of wall time over
 the steps after ``--warmup`` (every step's end is timestamped; evaluation and the final checkpoint are
-outside the window).
+outside the window). Beside it, the CPU time of the window (``time.process_time`` of every rank, summed,
+per step): the training processes' own work, which a loaded machine's scheduling does not stretch, so
+its overhead column is the one to trust when other jobs share the cores (the data workers' collate is
+outside it for both contenders, which use the same loader).
 
-- ``minimal``: deepspeed.initialize + for batch: loss = LossComputer; engine.backward; engine.step.
-  The difference to recgpt is the framework's overhead (target <= 5 %).
+- ``recgpt``: ``trainer.loop.train`` (what ``recgpt train`` runs) with the config's logging interval
+  (pass ``train.log_interval=1`` to measure logging every step), no evaluation or checkpoint before
+  the last step; each step's end is timestamped when the loop hands the step to the monitor.
+- ``minimal``: deepspeed.initialize (recgpt's optimizer and LR schedule) + for batch: loss =
+  LossComputer; engine.backward; engine.step. The difference to recgpt is the framework's overhead
+  (target <= 5 %): the per-step collective and bookkeeping, logging, memory readings.
 - ``hf``: ``transformers.Trainer`` with the same DeepSpeed config on the causal LM inside the RecModel,
   with a plain causal-LM loss (labels = the next item's token at the same positions): the output
   layer and softmax cover the whole vocabulary at every supervised position, while recgpt scores the
   item rows only. Targets: >= 1.0x on the ids format, >= 1.5x on text with a large vocabulary (asking
   the BPE for 50,000 pieces gives 17,084 on the sample's titles: 26,808 tokens with the item tokens).
 
-    python benchmarks/train_throughput.py [--shards DIR] [--nproc 2] [--steps 30] [--formats ids,text]
+    python benchmarks/train_throughput.py [--shards DIR] [--nproc 2] [--steps 30] [--formats ids,text] \
+        [--repeat N] [--skip-hf] [override ...]
+
+``--repeat N`` alternates recgpt and minimal N times (ABAB) and reports the medians.
 
 Prints one table and a JSON line. CPU: DS_ACCELERATOR=cpu and gloo are chosen automatically.
 """
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,32 +83,82 @@ def _torchrun(nproc: int, *cmd: str) -> None:
 # --------------------------------------------------------------------------- the three contenders
 
 
-def run_recgpt(args, overrides: list[str], work: Path) -> float:
-    out = work / "recgpt"
-    _torchrun(
-        args.nproc, "--no-python", "recgpt", "train", "--config", str(TINY), *overrides,
-        f"train.output_dir={out}", "train.log_interval=1", "train.eval_interval=0",
-        "train.checkpoint_interval=0", "logging.progress=none", "logging.tensorboard=false",
-    )  # fmt: skip
-    records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    ends = [r["time"] for r in records if r["kind"] == "train"]
-    return _throughput(ends, args.warmup, _global_batch(overrides, args.nproc))
-
-
 def _global_batch(overrides: list[str], nproc: int) -> int:
     from configs import load_config
 
     return load_config(TINY, overrides).train.micro_batch_size * nproc
 
 
-def run_worker(kind: str, args, overrides: list[str], work: Path) -> float:
+def run_worker(kind: str, args, overrides: list[str], work: Path) -> dict[str, float]:
+    """One run of ``kind``: global samples/s of wall time (``samples_s``), and per step, summed over the
+    ranks, process CPU ms (``cpu_ms``), the part of it outside the shared compute (``rest_ms``) and
+    minor page faults (``faults``)."""
+    work.mkdir(parents=True, exist_ok=True)
     result = work / f"{kind}.json"
     _torchrun(
         args.nproc, str(Path(__file__).resolve()), "--worker", kind, "--result", str(result),
         "--steps", str(args.steps), "--", *overrides,
     )  # fmt: skip
-    ends = json.loads(result.read_text())["ends"]
-    return _throughput(ends, args.warmup, _global_batch(overrides, args.nproc))
+    ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(args.nproc)]
+    first = max(args.warmup - 1, 0)
+    steps = len(ranks[0]["cpu"]) - 1 - first
+
+    def per_step(key: str, scale: float = 1.0) -> float:
+        return sum(r[key][-1] - r[key][first] for r in ranks) * scale / steps
+
+    cpu_ms = per_step("cpu", 1000)
+    return {
+        "samples_s": _throughput(ranks[0]["ends"], args.warmup, _global_batch(overrides, args.nproc)),
+        "cpu_ms": cpu_ms,
+        "rest_ms": cpu_ms - per_step("compute", 1000),
+        "faults": per_step("faults"),
+    }
+
+
+class StepClock:
+    """Wall and process CPU time and minor page faults at the end of every step (after the device has
+    finished it), and the CPU time spent so far in the compute both contenders share (:meth:`install`)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.cpu: list[float] = []
+        self.compute: list[float] = []
+        self.faults: list[int] = []
+        self.inside = 0.0
+
+    def tick(self) -> None:
+        import resource
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.compute.append(self.inside)
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+    def install(self) -> None:
+        """Count the CPU time of the loss (forward included), ``engine.backward`` and ``engine.step``:
+        the same calls on the same model in both loops, so what is left of a step's CPU time is each
+        loop's own work — a comparison that the load's effect on the kernels does not blur."""
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        from modeling.loss import LossComputer
+
+        def timed(fn):
+            def wrapper(*args, **kwargs):
+                t0 = time.process_time()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.inside += time.process_time() - t0
+
+            return wrapper
+
+        LossComputer.__call__ = timed(LossComputer.__call__)  # type: ignore[method-assign]
+        DeepSpeedEngine.backward = timed(DeepSpeedEngine.backward)  # type: ignore[method-assign]
+        DeepSpeedEngine.step = timed(DeepSpeedEngine.step)  # type: ignore[method-assign]
 
 
 def _worker_setup(overrides: list[str]):
@@ -120,26 +181,47 @@ def _worker_setup(overrides: list[str]):
     return cfg, info, model, tok, loader
 
 
-def _sync(device) -> None:
-    import torch
+def worker_recgpt(steps: int, overrides: list[str], clock: StepClock, work: Path) -> None:
+    from configs import load_config
+    from trainer import loop
+    from trainer.monitor import Monitor
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    cfg = load_config(TINY, [
+        *overrides, f"train.output_dir={work / 'recgpt-run'}", "train.eval_interval=0",
+        "train.checkpoint_interval=0", "logging.progress=none", "logging.tensorboard=false",
+    ])  # fmt: skip
+    add_step = Monitor.add_step
+
+    def timed(self: Monitor, stats) -> None:  # the loop hands each finished step to the monitor
+        add_step(self, stats)
+        clock.tick()
+
+    Monitor.add_step = timed  # type: ignore[method-assign]
+    clock.install()
+    loop.train(cfg)
 
 
-def worker_minimal(steps: int, overrides: list[str]) -> list[float]:
+def worker_minimal(steps: int, overrides: list[str], clock: StepClock) -> None:
     import deepspeed
-    import torch
 
     from modeling.loss import LossComputer
-    from trainer.engine import deepspeed_config, model_hidden_size, size_buckets
+    from trainer.engine import (
+        build_optimizer,
+        build_scheduler,
+        deepspeed_config,
+        model_hidden_size,
+        size_buckets,
+    )
 
     cfg, info, model, _, loader = _worker_setup(overrides)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    # recgpt's optimizer (AdamW, decayed matrices and undecayed biases/norms: two groups) and schedule:
+    # the same optimizer work per step, so the difference is the framework's, not the recipe's.
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, steps)
     ds = size_buckets(deepspeed_config(cfg, info.world_size), model_hidden_size(model))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     loss_fn = LossComputer(cfg)
-    ends: list[float] = []
+    clock.install()
     step = 0
     while step < steps:
         for batch in loader:
@@ -147,15 +229,13 @@ def worker_minimal(steps: int, overrides: list[str]) -> list[float]:
             loss, _ = loss_fn(engine, batch, step)
             engine.backward(loss)
             engine.step()
-            _sync(info.device)
-            ends.append(time.perf_counter())
+            clock.tick()
             step += 1
             if step == steps:
                 break
-    return ends
 
 
-def worker_hf(steps: int, overrides: list[str]) -> list[float]:
+def worker_hf(steps: int, overrides: list[str], clock: StepClock) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -186,12 +266,9 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
         def __getitem__(self, i):
             return batches[i]
 
-    ends: list[float] = []
-
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            _sync(info.device)
-            ends.append(time.perf_counter())
+            clock.tick()
 
     ds = size_buckets(deepspeed_config(cfg, info.world_size), model_hidden_size(model))
     ds.update(train_micro_batch_size_per_gpu="auto", train_batch_size="auto", gradient_accumulation_steps="auto",
@@ -210,7 +287,6 @@ def worker_hf(steps: int, overrides: list[str]) -> list[float]:
     )
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Batches())
     trainer.train()
-    return ends
 
 
 # --------------------------------------------------------------------------- driver
@@ -224,16 +300,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput window")
     p.add_argument("--formats", default="ids,text")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--worker", choices=["minimal", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1, help="alternate recgpt and minimal N times; medians")
+    p.add_argument("--worker", choices=["recgpt", "minimal", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides for all contenders")
     args = p.parse_args()
 
     if args.worker:
-        fn = worker_minimal if args.worker == "minimal" else worker_hf
-        ends = fn(args.steps, args.overrides)
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(args.result).write_text(json.dumps({"ends": ends}))
+        clock = StepClock()
+        if args.worker == "recgpt":
+            worker_recgpt(args.steps, args.overrides, clock, Path(args.result).parent)
+        else:
+            (worker_minimal if args.worker == "minimal" else worker_hf)(args.steps, args.overrides, clock)
+        rank = int(os.environ.get("RANK", "0"))
+        record = {"ends": clock.ends, "cpu": clock.cpu, "compute": clock.compute, "faults": clock.faults}
+        Path(f"{args.result}.{rank}").write_text(json.dumps(record))
         return
 
     work = Path(tempfile.mkdtemp(prefix="recgpt-throughput-"))
@@ -251,20 +332,51 @@ def main() -> None:
             *FORMAT_OVERRIDES[fmt],
             *args.overrides,
         ]
-        row = {"format": fmt, "recgpt": run_recgpt(args, overrides, work / fmt)}
-        row["minimal"] = run_worker("minimal", args, overrides, work / fmt)
+        runs: dict[str, list[dict[str, float]]] = {"recgpt": [], "minimal": []}
+        for i in range(args.repeat):  # alternated, so a change of the machine's load hits both alike
+            for kind in runs:
+                runs[kind].append(run_worker(kind, args, overrides, work / fmt / f"{kind}-{i}"))
+        row: dict = {"format": fmt}
+        for kind, results in runs.items():
+            row[kind] = statistics.median(r["samples_s"] for r in results)
+            for key in ("cpu_ms", "rest_ms", "faults"):
+                row[f"{kind}_{key}"] = statistics.median(r[key] for r in results)
+                row[f"{kind}_{key}_runs"] = [round(r[key], 1) for r in results]
+            row[f"{kind}_runs"] = [round(r["samples_s"], 2) for r in results]
         row["overhead_pct"] = 100.0 * (row["minimal"] - row["recgpt"]) / row["minimal"]
+        row["cpu_overhead_pct"] = (
+            100.0 * (row["recgpt_cpu_ms"] - row["minimal_cpu_ms"]) / row["minimal_cpu_ms"]
+        )
+        # The loops' own CPU (outside the shared compute), as a share of the minimal loop's whole step.
+        row["own_overhead_pct"] = (
+            100.0 * (row["recgpt_rest_ms"] - row["minimal_rest_ms"]) / row["minimal_cpu_ms"]
+        )
         if not args.skip_hf:
-            row["hf"] = run_worker("hf", args, overrides, work / fmt)
+            row["hf"] = run_worker("hf", args, overrides, work / fmt / "hf")["samples_s"]
             row["speedup_vs_hf"] = row["recgpt"] / row["hf"]
         rows.append(row)
         print(
             f"{fmt:5s} recgpt {row['recgpt']:8.1f} samples/s | minimal DeepSpeed {row['minimal']:8.1f} "
-            f"(overhead {row['overhead_pct']:+.1f} %)"
+            f"(overhead {row['overhead_pct']:+.1f} %) | CPU/step recgpt {row['recgpt_cpu_ms']:.1f} ms, "
+            f"minimal {row['minimal_cpu_ms']:.1f} ms (overhead {row['cpu_overhead_pct']:+.1f} %; outside "
+            f"the shared compute {row['recgpt_rest_ms']:.1f} vs {row['minimal_rest_ms']:.1f} ms: "
+            f"{row['own_overhead_pct']:+.1f} %) | page faults/step {row['recgpt_faults']:.0f} vs "
+            f"{row['minimal_faults']:.0f}"
             + (f" | HF Trainer {row['hf']:8.1f} (recgpt {row['speedup_vs_hf']:.2f}x)" if "hf" in row else ""),
             flush=True,
         )
-    print(json.dumps({"nproc": args.nproc, "steps": args.steps, "warmup": args.warmup, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "nproc": args.nproc,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+                "overrides": args.overrides,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

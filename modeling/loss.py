@@ -11,7 +11,9 @@ of the whole optimizer step on every rank (:func:`step_denominator`): DeepSpeed 
 micro-batch's gradient by ``grad_accum`` and averages over ranks, which leaves exactly
 ``sum over every position of the step / N`` — every supervised position weighs the same, however the
 step's sequences are split into micro-batches and ranks (a mean per micro-batch would weigh a position
-of a micro-batch with few supervised positions more).
+of a micro-batch with few supervised positions more). The training loop learns N only after the step's
+first forward (in the same all-reduce as the non-finite check): it asks for the sums
+(``denominator=1.0``) and divides the loss and its logs afterwards (:func:`divide`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ def step_denominator(positions: int, grad_accum: int, world_size: int) -> float:
     division by the accumulation count and its average over ranks (module docstring). A step without
     any supervised position (no data can do that; guarded anyway) gets 1: its losses are all 0."""
     return max(positions, 1) / (grad_accum * world_size)
+
+
+LOSS_LOGS = ("loss", "clean_loss", "adv_loss")
+"""The logged values of :class:`LossComputer` that are losses, i.e. sums / ``denominator`` (the others,
+``perturbation_norm``, are not)."""
+
+
+def divide(
+    loss: torch.Tensor, logs: dict[str, float], denominator: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``LossComputer(...)(..., denominator=1.0)``'s loss and logs divided by ``denominator``, once it is
+    known. The loss of the clean task is bitwise the one ``denominator`` passed in gives (x / 1 is x); an
+    adversarial loss (clean + w x adv, a path mean) and the logged values equal it up to rounding (they
+    divide the combination instead of each term, the float instead of the tensor)."""
+    return loss / denominator, {k: v / denominator if k in LOSS_LOGS else v for k, v in logs.items()}
 
 
 def task_loss(

@@ -4,6 +4,7 @@ all-reduce, and the logged scalars (return value, train_log.jsonl, the plain log
 from __future__ import annotations
 
 import json
+import resource
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ def _batch(rows: int, length: int, real: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.ones(rows, length, dtype=torch.long), "attention_mask": mask}
 
 
-def _two_ranks(values: list[float], op: str = "sum") -> list[float]:
-    """A fake all-reduce over two ranks holding the same numbers."""
-    return [2 * v for v in values] if op == "sum" else list(values)
+def _two_ranks(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+    """A fake collective over two ranks holding the same numbers."""
+    return [2 * v for v in sums], list(maxima)
 
 
 def _step(losses: list[float], wait: float, seconds: float) -> StepStats:
@@ -49,10 +50,12 @@ def test_reduced_matches_names_not_positions():
     a = StepStats(losses={"loss": 1.0, "adv_loss": 5.0}, samples=3, step_time_s=1.5)
     b = StepStats(losses={"adv_loss": 5.0, "loss": 1.0}, samples=3, step_time_s=1.5)  # other insertion order
     assert a.reduced(_two_ranks) == b.reduced(_two_ranks)
-    total = a.reduced(_two_ranks)
+    total, maxima = a.reduced(_two_ranks)
+    assert maxima == []
     assert total.losses == {"adv_loss": 10.0, "loss": 2.0}
     assert total.samples == 6 and isinstance(total.samples, int) and total.step_time_s == 3.0
-    assert a.reduced(no_reduce) == a  # one process
+    assert a.reduced(no_reduce) == (a, [])  # one process
+    assert a.reduced(no_reduce, [7.0, 2.0])[1] == [7.0, 2.0]
 
 
 def test_window_of_two_steps_is_reduced_and_logged(tmp_path, capsys):
@@ -106,15 +109,48 @@ def test_other_ranks_reduce_but_write_nothing(tmp_path, capsys):
     cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=plain"])
     calls = []
 
-    def reduce(values, op="sum"):
-        calls.append(op)
-        return _two_ranks(values, op)
+    def reduce(sums, maxima):
+        calls.append((len(sums), len(maxima)))
+        return _two_ranks(sums, maxima)
 
     monitor = Monitor(cfg, tmp_path, enabled=False, total_steps=10, start_step=0, reduce=reduce)
     monitor.add_step(_step([1.0], wait=0.0, seconds=1.0))
     train, _ = monitor.log_train(1, lr=1.0, grad_norm=None, peak_memory_bytes=0, memory_bytes=0)
     monitor.message("hello")
     monitor.close()
-    assert calls == ["sum", "max"]  # the same collectives as rank 0, in the same order
+    # The same collective as rank 0: one for the window's sums and the memory maxima together.
+    assert calls == [(2 + 4 + 2, 2)]  # sums: 2 losses, 4 counts, 2 times; maxima: peak and held memory
     assert train["loss"] == 1.0
     assert not (tmp_path / "train_log.jsonl").exists() and capsys.readouterr().out == ""
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def test_held_memory_is_sampled_not_trimmed_at_every_log(monkeypatch):
+    """On CPU a reading trims the heap (the holes freed tensors leave stop counting), which makes the
+    next step fault its pages back in: the loop's HeldMemory reads at most once a minute, and when asked
+    for a fresh reading (the last step); the logs in between repeat the last reading."""
+    import trainer.monitor as monitor
+
+    cpu = torch.device("cpu")
+    blocks = [torch.ones(16 * 1024) for _ in range(1024)]  # 64 KiB each, on malloc's heap: 64 MiB
+    before = monitor.memory_bytes(cpu)
+    del blocks[::2]  # 32 MiB of holes between live blocks
+    if hasattr(monitor._libc(), "malloc_trim"):  # glibc: the holes are handed back, not counted
+        assert monitor.memory_bytes(cpu) - before == pytest.approx(-32 * 2**20, rel=0.2)
+
+    trims, now = [], [1000.0]
+    monkeypatch.setattr(monitor, "_malloc_trim", lambda: trims.append(now[0]))
+    held = monitor.HeldMemory(cpu, min_interval_s=60.0, clock=lambda: now[0])
+    first = held()
+    for t in (1001.0, 1030.0, 1059.0):  # logs within the minute: the first reading again, no trim
+        now[0] = t
+        assert held() == first
+    now[0] = 1060.0
+    held()
+    now[0] = 1061.0
+    held(fresh=True)
+    assert trims == [1000.0, 1060.0, 1061.0]

@@ -450,3 +450,101 @@ def test_skipped_micro_batch_is_replaced_and_counted_exactly(small_shards, tmp_p
     assert metrics["consumed_samples"] == 3 * 2 * 16
     assert metrics["consumed_tokens"] == sum(tokens[:7]) - tokens[2]
     assert all(r["loss"] == r["loss"] for r in _train_records(out).values())  # finite, logged
+
+
+# --------------------------------------------------------------------------- collectives per step
+
+COUNT_COLLECTIVES = """
+import json, sys
+
+import torch.distributed as dist
+
+import trainer.distributed as D
+import trainer.loop as L
+from configs import load_config
+from trainer.monitor import Monitor
+
+count = 0
+HELPERS = ("all_reduce_tensor", "all_gather_tensor", "all_gather_object", "barrier")
+RAW = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "barrier",
+       "reduce", "gather", "scatter", "reduce_scatter", "all_to_all")
+
+
+def counted(fn, only_from_trainer=False):
+    def wrapped(*args, **kwargs):
+        global count
+        # The trainer's helpers skip the collective in one process: count the call, not the traffic.
+        # Direct torch.distributed calls count when trainer code makes them (DeepSpeed's are its own).
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not only_from_trainer or caller.startswith("trainer."):
+            count += 1
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+for name in HELPERS:
+    fn = counted(getattr(D, name))
+    setattr(D, name, fn)
+    if hasattr(L, name):
+        setattr(L, name, fn)
+for name in RAW:
+    if hasattr(dist, name):
+        setattr(dist, name, counted(getattr(dist, name), only_from_trainer=True))
+
+events = []
+add_step, log_train = Monitor.add_step, Monitor.log_train
+
+
+def on_step(self, stats):
+    add_step(self, stats)
+    events.append(["step", count])
+
+
+def on_log(self, step, **kwargs):
+    before = count
+    out = log_train(self, step, **kwargs)
+    events.append(["log", count - before])
+    return out
+
+
+Monitor.add_step, Monitor.log_train = on_step, on_log
+L.train(load_config(sys.argv[1], sys.argv[2:]))
+print("EVENTS " + json.dumps(events))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "grad_accum, fault, extra",
+    [(1, None, {}), (2, "nan:2:0", {2: 1})],
+    ids=["one-micro-batch", "accumulation-and-a-skipped-one"],
+)
+def test_one_collective_per_micro_batch_and_one_per_log(small_shards, tmp_path, grad_accum, fault, extra):
+    """The hot path's collectives (each a host sync on GPU and a wait for the slowest rank): one
+    all-reduce per micro-batch (the non-finite agreement, its samples and tokens, the step's N), so one
+    per step at grad_accum=1; a skipped micro-batch's replacement adds its own; a logged step adds one
+    (the window's sums and the memory maxima). Counted in one process at the trainer's collective
+    helpers, which skip the traffic there, and at torch.distributed for calls made by trainer code."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY, subprocess_env
+
+    overrides = [f"data.shards={small_shards}", f"train.output_dir={tmp_path / 'run'}", *QUICK,
+                 "train.micro_batch_size=8", f"train.grad_accum={grad_accum}", "train.max_steps=6",
+                 "train.log_interval=3", "train.eval_interval=0", "train.checkpoint_interval=0"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_COLLECTIVES, str(TINY), *overrides],
+        env=subprocess_env(fault), capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    events = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("EVENTS "))[7:])
+    hot, logs, end = {}, {}, 0  # end: the count when the previous step (and its log) was done
+    for kind, value in events:
+        if kind == "step":
+            hot[len(hot) + 1], end = value - end, value
+        else:
+            logs[len(hot)] = value
+            end += value
+    assert hot == {s: grad_accum + extra.get(s, 0) for s in range(1, 7)}
+    assert logs == {3: 1, 6: 1}

@@ -203,7 +203,10 @@ def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (one all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_tensor(t, "max").item() > 0)
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` stacked in rank order: ``[world_size, *t.shape]`` (``t[None]`` on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t)
+        return torch.stack(out)
+    return t[None]

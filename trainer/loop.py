@@ -2,9 +2,10 @@
 
 Runs unchanged as one process, under ``torchrun`` (any number of processes and nodes) and inside a
 Ray Train worker (the launcher passes ``report``; this module never imports Ray). One readable
-function in the nanoGPT spirit: fetch the step's micro-batches -> count their supervised positions
-(one all-reduce) -> per micro-batch: forward (adversarial inside the loss) -> one backward -> step ->
-log -> evaluate / checkpoint on their intervals. The helpers it uses live in sibling modules:
+function in the nanoGPT spirit: fetch the step's micro-batches (their supervised positions, samples
+and tokens counted on the host) -> per micro-batch: forward (adversarial inside the loss) -> one
+all-reduce (non-finite agreement, counts) -> one backward -> step -> log -> evaluate / checkpoint on
+their intervals. The helpers it uses live in sibling modules:
 ``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint`` (atomic
 checkpoints, exact resume), ``resume`` (what a resumed run may change; the restored schedule follows
 this run's settings), ``evaluate`` (distributed full ranking), ``monitor`` (the statistics window
@@ -16,21 +17,31 @@ Loss weighting (``modeling.loss``): every supervised position of an optimizer st
 step's supervised positions over all its micro-batches and ranks, so ``grad_accum`` x micro-batch and
 ranks x micro-batch give the gradient of one batch of the same sequences. The logged ``loss`` /
 ``clean_loss`` / ``adv_loss`` are per-position means of the step. A micro-batch skipped for a
-non-finite loss (on every rank alike) is replaced by the next one, as before; N stays the count made
-before the step (the replacement's positions weigh 1/N too), so such a step's weights sum to
-(N - skipped + replacement positions) / N instead of exactly 1, and its logged loss is that sum over N.
+non-finite loss (on every rank alike) is replaced by the next one, as before; N stays the count of the
+step's micro-batches as fetched (the replacement's positions weigh 1/N too), so such a step's weights
+sum to (N - skipped + replacement positions) / N instead of exactly 1, and its logged loss is that sum
+over N.
+
+Collectives (each a host sync on GPU, and a meeting point that waits for the slowest rank): one
+all-reduce per micro-batch (per step at ``grad_accum=1``), after its forward and before its backward:
+whether any rank's loss is non-finite, the micro-batch's samples and tokens, and with the step's first
+micro-batch N, so the loss is computed as a sum and divided by N afterwards (``modeling.loss.divide``).
+Logging adds one more (the statistics window and memory). Nothing else on the hot path reads the
+device or the other ranks: the counts come from the host copies of the batches, the gradient norm is
+read on logging steps only (tests/test_training_state.py counts the collectives).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -54,16 +65,16 @@ from trainer.checkpoint import (
     set_rng_state,
     step_of,
 )
-from trainer.distributed import all_reduce_tensor, any_rank, setup_distributed, teardown_distributed
+from trainer.distributed import all_gather_tensor, all_reduce_tensor, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
 from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
 from trainer.monitor import (
+    HeldMemory,
     Monitor,
     Reduce,
     StepStats,
     flops_per_token,
-    memory_bytes,
     peak_flops,
     peak_memory_bytes,
 )
@@ -162,8 +173,27 @@ class TrainState:
         return st
 
 
-def batch_stream(loader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches, epoch after epoch, moved to ``device``.
+class Counts(NamedTuple):
+    """A micro-batch's numbers that the step needs, counted on the host before it moves to the device."""
+
+    positions: int
+    """Supervised positions (``labels != IGNORE_INDEX``): what the loss sums over."""
+    samples: int
+    tokens: int
+    """Non-padding tokens (``attention_mask`` ones)."""
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> Counts:
+    from modeling.loss import supervised_positions
+
+    return Counts(
+        supervised_positions(batch), batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+    )
+
+
+def batch_stream(loader, device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], Counts]]:
+    """Endless ``(batch, counts)``, epoch after epoch, the batch moved to ``device``, the counts made on
+    the host copy (on a GPU, counting the device copy would wait for the device at every micro-batch).
 
     Fetching is kept out of the training RNG stream (the DataLoader draws worker seeds from the global
     torch RNG when an epoch's iterator starts): a resumed run, which starts its iterator mid-epoch,
@@ -176,19 +206,7 @@ def batch_stream(loader, device: torch.device) -> Iterator[dict[str, torch.Tenso
                 batch = next(it, None)
             if batch is None:
                 break  # epoch done; the loader has moved to (epoch + 1, 0)
-            yield to_device(batch, device)
-
-
-def step_counts(batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
-    """[supervised positions, samples, tokens] summed over ``batches`` (this rank's, for one all-reduce)."""
-    from modeling.loss import supervised_positions
-
-    counts = [0.0, 0.0, 0.0]
-    for b in batches:
-        counts[0] += supervised_positions(b)
-        counts[1] += b["input_ids"].shape[0]
-        counts[2] += int(b["attention_mask"].sum())
-    return counts
+            yield to_device(batch, device), batch_counts(batch)
 
 
 def seed_everything(seed: int) -> None:
@@ -203,10 +221,19 @@ def on_interval(step: int, interval: int, last: bool = False) -> bool:
 
 
 def make_reduce(device: torch.device) -> Reduce:
-    """The monitor's all-reduce of a few numbers: one float64 tensor on this rank's device."""
+    """The loop's and the monitor's one collective for a few numbers: sums and maxima over the ranks.
 
-    def reduce(values: list[float], op: str = "sum") -> list[float]:
-        return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
+    One float64 tensor on this rank's device: all-reduced when there are only sums (every step), else
+    all-gathered and reduced here (logging steps: the window's sums and the memory maxima together).
+    """
+
+    def reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+        t = torch.tensor([*sums, *maxima], dtype=torch.float64, device=device)
+        if not maxima:
+            return all_reduce_tensor(t, "sum").tolist(), []
+        every = all_gather_tensor(t)  # [ranks, values]
+        n = len(sums)
+        return every[:, :n].sum(0).tolist(), every[:, n:].amax(0).tolist()
 
     return reduce
 
@@ -235,7 +262,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from modeling.data import build_loader, resolve_max_history
     from modeling.factory import build_model_and_tokenizer
     from modeling.lora import adalora_update, trainable_parameters
-    from modeling.loss import LossComputer, step_denominator
+    from modeling.loss import LossComputer, divide, step_denominator
 
     # The data settings are checked before the process group and DeepSpeed start: a wrong path or a
     # history longer than the shards' windows is one line at once, not after the op build.
@@ -347,6 +374,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         acfg = cfg.adversarial
         batches = batch_stream(train_loader, info.device)
         mfu_terms = None  # (peak FLOP/s of all ranks, FLOPs per token), computed at the first log
+        held_memory = HeldMemory(info.device)
         bad_in_a_row = 0
         grad_norm = None
         step_lr = 0.0  # the learning rate of the step being run (read before step() advances the schedule)
@@ -357,31 +385,43 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 monitor.message(adversarial_start_message(acfg, st.step))
             t_step = time.perf_counter()
             stats = StepStats()
-            # The step's micro-batches first: every supervised position of the step, on every rank, weighs
-            # 1/N (modeling.loss), N counted here. The same all-reduce counts the step's samples and tokens.
             t0 = time.perf_counter()
             pending = deque(next(batches) for _ in range(tc.grad_accum))
             stats.data_wait_s += time.perf_counter() - t0
-            positions, samples, tokens = monitor.reduce(step_counts(pending), "sum")
-            denominator = step_denominator(int(positions), tc.grad_accum, info.world_size)
-            skipped, replacements = [], []
+            # Every supervised position of the step, on every rank, weighs 1/N (modeling.loss): these are
+            # this rank's, summed over the ranks by the all-reduce of the step's first micro-batch below.
+            positions = sum(counts.positions for _, counts in pending)
+            denominator = None
+            samples = tokens = 0.0  # of the micro-batches used, over the ranks
             while stats.micro_batches < tc.grad_accum:
                 if pending:
-                    batch = pending.popleft()
+                    batch, counts = pending.popleft()
                 else:  # a replacement for a skipped micro-batch: its positions weigh 1/N like the others
                     t0 = time.perf_counter()
-                    batch = next(batches)
+                    batch, counts = next(batches)
                     stats.data_wait_s += time.perf_counter() - t0
-                    replacements.append(batch)
-                loss, logs = loss_fn(engine, batch, st.step, denominator)
+                # The sums over the supervised positions, divided once N is known (modeling.loss.divide).
+                loss, logs = loss_fn(engine, batch, st.step, 1.0)
                 if faults.nan_loss(st.step + 1):
-                    loss = loss * float("nan")
-                # Agreed across ranks, before backward: every rank skips the same micro-batch, so the
-                # collectives inside backward/step stay matched and DeepSpeed's micro-step counter (hence
-                # the accumulation boundary) is untouched. ZeRO-0 would otherwise apply NaN gradients.
-                if any_rank(not bool(torch.isfinite(loss.detach())), info.device):
+                    loss, logs = loss * float("nan"), {**logs, "loss": float("nan")}
+                # The micro-batch's one collective, before backward. Non-finite: agreed across ranks, so
+                # every rank skips the same micro-batch, the collectives inside backward/step stay matched
+                # and DeepSpeed's micro-step counter (hence the accumulation boundary) is untouched
+                # (ZeRO-0 would otherwise apply NaN gradients); logs["loss"] is the loss read back.
+                # The same all-reduce sums the samples and tokens (exact in checkpoints) and N.
+                (bad, more_samples, more_tokens, n), _ = monitor.reduce(
+                    [
+                        0.0 if math.isfinite(logs["loss"]) else 1.0,
+                        counts.samples,
+                        counts.tokens,
+                        positions if denominator is None else 0.0,
+                    ],
+                    [],
+                )
+                if denominator is None:
+                    denominator = step_denominator(int(n), tc.grad_accum, info.world_size)
+                if bad:
                     bad_in_a_row += 1
-                    skipped.append(batch)
                     monitor.message(
                         f"step {st.step + 1}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)"
                     )
@@ -393,6 +433,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                         )
                     continue
                 bad_in_a_row = 0
+                loss, logs = divide(loss, logs, denominator)
+                samples, tokens = samples + more_samples, tokens + more_tokens
                 engine.backward(loss)
                 boundary = stats.micro_batches == tc.grad_accum - 1
                 if boundary and cfg.lora.method == "adalora" and cfg.lora.enabled:
@@ -403,22 +445,19 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 if boundary:
                     step_lr = engine.get_lr()[0]  # what this step uses: step() advances the schedule
                 engine.step()
-                stats.add_micro_batch(logs, batch)
+                stats.add_micro_batch(logs, batch, counts.tokens)
             st.step += 1
             st.epoch = train_loader.epoch
             stats.step_time_s = time.perf_counter() - t_step
-            if tracks_grad_norm(cfg):
-                grad_norm = global_grad_norm(engine)
-            if skipped:  # every rank skipped the same micro-batches, so every rank calls this all-reduce
-                delta = [r - s for r, s in zip(step_counts(replacements), step_counts(skipped))]
-                _, more_samples, more_tokens = monitor.reduce(delta, "sum")
-                samples, tokens = samples + more_samples, tokens + more_tokens
             st.consumed_samples += int(samples)  # exact in every checkpoint
             st.consumed_tokens += int(tokens)
             monitor.add_step(stats)
 
             # ------------------------------------------------------------ log
             if on_interval(st.step, tc.log_interval, st.step == total_steps):
+                if tracks_grad_norm(cfg):
+                    # DeepSpeed keeps the last step's norm: read (a host sync) when it is logged only.
+                    grad_norm = global_grad_norm(engine)
                 if mfu_terms is None:
                     cluster_peak = (peak_flops(info.device) or 0.0) * info.world_size
                     mfu_terms = cluster_peak, flops_per_token(engine.module, batch["input_ids"].shape[1])
@@ -427,7 +466,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     lr=step_lr,  # the learning rate this step's update used
                     grad_norm=grad_norm,  # of this step (clipping happens after measuring)
                     peak_memory_bytes=peak_memory_bytes(info.device),
-                    memory_bytes=memory_bytes(info.device),
+                    memory_bytes=held_memory(fresh=st.step == total_steps),
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
                 )

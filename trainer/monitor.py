@@ -10,6 +10,8 @@ scripts use instead of parsing TensorBoard.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import resource
 import sys
@@ -41,7 +43,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def memory_bytes(device: torch.device) -> int:
     """Memory this process holds now: CUDA allocated bytes on GPU, resident set size on CPU (after
-    handing freed heap pages back to the OS, so RSS counts live memory rather than allocator slack)."""
+    handing freed heap pages back to the OS, so RSS counts live memory rather than allocator slack).
+
+    On CPU this costs the next step: it faults the freed pages back in (measured: ~16,000 page faults,
+    ~50 ms CPU, half a step of the text throughput benchmark). :class:`HeldMemory` samples it sparingly.
+    """
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     _malloc_trim()
@@ -49,14 +55,45 @@ def memory_bytes(device: torch.device) -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _malloc_trim() -> None:
-    import ctypes
-    import ctypes.util
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library already loaded in this process (``ctypes.util.find_library`` would run ``ldconfig``
+    in a subprocess at every call)."""
+    return ctypes.CDLL(None)
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+
+def _malloc_trim() -> None:
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+
+
+class HeldMemory:
+    """:func:`memory_bytes` for every log, measured at most once per ``min_interval_s`` on CPU.
+
+    A CPU reading trims the heap, so the step after it faults its working set back in; at
+    ``train.log_interval=1`` that made the step ~50 % slower (text throughput benchmark, tiny model).
+    Held memory changes slowly, so a reading at most once a minute (and on ``fresh`` requests: the last
+    step's log) keeps ``perf/memory_gb`` meaningful at a negligible cost; the logs in between repeat the
+    last reading. GPU readings are free and always fresh.
+    """
+
+    def __init__(
+        self, device: torch.device, min_interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.device = device
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.value: int | None = None
+        self.at = 0.0
+
+    def __call__(self, fresh: bool = False) -> int:
+        if self.device.type == "cuda":
+            return memory_bytes(self.device)
+        now = self.clock()
+        if fresh or self.value is None or now - self.at >= self.min_interval_s:
+            self.value, self.at = memory_bytes(self.device), now
+        return self.value
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -87,15 +124,15 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6.0 * n + 12.0 * layers * width * seq_len
 
 
-Reduce = Callable[[list[float], str], list[float]]
-"""All-reduce of a short list of numbers across ranks, ``op`` "sum" or "max" (the loop passes one built
-on ``trainer.distributed.all_reduce_tensor``; tests pass a fake). Every rank must call it, in the same
-order, with lists of the same length."""
+Reduce = Callable[[list[float], list[float]], tuple[list[float], list[float]]]
+"""``reduce(sums, maxima) -> (sums over ranks, maxima over ranks)`` of two short lists of numbers, in ONE
+collective (the loop passes one built on ``trainer.distributed``; tests pass a fake). Every rank must
+call it, in the same order, with lists of the same lengths."""
 
 
-def no_reduce(values: list[float], op: str = "sum") -> list[float]:
+def no_reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
     """The :data:`Reduce` of a single process."""
-    return [float(v) for v in values]
+    return [float(v) for v in sums], [float(v) for v in maxima]
 
 
 _COUNTS = ("micro_batches", "samples", "tokens", "positions")
@@ -121,13 +158,17 @@ class StepStats:
     step_time_s: float = 0.0
     """Wall seconds of the step(s), data wait included."""
 
-    def add_micro_batch(self, logs: dict[str, float], batch: dict[str, torch.Tensor]) -> None:
-        """Count one micro-batch that went through backward and step."""
+    def add_micro_batch(
+        self, logs: dict[str, float], batch: dict[str, torch.Tensor], tokens: int | None = None
+    ) -> None:
+        """Count one micro-batch that went through backward and step. ``tokens``: its non-padding tokens
+        when the caller counted them already (the loop counts on the host: summing the mask on the
+        device would wait for the GPU)."""
         for k, v in logs.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
         self.micro_batches += 1
         self.samples += batch["input_ids"].shape[0]
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += int(batch["attention_mask"].sum()) if tokens is None else tokens
         self.positions += batch["input_ids"].numel()
 
     def add(self, other: StepStats) -> None:
@@ -137,15 +178,18 @@ class StepStats:
         for name in _COUNTS + _SECONDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def reduced(self, reduce: Reduce) -> StepStats:
-        """The sums over every rank, matched by name (one all-reduce; a collective: every rank calls it)."""
+    def reduced(self, reduce: Reduce, maxima: list[float] | None = None) -> tuple[StepStats, list[float]]:
+        """The sums over every rank, matched by name, and the maxima over the ranks of ``maxima`` (one
+        collective for both: every rank calls it)."""
         names = sorted(self.losses)
         numbers = _COUNTS + _SECONDS
-        values = reduce([self.losses[k] for k in names] + [getattr(self, n) for n in numbers], "sum")
+        values, top = reduce(
+            [self.losses[k] for k in names] + [getattr(self, n) for n in numbers], maxima or []
+        )
         out = StepStats(losses=dict(zip(names, values[: len(names)])))
         for n, v in zip(numbers, values[len(names) :]):
             setattr(out, n, int(v) if n in _COUNTS else float(v))
-        return out
+        return out, top
 
 
 def window_scalars(
@@ -245,12 +289,11 @@ class Monitor:
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Reduce the window over the ranks, log it (rank 0) and start a new one; returns ``(train, perf)``.
 
-        Every rank calls it at the same steps (two all-reduces: the window's sums by name, then this
+        Every rank calls it at the same steps (one collective: the window's sums by name, and this
         rank's peak and current memory, max over ranks). ``grad_norm`` is the last step's (measured
         before clipping); the ``*_rank0`` scalars are this rank's.
         """
-        total = self.window.reduced(self.reduce)
-        peak_max, held_max = self.reduce([peak_memory_bytes, memory_bytes], "max")
+        total, (peak_max, held_max) = self.window.reduced(self.reduce, [peak_memory_bytes, memory_bytes])
         memory_gb = {
             "peak_memory_gb": float(peak_max) / 2**30,
             "peak_memory_gb_rank0": peak_memory_bytes / 2**30,
