@@ -1,7 +1,7 @@
 """Records -> tensors, run inside the reader's DataLoader workers (must pickle: plain lists only).
 
-A prompt is BOS [+ "User rated:"] followed by one *entry* per history item: the item part (``<item_i>``
-for ``prompt=ids``, `` Title`` for ``prompt=text``) then its rating part (``prompt=text``: `` 4.5/5;``;
+A prompt is BOS [+ "User rated:"] followed by one *entry* per history item: the item part (item i's token
+id for ``prompt=ids``, :func:`first_item_token_id` + i; `` Title`` for ``prompt=text``) then its rating part (``prompt=text``: `` 4.5/5;``;
 ``prompt=ids`` only for the rating task: `` 4.5``). Labels sit on the last token of a part:
 
 * ``next_item``: after entry t (item + rating) the label is item t+1 — every entry for train
@@ -31,6 +31,24 @@ from data_shards.records import IGNORE_INDEX, SEEN_PAD, Batch, Record
 
 TEXT_PREFIX = "User rated:"
 RATING_LEVELS_KEY = "recgpt_rating_levels"  # tokenizer.init_kwargs key (saved in tokenizer_config.json)
+FIRST_ITEM_KEY = "recgpt_first_item_token_id"  # likewise: the token id of item 0
+
+
+def first_item_token_id(tokenizer) -> int:
+    """The token id of item 0; item ``i`` is this + ``i`` (contiguous ids past the tokenizer's own).
+
+    Read from the tokenizer's ``init_kwargs`` (saved in ``tokenizer_config.json`` by modeling.factory).
+    The item tokens are ids only, never strings of the tokenizer: an HF tokenizer with a million added
+    tokens takes a minute and gigabytes to load. Tokenizers saved before this key carry ``<item_i>``
+    added tokens instead, read here too. Raises ValueError when the tokenizer has neither.
+    """
+    first = tokenizer.init_kwargs.get(FIRST_ITEM_KEY)
+    if first is not None:
+        return int(first)
+    legacy = tokenizer.convert_tokens_to_ids("<item_0>")
+    if legacy is None or legacy == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no item token ids ({FIRST_ITEM_KEY} in tokenizer_config.json)")
+    return int(legacy)
 
 
 def rating_text(rating: float, max_rating: float, prompt: str) -> str:
@@ -219,7 +237,7 @@ def make_collate(
         raise ValueError(
             f"task={spec.task} prompt={prompt} needs the manifest's rating_levels (none on the tokenizer)"
         )
-    first_item = tokenizer.convert_tokens_to_ids("<item_0>")
+    first_item = first_item_token_id(tokenizer)
     if prompt == "ids":
         item_part_ids = [[first_item + i] for i in range(len(items))]
     else:  # titles tokenised once here, not per record in the workers

@@ -20,8 +20,8 @@ Directory layout (everything but the manifest, config.yaml, items.jsonl and the 
 ``save_pretrained`` writes; no pickle files)::
 
     config.json generation_config.json model*.safetensors [model.safetensors.index.json]
-    tokenizer.json tokenizer_config.json    tokenizer with the <item_i> tokens
-    items.jsonl                             {"index", "token", "token_id", "item_id", "title", ...} per item
+    tokenizer.json tokenizer_config.json    the base tokenizer; item i is token id recgpt_first_item_token_id + i
+    items.jsonl                             {"index", "token_id", "item_id", "title", ...} per item
     config.yaml                             resolved training config (prompt format, max_history, task)
     rating_head.safetensors                 task=rating only: weight, bias, levels (recgpt-specific)
     adapter/                                save_adapter: the PEFT adapter alone (before merging)
@@ -46,7 +46,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from configs import ExportError, RecGPTConfig, publish_dir, save_resolved, to_dict
-from modeling.factory import item_token, sync_special_ids
+from modeling.collate import first_item_token_id
+from modeling.factory import sync_special_ids
 from modeling.model import RecModel
 from modeling.serving import (
     ITEMS_FILE,
@@ -147,10 +148,10 @@ def _check_written(directory: Path) -> None:
 
 
 def _write_items(path: Path, items: list[dict], tokenizer) -> None:
+    first = first_item_token_id(tokenizer)
     with open(path, "w") as f:
         for it in items:
-            token = item_token(it["index"])
-            row = {"index": it["index"], "token": token, "token_id": tokenizer.convert_tokens_to_ids(token)}
+            row = {"index": it["index"], "token_id": first + it["index"]}
             row.update({k: v for k, v in it.items() if k != "index"})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

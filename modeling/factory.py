@@ -8,11 +8,13 @@
 * ``model.name_or_path``: any HF causal LM (local directory, a recgpt export included, or hub name)
   through the Auto classes.
 
-Then one added token ``<item_i>`` per item (contiguous ids), embeddings resized, the new rows
+Then one token id per item, contiguous past the tokenizer's own ids (:func:`reserve_item_tokens`: ids,
+not added token strings, so a million items cost nothing to save or load), embeddings resized, the new rows
 initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA or
 freeze tuning (``model.trainable_layers``).
-The tokenizer carries ``recgpt_rating_levels`` / ``recgpt_num_items`` / ``recgpt_items_sha256`` in its
-``init_kwargs`` so that a saved tokenizer directory describes the vocabulary it was built for.
+The tokenizer carries ``recgpt_first_item_token_id`` / ``recgpt_num_items`` / ``recgpt_items_sha256`` /
+``recgpt_rating_levels`` in its ``init_kwargs`` so that a saved tokenizer directory describes the item
+vocabulary it was built for.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from transformers import (
 )
 
 from configs import ConfigError, RecGPTConfig
-from modeling.collate import RATING_LEVELS_KEY, TEXT_PREFIX, item_title, rating_text
+from modeling.collate import (
+    FIRST_ITEM_KEY,
+    RATING_LEVELS_KEY,
+    TEXT_PREFIX,
+    first_item_token_id,
+    item_title,
+    rating_text,
+)
 from modeling.ligr import LiGRConfig, LiGRForCausalLM
 from modeling.lora import apply_freeze, apply_lora, trainable_parameters
 from modeling.model import RecModel, is_tied
@@ -52,6 +61,7 @@ PRESET_CONTEXT = 1024
 
 
 def item_token(index: int) -> str:
+    """The legacy added-token string of item ``index`` (tokenizers saved before ids-only item tokens)."""
     return f"<item_{index}>"
 
 
@@ -96,14 +106,21 @@ def _items_sha(items: list[dict]) -> str:
     return hashlib.sha256("\n".join(str(it["item_id"]) for it in items).encode()).hexdigest()
 
 
-def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], source: str) -> bool:
-    """Give every item its ``<item_i>`` token (contiguous ids); returns True if tokens were added.
+def reserve_item_tokens(
+    tokenizer, items: list[dict], rating_levels: list[float], source: str
+) -> tuple[int, bool]:
+    """Give every item a token id, contiguous from ``len(tokenizer)``; returns (the id of item 0, whether
+    the ids are new). The ids are recorded in ``init_kwargs`` (:data:`FIRST_ITEM_KEY`), not added as
+    token strings: the tokenizer file stays the base tokenizer's size whatever the catalogue.
 
-    A tokenizer that already has them (a recgpt checkpoint or export) must have been built for the
-    same item vocabulary."""
+    A tokenizer that already has them (a recgpt checkpoint or export; older ones as ``<item_i>`` added
+    tokens) must have been built for the same item vocabulary (ConfigError otherwise)."""
     n = len(items)
     sha = _items_sha(items)
-    had = tokenizer.convert_tokens_to_ids(item_token(0)) not in (None, tokenizer.unk_token_id)
+    try:
+        first, had = first_item_token_id(tokenizer), True
+    except ValueError:
+        first, had = len(tokenizer), False
     if had:
         saved_n, saved_sha = (
             tokenizer.init_kwargs.get(NUM_ITEMS_KEY),
@@ -114,15 +131,20 @@ def add_item_tokens(tokenizer, items: list[dict], rating_levels: list[float], so
                 f"model.name_or_path: the tokenizer in {source} was built for another item vocabulary "
                 f"({saved_n} items) than the shards ({n} items)"
             )
-    else:
-        tokenizer.add_tokens([item_token(i) for i in range(n)], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids([item_token(i) for i in range(n)])
-    if ids != list(range(ids[0], ids[0] + n)):
-        raise ConfigError(f"model.name_or_path: item tokens of {source} do not have contiguous ids")
+    if had and FIRST_ITEM_KEY not in tokenizer.init_kwargs:  # legacy <item_i> added tokens
+        ids = tokenizer.convert_tokens_to_ids([item_token(i) for i in range(n)])
+        if ids != list(range(first, first + n)):
+            raise ConfigError(f"model.name_or_path: item tokens of {source} do not have contiguous ids")
+    tokenizer.init_kwargs[FIRST_ITEM_KEY] = first
     tokenizer.init_kwargs[NUM_ITEMS_KEY] = n
     tokenizer.init_kwargs[ITEMS_SHA_KEY] = sha
     tokenizer.init_kwargs[RATING_LEVELS_KEY] = [float(r) for r in rating_levels]
-    return not had
+    return first, not had
+
+
+def model_vocab_size(tokenizer) -> int:
+    """Rows the embedding matrix needs: the tokenizer's own tokens and the item ids past them."""
+    return max(len(tokenizer), first_item_token_id(tokenizer) + int(tokenizer.init_kwargs[NUM_ITEMS_KEY]))
 
 
 # --------------------------------------------------------------------------- model
@@ -136,7 +158,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
         # AutoModelForCausalLM here (model.name_or_path, serving) and, without recgpt, through the copy of
         # modeling/ligr.py that save_pretrained puts beside the weights (auto_map).
         ligr = LiGRConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab_size(tokenizer),
             hidden_size=shape["n_embd"],
             num_hidden_layers=shape["n_layer"],
             num_attention_heads=shape["n_head"],
@@ -155,7 +177,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
         # BART's decoder alone is a causal LM: embeddings + positions -> LayerNorm -> post-LN blocks,
         # the layout of SASRec. It carries (unused, untrained) cross-attention weights.
         config = BartConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab_size(tokenizer),
             d_model=shape["n_embd"],
             decoder_layers=shape["n_layer"],
             decoder_attention_heads=shape["n_head"],
@@ -183,7 +205,7 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
                 param.requires_grad_(False)
         return lm
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=model_vocab_size(tokenizer),
         n_positions=PRESET_CONTEXT,
         resid_pdrop=p,
         embd_pdrop=p,
@@ -388,7 +410,7 @@ def build_model_and_tokenizer(
     levels = [float(r) for r in manifest.get("rating_levels") or []]
     with _zero3_context(ds_config):
         lm, tokenizer, source = _build_lm(cfg, shards_dir, items, levels, tokenizer_dir, warm_start)
-    first_item = tokenizer.convert_tokens_to_ids(item_token(0))
+    first_item = first_item_token_id(tokenizer)
     tied = is_tied(lm)
     item_ids = torch.arange(first_item, first_item + len(items))
     # ZeRO-3 initialises the LM on rank 0 only: re-seed so adapters and heads start equal everywhere.
@@ -464,8 +486,7 @@ def _build_lm(
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
-    added = add_item_tokens(tokenizer, items, levels, source)
-    first_item = tokenizer.convert_tokens_to_ids(item_token(0))
+    first_item, added = reserve_item_tokens(tokenizer, items, levels, source)
 
     if m.preset is not None:
         lm = _preset_model(cfg, tokenizer)
@@ -478,8 +499,8 @@ def _build_lm(
         if ctx:
             tokenizer.model_max_length = min(tokenizer.model_max_length, ctx)
     # Some models already have spare rows past the tokenizer's size.
-    if _rows(lm.get_input_embeddings().weight) < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if _rows(lm.get_input_embeddings().weight) < model_vocab_size(tokenizer):
+        lm.resize_token_embeddings(model_vocab_size(tokenizer), mean_resizing=False)
     if warm_start is not None:
         counts = load_warm_weights(cfg, lm, tokenizer, items, first_item, shards_dir, warm_start)
         warm_start.info["items"] = {**counts, "item_init": m.item_init}

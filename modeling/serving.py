@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from configs.errors import ExportError, one_line
 from configs.files import sha256_file
-from modeling.collate import RATING_LEVELS_KEY, PromptSpec, make_collate
+from modeling.collate import RATING_LEVELS_KEY, PromptSpec, first_item_token_id, make_collate
 from modeling.ligr import register_auto_classes
 from modeling.model import RecModel, is_tied
 
@@ -168,9 +168,9 @@ def load_export(directory: str | os.PathLike, verify: bool = False) -> LoadedExp
         d, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
     )
     lm.config.use_cache = False
-    ids = tokenizer.convert_tokens_to_ids([it.get("token") or "" for it in items])
-    if not ids or ids != list(range(ids[0], ids[0] + len(items))):
-        raise ExportError(f"{d}: the tokenizer lacks contiguous <item_i> tokens for the {len(items)} items")
+    ids = [it.get("token_id") for it in items]
+    if not ids or ids != list(range(ids[0], ids[0] + len(items))) or ids[0] != first_item_token_id(tokenizer):
+        raise ExportError(f"{d}: items.jsonl's token_id are not the tokenizer's contiguous item ids")
     levels = tokenizer.init_kwargs.get(RATING_LEVELS_KEY) or []
     model = RecModel(lm, torch.tensor(ids), tied=is_tied(lm),
                      rating_levels=[float(x) for x in levels] if spec.task == "rating" else None,

@@ -143,7 +143,9 @@ def test_export_directory(export_of, name):
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         assert cfg_ids[key] == gen_ids[key] == getattr(tok, key) is not None
     items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
-    assert items[5]["token"] == "<item_5>" and tok.convert_tokens_to_ids("<item_5>") == items[5]["token_id"]
+    # Item i is token id recgpt_first_item_token_id + i: ids past the tokenizer's own, no token strings.
+    first = tok.init_kwargs["recgpt_first_item_token_id"]
+    assert items[5]["token_id"] == first + 5 and first == len(tok) and "token" not in items[5]
     if name.startswith("lora"):  # the adapter alone, non-empty (the ZeRO-3 pitfall)
         with safe_open(str(out / "adapter" / "adapter_model.safetensors"), framework="pt") as st:
             shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
@@ -185,7 +187,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({str(out)!r})
 lm = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32).eval()
 ids = {ids!r}
-item_ids = [tok.convert_tokens_to_ids(f"<item_{{i}}>") for i in range({len(items)})]
+item_ids = [json.loads(line)["token_id"] for line in open({str(out / "items.jsonl")!r})]
 with torch.no_grad():
     logits = lm(torch.tensor([ids])).logits[0, -1, item_ids]
 print(json.dumps({{"logits": logits.tolist(), "eos": tok.eos_token_id, "eos_cfg": lm.config.eos_token_id,

@@ -243,7 +243,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({out!r}, trust_remote_code=True)
 lm = AutoModelForCausalLM.from_pretrained({out!r}, dtype=torch.float32, trust_remote_code=True).eval()
 ids = {ids!r}
-item_ids = [tok.convert_tokens_to_ids(f"<item_{{i}}>") for i in range({n})]
+item_ids = [tok.init_kwargs["recgpt_first_item_token_id"] + i for i in range({n})]
 with torch.no_grad():
     logits = lm(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0, -1, item_ids]
 print(json.dumps({{"logits": logits.tolist(), "class": type(lm).__module__ + "." + type(lm).__name__,
@@ -260,7 +260,8 @@ def test_train_export_and_serve_without_recgpt(sample_shards, tmp_path, capsys):
     recommend`` scores with them and ``recgpt evaluate --model`` equals ``--checkpoint``."""
     from configs import load_config
     from launcher.cli import main
-    from modeling.factory import item_token, load_model_for_eval
+    from modeling.collate import first_item_token_id
+    from modeling.factory import load_model_for_eval
     from trainer.checkpoint import load_consolidated, resolve_checkpoint
     from trainer.export import export_checkpoint
 
@@ -292,7 +293,7 @@ def test_train_export_and_serve_without_recgpt(sample_shards, tmp_path, capsys):
     model, tok = load_model_for_eval(cfg, ckpt / "tokenizer", sample_shards)
     load_consolidated(model, ckpt, 1)
     history = [0, 31, 592]
-    ids = [tok.bos_token_id, *(tok.convert_tokens_to_ids(item_token(i)) for i in history)]
+    ids = [tok.bos_token_id, *(first_item_token_id(tok) + i for i in history)]
     with torch.no_grad():
         want = model.item_logits(model(input_ids=torch.tensor([ids]))[:, -1])[0]
 

@@ -560,3 +560,39 @@ def test_length_groups_give_the_single_call_hidden_states_and_gradients(shards, 
     # Left padding, holes or little to save: one call as before.
     assert length_groups(mask.flip(1)) is None
     assert length_groups(torch.ones(4, 30, dtype=torch.long)) is None
+
+
+def test_item_tokens_are_ids_past_the_tokenizer_and_legacy_tokenizers_still_load(tmp_path):
+    """A catalogue adds ids, not token strings: the saved tokenizer is the same size for 24 or 200,000
+    items (an HF tokenizer with 1M added tokens takes about a minute and 3.6 GB to load). Tokenizers
+    saved with ``<item_i>`` added tokens (before) still give their item ids."""
+    from transformers import AutoTokenizer
+
+    from modeling.collate import first_item_token_id
+    from modeling.factory import item_token, model_vocab_size, reserve_item_tokens
+
+    sizes = {}
+    for n in (24, 200_000):
+        tok = train_tokenizer(_items(), LEVELS, 300)
+        items = [{"index": i, "item_id": str(i), "title": ""} for i in range(n)]
+        first, added = reserve_item_tokens(tok, items, LEVELS, "test")
+        assert added and first == len(tok) and model_vocab_size(tok) == first + n
+        tok.save_pretrained(tmp_path / str(n))
+        sizes[n] = (tmp_path / str(n) / "tokenizer.json").stat().st_size
+        again = AutoTokenizer.from_pretrained(tmp_path / str(n))
+        assert first_item_token_id(again) == first and model_vocab_size(again) == first + n
+        assert reserve_item_tokens(again, items, LEVELS, "saved") == (first, False)
+        with pytest.raises(ConfigError, match="another item vocabulary"):
+            reserve_item_tokens(again, items[:-1], LEVELS, "saved")
+    assert sizes[24] == sizes[200_000]
+
+    legacy = train_tokenizer(_items(), LEVELS, 300)
+    legacy.add_tokens([item_token(i) for i in range(NUM_ITEMS)], special_tokens=True)
+    legacy.save_pretrained(tmp_path / "legacy")
+    legacy = AutoTokenizer.from_pretrained(tmp_path / "legacy")
+    want = legacy.convert_tokens_to_ids(item_token(0))
+    assert first_item_token_id(legacy) == want
+    assert reserve_item_tokens(legacy, _items(), LEVELS, "legacy") == (want, False)
+    assert model_vocab_size(legacy) == len(legacy) == want + NUM_ITEMS
+    with pytest.raises(ValueError, match="no item token ids"):
+        first_item_token_id(train_tokenizer(_items(), LEVELS, 300))

@@ -88,19 +88,18 @@ def small_export(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from modeling.export import ExportSource, write_export
-    from modeling.factory import add_item_tokens, item_token, train_tokenizer
+    from modeling.factory import model_vocab_size, reserve_item_tokens, train_tokenizer
     from modeling.model import RecModel
 
     items = [{"index": i, "item_id": str(100 + i), "title": f"Movie {i} (199{i})"} for i in range(6)]
     levels = [1.0, 2.0, 3.0, 4.0, 5.0]
     torch.manual_seed(0)
     tokenizer = train_tokenizer(items, levels, vocab_size=300)
-    add_item_tokens(tokenizer, items, levels, "test")
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_layer=1, n_embd=16, n_head=2,
+    first, _ = reserve_item_tokens(tokenizer, items, levels, "test")
+    config = GPT2Config(vocab_size=model_vocab_size(tokenizer), n_positions=64, n_layer=1, n_embd=16, n_head=2,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     lm = GPT2LMHeadModel(config).eval()
-    first = tokenizer.convert_tokens_to_ids(item_token(0))
     model = RecModel(lm, torch.arange(first, first + len(items)), tied=True).eval()
     cfg = load_config(None, ["data.max_history=5"])
     out = tmp_path_factory.mktemp("recommend") / "model"

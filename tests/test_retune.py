@@ -223,8 +223,9 @@ def test_warm_start_rows_by_item_id(periods, tmp_path, init, lora):
     model, tokenizer = build_model_and_tokenizer(cfg, periods["all"], warm_start=warm)
     new_items = read_items(periods["all"])
     first = int(model.item_token_ids[0])
-    assert first == warm.first_item and len(tokenizer) == first + len(new_items)
+    assert first == warm.first_item == len(tokenizer)  # item ids follow the tokenizer's own
     old, new = _rows(src), _rows(model)
+    assert model.causal_lm.config.vocab_size == first + len(new_items)
     assert torch.equal(new[:first], old[:first])  # every other token row and weight is the source's
     for j, it in enumerate(new_items):  # known items: the row of the same item id
         i = next((k for k, o in enumerate(old_items) if o["item_id"] == it["item_id"]), None)
