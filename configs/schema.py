@@ -548,6 +548,11 @@ class EvalConfig:
     item_chunk: int = 65536
     """Items scored at a time in full-ranking evaluation: memory eval.batch_size x item_chunk floats,
     whatever the catalogue size (the metrics are exact; see modeling.metrics.chunked_target_ranks)."""
+    max_users: int | None = None
+    """Score only the first N users of the valid/test split (one record per user, in the shards' written
+    order) — in validation during training, recgpt evaluate and the export's parity check: a bounded,
+    repeatable sample for quick checks and benchmarks (full ranking of millions of users over a 1M-item
+    catalogue takes hours on a CPU). null = every user; metrics over a prefix are not the split's."""
 
     def __post_init__(self) -> None:
         _check(
@@ -555,6 +560,7 @@ class EvalConfig:
         )
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.item_chunk >= 1, "eval.item_chunk", "must be >= 1")
+        _check(self.max_users is None or self.max_users >= 1, "eval.max_users", "must be null or >= 1")
 
 
 @dataclass

@@ -135,8 +135,10 @@ class EpochPlan:
 
     def __init__(
         self, manifest: dict[str, Any], split: str, world_size: int, batch_size: int, seed: int, epoch: int,
-        shuffle: bool, drop_last: bool, segments: list[list[int]] | tuple = (),
+        shuffle: bool, drop_last: bool, segments: list[list[int]] | tuple = (), limit: int | None = None,
     ) -> None:  # fmt: skip
+        """``limit``: serve only the first ``limit`` records of G (or of the rest), e.g. a prefix of an
+        eval split (``eval.max_users``); None serves them all."""
         self.shards = manifest["splits"][split]["shards"]
         self.counts = np.array([s["records"] for s in self.shards], dtype=np.int64)
         self.total = int(self.counts.sum())
@@ -153,6 +155,10 @@ class EpochPlan:
                 else self.rest.after(seg_world, seg_batch, served)
             )
         n = self.total if self.rest is None else len(self.rest)
+        if limit is not None:
+            # Positions past ``available`` are never served (``batch`` and ``uses`` stop there), so a
+            # prefix needs nothing else: eval pads copy records of the prefix.
+            n = min(n, limit)
         per_step = world_size * batch_size
         self.available = n
         self.num_batches = n // per_step if drop_last else math.ceil(n / per_step)
@@ -370,7 +376,12 @@ class ShardLoader:
         prefetch_factor: int = 4,
         shuffle: bool | None = None,
         epoch: int = 0,
+        max_records: int | None = None,
     ) -> None:
+        """``max_records``: read only the first ``max_records`` records of the split's sequence G (module
+        docstring; eval splits: in written order), e.g. the first users of a valid split
+        (``eval.max_users``); None reads the whole split. Not part of :meth:`state_dict`: it is meant for
+        evaluation, whose loaders are never resumed."""
         self.location = str(location)
         self.manifest = load_manifest(self.location)
         if split not in self.manifest["splits"]:
@@ -380,6 +391,8 @@ class ShardLoader:
                                  ("prefetch_factor", prefetch_factor, 1), ("epoch", epoch, 0)):  # fmt: skip
             if not isinstance(value, int) or value < low:
                 raise DataError(f"ShardLoader {name}: got {value!r}, must be an int >= {low}")
+        if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
+            raise DataError(f"ShardLoader max_records: got {max_records!r}, must be None or an int >= 1")
         if not 0 <= rank < world_size:
             raise DataError(f"ShardLoader rank: got {rank}, must be in [0, {world_size})")
         self.split, self.rank, self.world_size, self.batch_size, self.seed = (
@@ -390,7 +403,7 @@ class ShardLoader:
             seed,
         )
         self.num_workers, self.collate_fn, self.prefetch_factor = num_workers, collate_fn, prefetch_factor
-        self.corrupt_tolerance = corrupt_tolerance
+        self.corrupt_tolerance, self.max_records = corrupt_tolerance, max_records
         self.drop_last = split == "train" if drop_last is None else drop_last
         self.shuffle = split == "train" if shuffle is None else shuffle
         self._epoch, self._batch = epoch, 0
@@ -407,7 +420,7 @@ class ShardLoader:
     def _plan(self, epoch: int) -> EpochPlan:
         segments = self._segments if epoch == self._epoch else ()
         return EpochPlan(self.manifest, self.split, self.world_size, self.batch_size, self.seed, epoch,
-                         self.shuffle, self.drop_last, segments)  # fmt: skip
+                         self.shuffle, self.drop_last, segments, self.max_records)  # fmt: skip
 
     def __len__(self) -> int:
         return self._len

@@ -55,7 +55,7 @@ def build_loader(
 
     train: ``train.micro_batch_size`` records per batch, shuffled by ``seed``, the remainder dropped
     so every rank has the same number of batches; valid/test: ``eval.batch_size``, written order, the
-    last batches padded with ``pad`` rows. ``tokenizer`` None yields lists of raw
+    last batches padded with ``pad`` rows, only the first ``eval.max_users`` records when it is set. ``tokenizer`` None yields lists of raw
     :class:`~data_shards.records.Record` instead of batches, covering the whole split: nothing is
     dropped, the last batch is completed with ``pad`` copies (skip them). ``shards`` defaults to ``data.shards``,
     ``items`` to its vocabulary, ``num_workers`` to ``data.num_workers``, ``seed`` to the run's ``seed``;
@@ -77,6 +77,9 @@ def build_loader(
         drop_last=(train and tokenizer is not None) if drop_last is None else drop_last,
         corrupt_tolerance=cfg.data.corrupt_shard_tolerance,
         prefetch_factor=cfg.data.prefetch_factor,
+        # Eval splits hold one record per user, in written order: the first eval.max_users records are
+        # the first users, on every rank's share of the plan alike (equal batch counts kept).
+        max_records=None if train else cfg.eval.max_users,
     )
     if tokenizer is not None:
         spec = PromptSpec.from_config(cfg, resolve_max_history(cfg, loader.manifest, location))

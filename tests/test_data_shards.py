@@ -895,6 +895,36 @@ def test_two_ranks_eval_padding_scores_every_user_once(multi_dir, split):
     assert sum(len(batch) for b in batches for batch in b) == 14 * len(loaders[0])
 
 
+@pytest.mark.parametrize("n", [1, 5, 13, 10_000])
+def test_eval_max_users_reads_exactly_the_first_users(multi_dir, n):
+    """``eval.max_users`` N: the eval loaders of 2 ranks (2 workers each) serve the first N users of the
+    split in written order, each once, with equal batch counts (a whole split when N exceeds it)."""
+    from configs import load_config
+    from modeling.data import build_loader
+
+    whole = load_config(None, [f"data.shards={multi_dir}"])
+    first = [
+        r["uid"]
+        for b in build_loader(whole, "valid", batch_size=4, num_workers=0)
+        for r in b
+        if not r.get("pad")
+    ]
+    cfg = load_config(None, [f"data.shards={multi_dir}", f"eval.max_users={n}"])
+    loaders = [
+        build_loader(cfg, "valid", rank=r, world_size=2, batch_size=3, num_workers=2) for r in range(2)
+    ]
+    batches = [list(ld) for ld in loaders]
+    want = first[:n]
+    assert len(batches[0]) == len(batches[1]) == len(loaders[0]) == -(-len(want) // 6)
+    assert [r["uid"] for b in batches for batch in b for r in batch if not r.get("pad")] == want
+    # Training batches are never cut by it; 0 is refused with the key named.
+    assert len(build_loader(cfg, "train", batch_size=4, num_workers=0)) == len(
+        build_loader(whole, "train", batch_size=4, num_workers=0)
+    )
+    with pytest.raises(ConfigError, match="eval.max_users"):
+        load_config(None, ["eval.max_users=0"])
+
+
 def test_order_depends_on_seed_and_epoch_only(multi_dir):
     def order(seed, epoch, workers):
         ld = ShardLoader(multi_dir, "train", batch_size=4, seed=seed, num_workers=workers, epoch=epoch)
