@@ -150,9 +150,11 @@ def run_row(row: Row, out: Path, shards: Path, extra: list[str] = ()) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted row starts again: its times must be one run's
     started = time.time()
+    # Every checkpoint kept (the learning curve scores each); no loader worker: one thread per row.
+    bench = ["train.keep_last=100", "data.num_workers=0", "logging.progress=plain"]
     cpu = train_timed(
-        ["--config", RECIPE, f"data.shards={shards}", f"train.output_dir={run_dir}", "logging.progress=plain",
-         *row.overrides, *extra],
+        ["--config", RECIPE, f"data.shards={shards}", f"train.output_dir={run_dir}", *bench, *row.overrides,
+         *extra],
         log,
     )  # fmt: skip
     wall = time.time() - started

@@ -504,7 +504,8 @@ class TrainConfig:
         _choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-        _check(self.max_steps >= 0 and self.epochs >= 0, "train.max_steps", "must be >= 0")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.epochs >= 0, "train.epochs", "must be >= 0")
         _check(
             self.max_steps > 0 or self.epochs > 0,
             "train.max_steps",

@@ -52,8 +52,8 @@ def add_parsers(sub) -> None:
         "export",
         help="consolidate ZeRO shards, merge LoRA, write a Hugging Face safetensors directory",
         description="Consolidate a DeepSpeed checkpoint of any ZeRO stage on CPU, fold LoRA into the base "
-        "weights and write a plain Hugging Face model directory (safetensors, tokenizer with item tokens, "
-        "item vocabulary, manifest). Checks logits parity with the unmerged model. Prints one JSON line.",
+        "weights and write a plain Hugging Face model directory (safetensors, tokenizer, item vocabulary "
+        "items.jsonl with each item's token id, manifest). Checks logits parity with the unmerged model. Prints one JSON line.",
     )
     x.add_argument(
         "--checkpoint",

@@ -182,7 +182,9 @@ def _preset_model(cfg: RecGPTConfig, tokenizer) -> PreTrainedModel:
             decoder_layers=shape["n_layer"],
             decoder_attention_heads=shape["n_head"],
             decoder_ffn_dim=cfg.model.ffn_size(),
-            encoder_layers=1,
+            # Never built (BartForCausalLM is the decoder alone), but config.num_hidden_layers reads it:
+            # plain transformers sizes its KV cache by it, so it must be the decoder's depth.
+            encoder_layers=shape["n_layer"],
             max_position_embeddings=PRESET_CONTEXT,
             dropout=p,
             attention_dropout=p,

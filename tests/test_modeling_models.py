@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import ConfigError, load_config
-from modeling.collate import PromptSpec, make_collate
+from modeling.collate import PromptSpec, first_item_token_id, make_collate
 from modeling.factory import build_model_and_tokenizer, load_model_for_eval, train_tokenizer
 from modeling.loss import LossComputer, task_loss
 from modeling.metrics import compute_metrics, concat_outputs, eval_outputs
@@ -498,6 +498,16 @@ def test_bart_preset_is_a_post_ln_decoder_without_trainable_cross_attention(shar
     assert type(model.causal_lm).__name__ == "BartForCausalLM" and model.tied
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(".encoder_attn" in n for n in frozen)
+    # Plain transformers' default forward (KV cache on) sizes the cache by num_hidden_layers: it must be
+    # the decoder's depth, or a serving engineer's first model(ids) fails (an exported BART layout).
+    lm = model.causal_lm
+    assert lm.config.num_hidden_layers == lm.config.decoder_layers == 2
+    lm.config.use_cache = True
+    with torch.no_grad():
+        out = lm.eval()(input_ids=torch.tensor([[tok.bos_token_id, first_item_token_id(tok) + 3]]))
+    assert out.past_key_values is not None and out.logits.shape[:2] == (1, 2)
+    lm.config.use_cache = False
+    model.train()
     batch = _collate(cfg, tok, _items(), "train")(_records(3))
     losses = _train(model, cfg, batch, steps=30, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0]
