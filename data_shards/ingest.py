@@ -293,9 +293,14 @@ SEQUENCE_PEEK_LINES = 2000
 def _sequence_kind(f: InputFile) -> str | None:
     """``s3rec`` or ``sasrec`` from the first lines of a whitespace-separated ``.txt`` file: a line with
     more than two fields is a user's sequence (s3rec); two fields on every line with a user on several
-    lines are pairs (sasrec); None when no line has more than two fields and one has fewer (not such
-    a file); a DataError when it could be either — shards.format must say."""
+    lines are pairs (sasrec); None when a field is not an integer id (as every id of the published files
+    is) or no line has more than two fields and one has fewer (not such a file); a DataError when it
+    could be either — shards.format must say."""
     lines = [ln.split() for ln in f.read_bytes().splitlines()[:SEQUENCE_PEEK_LINES] if ln.strip()]
+    if not all(token.isdigit() for t in lines for token in t):
+        # The published files hold integer ids only; any other whitespace text (prose, a CSV with spaces)
+        # would otherwise read as sequences of words. Such files take shards.format=s3rec / sasrec.
+        return None
     if any(len(t) > 2 for t in lines):
         return "s3rec"  # a shorter line is a bad line of it, named by the reader
     if not lines or any(len(t) < 2 for t in lines):

@@ -1128,6 +1128,12 @@ def test_sequence_file_errors_name_the_line(tmp_path):
     bad.write_text("1 10\n1 11\n1 12 13\n")
     with pytest.raises(DataError, match=r"pairs.txt: line 3: 3 field\(s\), sasrec needs exactly 2"):
         build_shards(bad, tmp_path / "o2", ShardsConfig(format="sasrec"))
+    prose = tmp_path / "p" / "notes.txt"  # words, not ids: not taken for sequences of words
+    prose.parent.mkdir()
+    prose.write_text("the reader plans batches when due\nand restores a position in seconds\n" * 20)
+    with pytest.raises(DataError, match="notes.txt") as e:
+        build_shards(prose, tmp_path / "o4", ShardsConfig())
+    assert "s3rec" not in str(e.value).split(":")[0]
     lone = tmp_path / "c" / "seq.txt"
     lone.parent.mkdir()
     lone.write_text("1 10 11 12 13 14 15\n2\n")
