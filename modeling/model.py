@@ -107,7 +107,7 @@ class RecModel(nn.Module):
         """Final hidden states [B, T, H]; the LM head is skipped (item_logits scores what is needed)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        groups = length_groups(attention_mask)
+        groups = None if self._partitioned() else length_groups(attention_mask)
         if groups is None:
             return self._body(inputs_embeds, attention_mask)
         # Right-padded rows of very different lengths (a recommendation batch: most histories are short,
@@ -119,6 +119,11 @@ class RecModel(nn.Module):
         for rows, width in groups:
             hidden[rows, :width] = self._body(inputs_embeds[rows, :width], attention_mask[rows, :width])
         return hidden
+
+    def _partitioned(self) -> bool:
+        """Whether ZeRO-3 partitions the weights: each module call then gathers them with a collective,
+        so every rank must make the same calls — and ranks' batches have different length groups."""
+        return getattr(next(self.lm.parameters()), "ds_id", None) is not None
 
     def _body(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         body = self.causal_lm.base_model  # GPT2Model / LlamaModel / ...: the transformer without its head
