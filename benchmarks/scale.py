@@ -51,6 +51,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the project's packages, not only what the venv installed
 
@@ -153,11 +155,7 @@ def serve(export_dir: Path, eval_users: int, requests: int) -> dict[str, Any]:
 
 def _percentile(values: list[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ``values``, linear between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    at = (len(ordered) - 1) * q / 100
-    lo = int(at)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+    return float(np.percentile(values, q))
 
 
 def measure_serving(export_dir: str, eval_users: int, requests: int) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Records -> tensors, run inside the reader's DataLoader workers (must pickle: plain lists only).
 
 A prompt is BOS [+ "User rated:"] followed by one *entry* per history item: the item part (item i's token
-id for ``prompt=ids``, :func:`first_item_token_id` + i; `` Title`` for ``prompt=text``) then its rating part (``prompt=text``: `` 4.5/5;``;
-``prompt=ids`` only for the rating task: `` 4.5``). Labels sit on the last token of a part:
+id, :func:`first_item_token_id` + i, for ``prompt=ids``; `` Title`` for ``prompt=text``) then its rating
+part (``prompt=text``: `` 4.5/5;``; ``prompt=ids`` only for the rating task: `` 4.5``). Labels sit on the last token of a part:
 
 * ``next_item``: after entry t (item + rating) the label is item t+1 — every entry for train
   ``objective=all``; for ``objective=new`` only the targets from the record's ``first_new_target`` on

@@ -9,8 +9,8 @@
   through the Auto classes.
 
 Then one token id per item, contiguous past the tokenizer's own ids (:func:`reserve_item_tokens`: ids,
-not added token strings, so a million items cost nothing to save or load), embeddings resized, the new rows
-initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA or
+not added token strings, so a million items cost nothing to save or load), embeddings resized, the new
+rows initialised (``model.item_init``), optional non-reentrant gradient checkpointing, optional LoRA or
 freeze tuning (``model.trainable_layers``).
 The tokenizer carries ``recgpt_first_item_token_id`` / ``recgpt_num_items`` / ``recgpt_items_sha256`` /
 ``recgpt_rating_levels`` in its ``init_kwargs`` so that a saved tokenizer directory describes the item
