@@ -77,6 +77,7 @@ from trainer.monitor import (
     flops_per_token,
     peak_flops,
     peak_memory_bytes,
+    state_bytes,
 )
 from trainer.remote import RunSync
 from trainer.resume import (
@@ -514,6 +515,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         # ---------------------------------------------------------------- the end
         if last_ckpt_step != st.step:
             raise RuntimeError(f"internal: finished at step {st.step} without a final checkpoint")
+        # What each rank holds of model and optimizer state: the figure ZeRO partitions (one collective).
+        held = state_bytes(engine.module, engine.optimizer)
+        monitor.state(st.step, all_gather_tensor(
+            torch.tensor([held["model"], held["optimizer"]], dtype=torch.float64, device=info.device)
+        ).tolist())  # fmt: skip
         final = {
             **st.metrics,
             "step": st.step,

@@ -96,6 +96,56 @@ class HeldMemory:
         return self.value
 
 
+def state_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+    """Bytes of training state this rank holds now: ``model`` (its parameters and buffers; under ZeRO-3
+    the rank's partition, ``ds_tensor``, plus what is gathered at the moment) and ``optimizer``
+    (everything else the optimizer object reaches: moments, fp32 master copies, the gradients held
+    between steps, the gradient partitions and buffers of DeepSpeed's ZeRO optimizers).
+
+    Counted by tensor storage, each storage once (views share one), so a flat ZeRO buffer and the
+    partitions viewing it count once. The steady-state figure ZeRO partitions, free of interpreter,
+    allocator slack and transient peaks (RSS and ``perf/peak_memory_gb`` include those).
+    """
+    seen: set[int] = set()
+
+    def storage_bytes(t: torch.Tensor) -> int:
+        s = t.untyped_storage()
+        key = s.data_ptr()
+        if key in seen or s.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return s.nbytes()
+
+    model = 0
+    for p in module.parameters():
+        model += storage_bytes(p.data) + (storage_bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else 0)
+    for b in module.buffers():
+        model += storage_bytes(b)
+
+    visited: set[int] = set()
+    stack: list[Any] = [optimizer]
+    opt = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            opt += storage_bytes(obj)
+            if obj.grad is not None:
+                stack.append(obj.grad)
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif type(obj).__module__.split(".")[0] == "deepspeed" or isinstance(obj, torch.optim.Optimizer):
+            # Only the optimizer's own objects are walked (DeepSpeed's ZeRO optimizers keep their state in
+            # attributes); a module it refers to adds nothing new: its parameters were counted above.
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    return {"model": model, "optimizer": opt}
+
+
 def peak_flops(device: torch.device) -> float | None:
     import os
 
@@ -348,6 +398,18 @@ class Monitor:
             self.bar.write(f"eval step {step}: {line}")
         elif self.plain:
             print(f"eval step {step}: {line}", flush=True)
+
+    def state(self, step: int, per_rank: list[list[float]]) -> None:
+        """Record each rank's ``[model, optimizer]`` state bytes (:func:`state_bytes`): a ``state`` record
+        in the JSONL log and one line."""
+        if not self.enabled:
+            return
+        model, opt = [[int(r[i]) for r in per_rank] for i in (0, 1)]
+        self._record("state", step, {"model_bytes": model, "optimizer_bytes": opt})
+        shown = ", ".join(f"{(m + o) / 2**20:,.1f}" for m, o in zip(model, opt))
+        self.message(
+            f"model + optimizer state per rank: {shown} MiB (model {model[0] / 2**20:,.1f} on rank 0)"
+        )
 
     def message(self, text: str) -> None:
         if not self.enabled:
