@@ -210,6 +210,69 @@ def measure_serving(export_dir: str, eval_users: int, requests: int) -> dict[str
     }
 
 
+def step_split(shards: Path, negatives: int, steps: int) -> dict[str, Any]:
+    """:func:`measure_step_split` in a fresh process, as one JSON line of its stdout."""
+    cmd = [sys.executable, __file__, "--split", str(shards), "--negatives", str(negatives),
+           "--split-steps", str(steps)]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"step split on {shards} failed: {proc.stderr.strip()[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_step_split(shards: str, negatives: int, steps: int) -> dict[str, Any]:
+    """Where a training step's time goes at this catalogue size, in this process: the loss forward
+    (sampled softmax: ``negatives`` + in-batch, logQ), its backward, the AdamW step and ``zero_grad``, on
+    the train split's first batches, in milliseconds (medians over ``steps`` steps after one warm-up;
+    ``configs/tiny.yaml``, the trainer's model, loss and optimizer, without DeepSpeed). The loss reads
+    only its candidates' rows; the backward fills the item table's dense gradient and AdamW updates
+    every row: those two grow with the catalogue."""
+    import torch
+
+    from configs import load_config
+    from data_shards.manifest import read_items
+    from modeling.data import build_loader
+    from modeling.factory import build_model_and_tokenizer
+    from modeling.loss import LossComputer
+    from trainer.engine import build_optimizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, [f"data.shards={shards}", "train.loss=sampled", f"train.num_negatives={negatives}",
+                               "data.num_workers=0"])  # fmt: skip
+    items = read_items(shards)
+    model, tokenizer = build_model_and_tokenizer(cfg, shards)
+    model.train()
+    counts = [it.get("count") for it in items]
+    loss_fn = LossComputer(cfg, None if None in counts else [int(c) for c in counts])
+    optimizer = build_optimizer(cfg, model)
+    times: dict[str, list[float]] = {
+        "forward_ms": [],
+        "backward_ms": [],
+        "optimizer_ms": [],
+        "zero_grad_ms": [],
+    }
+    batches = iter(build_loader(cfg, "train", tokenizer, items))
+    for i in range(steps + 1):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(model, batch, step=i)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if i:  # the first step is warm-up (first allocations, AdamW's state)
+            for k, a, b in zip(times, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+                times[k].append(1e3 * (b - a))
+    return {f"split_{k}": statistics.median(v) for k, v in times.items()} | {
+        "split_parameters": sum(p.numel() for p in model.parameters()),
+        "split_steps": steps,
+    }
+
+
 # --------------------------------------------------------------------------- one size, resumable
 
 
@@ -240,7 +303,8 @@ def measure_size(a: argparse.Namespace, size: int) -> dict[str, Any]:
     d = a.workdir / f"{size}-{a.items}"
     d.mkdir(parents=True, exist_ok=True)
     settings = {"size": size, "items": a.items, "train_steps": a.train_steps, "negatives": a.negatives,
-                "eval_users": a.eval_users, "requests": a.requests, "reader_records": a.reader_records}  # fmt: skip
+                "eval_users": a.eval_users, "requests": a.requests, "reader_records": a.reader_records,
+                "split_steps": a.split_steps}  # fmt: skip
     row_file = d / "row.json"
     if row_file.exists() and json.loads(row_file.read_text())["settings"] == settings:
         return json.loads(row_file.read_text())
@@ -255,6 +319,8 @@ def measure_size(a: argparse.Namespace, size: int) -> dict[str, Any]:
     trained = stages.run("train", {"steps": a.train_steps, "negatives": a.negatives, "eval_users": a.eval_users},
                          run_dir / "metrics.json",
                          lambda: train(shards, run_dir, a.train_steps, a.negatives, a.eval_users))  # fmt: skip
+    split = stages.run("split", {"negatives": a.negatives, "steps": a.split_steps}, shards / "manifest.json",
+                       lambda: step_split(shards, a.negatives, a.split_steps))  # fmt: skip
     exported = stages.run(
         "export", {}, export_dir / "export_manifest.json", lambda: export(run_dir, export_dir)
     )
@@ -271,6 +337,7 @@ def measure_size(a: argparse.Namespace, size: int) -> dict[str, Any]:
         "reader_rec_per_s": reader["w1_raw_start"]["wall"],
         "reader": reader,
         **trained,
+        **split,
         **exported,
         **served,
         "load_average_before": load_before,
@@ -283,13 +350,15 @@ def measure_size(a: argparse.Namespace, size: int) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table, one row per size."""
     head = ("| interactions | items | users | build wall s | build peak RSS GiB | reader rec/s | train samples/s "
-            "| step ms | eval users/s | export s | export MiB | recommend p50 / p99 ms |")  # fmt: skip
+            "| step ms | step split ms: forward / backward / AdamW | eval users/s | export s | export MiB "
+            "| recommend p50 / p99 ms |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['interactions']:,} | {r['items']:,} | {r['users']:,} | {r['build_wall_s']:.1f} | "
             f"{r['build_peak_rss_gib']:.2f} | {r['reader_rec_per_s']:,.0f} | {r['train_samples_per_s']:,.1f} | "
-            f"{1e3 * r['train_step_s']:,.1f} | {r['eval_users_per_s']:,.1f} | {r['export_s']:.1f} | "
+            f"{1e3 * r['train_step_s']:,.1f} | {r['split_forward_ms']:,.0f} / {r['split_backward_ms']:,.0f} / "
+            f"{r['split_optimizer_ms']:,.0f} | {r['eval_users_per_s']:,.1f} | {r['export_s']:.1f} | "
             f"{r['export_mib']:,.1f} | {r['recommend_p50_ms']:,.1f} / {r['recommend_p99_ms']:,.1f} |"
         )
     return "\n".join(lines)
@@ -306,15 +375,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-users", type=int, default=1000, help="valid users ranked over every item")
     ap.add_argument("--requests", type=int, default=100, help="timed one-user recommend requests")
     ap.add_argument("--reader-records", type=int, default=200_000, help="records per reader rate figure")
+    ap.add_argument("--split-steps", type=int, default=10, help="steps timed part by part (the step split)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: one export directory, this process
+    ap.add_argument("--split", help=argparse.SUPPRESS)  # internal: one shard directory, this process
     a = ap.parse_args(argv)
     if a.serve:
         print(json.dumps(measure_serving(a.serve, a.eval_users, a.requests)), flush=True)
         return 0
+    if a.split:
+        print(json.dumps(measure_step_split(a.split, a.negatives, a.split_steps)), flush=True)
+        return 0
     if a.train_steps < 2 * LOG_INTERVAL:
         ap.error(f"--train-steps: at least {2 * LOG_INTERVAL} (the first log window is warm-up)")
-    if min(a.eval_users, a.requests, a.negatives, a.reader_records) < 1:
-        ap.error("--eval-users, --requests, --negatives and --reader-records must be >= 1")
+    if min(a.eval_users, a.requests, a.negatives, a.reader_records, a.split_steps) < 1:
+        ap.error("--eval-users, --requests, --negatives, --reader-records and --split-steps must be >= 1")
     a.workdir = a.workdir.resolve()  # the children run in the repository root
     a.workdir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -18,6 +18,9 @@ first forward (in the same all-reduce as the non-finite check): it asks for the 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +91,7 @@ def task_loss(
     cfg: RecGPTConfig,
     negatives=None,
     denominator: float | None = None,
-    log_expected: torch.Tensor | None = None,
+    log_expected: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum of the losses at the supervised positions (``labels != IGNORE_INDEX``) / ``denominator``
     (None: their count, i.e. the mean; a batch without any gives 0).
@@ -99,7 +102,8 @@ def task_loss(
     * sampled (``negatives`` given): cross-entropy over the candidates = the batch's positive items
       (in-batch negatives for the other positions) plus the shared ``negatives``, each candidate once
       (an accidental hit is the positive). With ``log_expected`` ([num_items], float32: log of each
-      item's probability of being a candidate, :meth:`LossComputer.log_inclusion`) it is subtracted
+      item's probability of being a candidate, :meth:`LossComputer.log_inclusion`; or a function of the
+      candidates' indices giving theirs, which is what training passes) it is subtracted
       from every candidate's logit — the logQ correction;
     * gbce (``negatives`` given, uniform): gSASRec's generalised BCE, ``-beta log sigmoid(s+) - sum log
       sigmoid(-s-)`` per position, ``beta = alpha (t (1 - 1/alpha) + 1/alpha)``, ``alpha = k / (N - 1)``
@@ -136,7 +140,9 @@ def task_loss(
         candidates, inverse = torch.unique(torch.cat([y, negatives]), return_inverse=True)
         logits = rec.item_logits(h, items=candidates).float()
         if log_expected is not None:
-            logits = logits - log_expected[candidates]
+            logits = logits - (
+                log_expected(candidates) if callable(log_expected) else log_expected[candidates]
+            )
         total = F.cross_entropy(logits, inverse[: y.numel()], reduction="sum")
     return total / (max(y.numel(), 1) if denominator is None else denominator)
 
@@ -164,17 +170,25 @@ class LossComputer:
         pop = self._probs["pop"]
         return (pop if self.cfg.train.negative_sampler == "popularity" else None), pop
 
-    def log_inclusion(self, num_items: int, positions: int, device: torch.device) -> torch.Tensor:
-        """log P(item j is among a micro-batch's candidates) (float32 [num_items]): the candidates are
-        ``positions`` in-batch positives, drawn by popularity (uniform when unknown), and
-        ``train.num_negatives`` draws from the sampler, all with replacement, so
+    def log_inclusion(
+        self, num_items: int, positions: int, device: torch.device, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log P(item j is among a micro-batch's candidates) (float32 [num_items], or [len(items)] for the
+        item indices ``items``): the candidates are ``positions`` in-batch positives, drawn by popularity
+        (uniform when unknown), and ``train.num_negatives`` draws from the sampler, all with replacement, so
         ``P = 1 - (1 - p_j)^positions (1 - q_j)^num_negatives``. With it, ``sum over candidates of
         exp(logit - log P)`` is an unbiased (Horvitz-Thompson) estimate of the full softmax's partition
-        function; for rare items it is ``log(positions p_j + num_negatives q_j)``, the usual logQ term."""
+        function; for rare items it is ``log(positions p_j + num_negatives q_j)``, the usual logQ term.
+        The loss asks for its candidates only: a step's cost must not grow with the catalogue."""
         sampler, pop = self._dists(num_items, device)
-        uniform = torch.full((num_items,), 1.0 / num_items, device=device, dtype=torch.float64)
-        p = pop.double() if pop is not None else uniform
-        q = sampler.double() if sampler is not None else uniform
+        n = num_items if items is None else items.numel()
+
+        def probs(dist: torch.Tensor | None) -> torch.Tensor:
+            if dist is None:
+                return torch.full((n,), 1.0 / num_items, device=device, dtype=torch.float64)
+            return (dist if items is None else dist[items]).double()
+
+        p, q = probs(pop), probs(sampler)
         log_missed = positions * torch.log1p(
             -p.clamp(max=1 - 1e-12)
         ) + self.cfg.train.num_negatives * torch.log1p(-q.clamp(max=1 - 1e-12))
@@ -193,7 +207,9 @@ class LossComputer:
             sampler, _ = self._dists(rec.num_items, mask.device)
             negatives = sample_negatives(rec.num_items, cfg.train.num_negatives, mask.device, sampler)
             if cfg.train.loss == "sampled" and cfg.train.logq_correction:
-                log_expected = self.log_inclusion(rec.num_items, supervised_positions(batch), mask.device)
+                log_expected = functools.partial(
+                    self.log_inclusion, rec.num_items, supervised_positions(batch), mask.device
+                )
 
         def loss_at(inputs_embeds: torch.Tensor, runner: nn.Module = model) -> torch.Tensor:
             hidden = runner(attention_mask=mask, inputs_embeds=inputs_embeds)

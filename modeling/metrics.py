@@ -103,10 +103,9 @@ def _score(rec, batch, embeds, cfg: RecGPTConfig) -> torch.Tensor:
 def _ranks(rec, h: torch.Tensor, batch, cfg: RecGPTConfig) -> torch.Tensor:
     """Full-ranking ranks of the batch's targets from the hidden rows ``h`` [B, H], in item chunks."""
     seen = batch["seen"] if cfg.eval.exclude_seen else None
-    device = h.device
 
     def score_items(lo: int, hi: int) -> torch.Tensor:
-        return rec.item_logits(h, items=torch.arange(lo, hi, device=device))
+        return rec.item_logits(h, items=slice(lo, hi))
 
     return chunked_target_ranks(score_items, rec.num_items, batch["target"], seen, max(cfg.eval.ks),
                                 cfg.eval.item_chunk)  # fmt: skip

@@ -52,6 +52,12 @@ def length_groups(attention_mask: torch.Tensor | None) -> list[tuple[torch.Tenso
     return groups
 
 
+def _whole_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` (or a subclass that only scales its output) whose whole weight is here: not a
+    PEFT wrapper (its forward adds the adapters), not a ZeRO-3 partition (only calling it gathers it)."""
+    return isinstance(module, nn.Embedding) and not hasattr(module.weight, "ds_id")
+
+
 class RecModel(nn.Module):
     """``forward`` returns the final hidden states; ``item_logits`` / ``rating_output`` score them.
 
@@ -73,6 +79,13 @@ class RecModel(nn.Module):
         self.lm = lm
         self.tied = tied
         self.register_buffer("item_token_ids", item_token_ids.long(), persistent=False)
+        ids = self.item_token_ids
+        # Item tokens are one contiguous id range (modeling.factory reserves them so): the whole catalogue's
+        # rows are then a slice of the embedding matrix, not a gather copying it (1M x 64 fp32: 256 MB).
+        contiguous = ids.numel() > 0 and bool(
+            (ids == torch.arange(ids.numel(), device=ids.device) + ids[0]).all()
+        )
+        self._item_range = (int(ids[0]), int(ids[0]) + ids.numel()) if contiguous else None
         self.rating_head: nn.Linear | None = None
         if rating_levels is not None:
             # The config, not the embedding module: under PEFT the module is a TrainableTokensWrapper.
@@ -130,17 +143,24 @@ class RecModel(nn.Module):
         out = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
-    def item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores [..., num_items] (or [..., len(items)] for a subset of item indices) from the item rows
-        of the output head only — never a softmax over the whole vocabulary."""
+    def item_logits(self, hidden: torch.Tensor, items: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Scores [..., num_items] (or [..., len(items)] for a subset of item indices: a tensor of them, or
+        a ``slice`` of the index range — the chunks of full ranking) from the item rows of the output head
+        only — never a softmax over the whole vocabulary."""
         token_ids = self.item_token_ids if items is None else self.item_token_ids[items]
         if self.tied:
             emb_module = self.causal_lm.get_input_embeddings()
-            rows = emb_module(token_ids)
-            # Scaled embeddings (Gemma) multiply inside the module; the tied head uses the raw matrix.
-            scale = getattr(getattr(emb_module, "base_layer", emb_module), "embed_scale", None)
-            if scale is not None and float(scale) != 1.0:
-                rows = rows / torch.as_tensor(scale, dtype=rows.dtype, device=rows.device)
+            span = slice(0, self.num_items) if items is None else items
+            if isinstance(span, slice) and self._item_range is not None and _whole_embedding(emb_module):
+                # The raw matrix's item rows as a view (what the gather below returns, without the copy).
+                lo, hi, _ = span.indices(self.num_items)
+                rows = emb_module.weight[self._item_range[0] + lo : self._item_range[0] + hi]
+            else:
+                rows = emb_module(token_ids)
+                # Scaled embeddings (Gemma) multiply inside the module; the tied head uses the raw matrix.
+                scale = getattr(getattr(emb_module, "base_layer", emb_module), "embed_scale", None)
+                if scale is not None and float(scale) != 1.0:
+                    rows = rows / torch.as_tensor(scale, dtype=rows.dtype, device=rows.device)
             return hidden @ rows.to(hidden.dtype).t()
         # Untied head: call it (so ZeRO-3 gathers it and PEFT merges trained rows), keep item columns.
         # This costs a vocabulary-sized matmul at the scored positions, but the softmax stays over items.

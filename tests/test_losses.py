@@ -116,3 +116,14 @@ def test_popularity_sampler_draws_by_count_and_needs_counts():
         _cfg("train.loss=gbce", "train.negative_sampler=popularity")
     with pytest.raises(ConfigError, match="train.gbce_t"):
         _cfg("train.gbce_t=1.5")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity"])
+def test_log_inclusion_of_some_items_is_theirs_of_the_whole_vector(sampler):
+    """Training asks for the candidates' log-inclusion only (its cost must not grow with the catalogue):
+    the same numbers as the whole vector's entries."""
+    lc = LossComputer(_cfg("train.loss=sampled", "train.num_negatives=7", f"train.negative_sampler={sampler}"),
+                      list(range(1, 41)))  # fmt: skip
+    items = torch.tensor([0, 5, 39, 17])
+    whole = lc.log_inclusion(40, 9, torch.device("cpu"))
+    assert torch.equal(lc.log_inclusion(40, 9, torch.device("cpu"), items=items), whole[items])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -606,3 +607,28 @@ def test_item_tokens_are_ids_past_the_tokenizer_and_legacy_tokenizers_still_load
     assert model_vocab_size(legacy) == len(legacy) == want + NUM_ITEMS
     with pytest.raises(ValueError, match="no item token ids"):
         first_item_token_id(train_tokenizer(_items(), LEVELS, 300))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_item_rows_as_a_slice_give_the_gathered_scores_and_gradients(shards, arch):
+    """Full ranking and its chunks read the item rows as a view of the embedding matrix (the item ids are
+    one contiguous range), not a gather copying them: the same scores and gradients, bit for bit."""
+    import modeling.model as mm
+
+    cfg = _cfg(f"model.architecture={arch}")
+    model, _ = build_model_and_tokenizer(cfg, shards)
+    assert model._item_range is not None and model._item_range[1] - model._item_range[0] == NUM_ITEMS
+    h = torch.randn(5, model.causal_lm.config.hidden_size)
+
+    def scores_and_grad(items):
+        model.zero_grad()
+        out = model.item_logits(h, items=items)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), model.causal_lm.get_input_embeddings().weight.grad.clone()
+
+    sliced = scores_and_grad(None), scores_and_grad(slice(2, 7))
+    with mock.patch.object(mm, "_whole_embedding", lambda module: False):  # the gather path
+        gathered = scores_and_grad(None), scores_and_grad(torch.arange(2, 7))
+    for (s1, g1), (s0, g0) in zip(sliced, gathered):
+        assert torch.equal(s1, s0) and torch.equal(g1, g0)
+    assert sliced[1][0].shape == (5, 5)

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -169,3 +170,21 @@ def test_existing_directory_replaced_only_with_force(small_export, tmp_path, cap
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(small_export)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists" in err[0] and "(--force replaces it)" in err[0], err
+
+
+def test_recommend_builds_the_collate_and_lookups_once_per_export(small_export):
+    """What every request on one loaded export shares (the collate's item table, the id lookups: ~1 s
+    each at 1M items) is built once, and the answers stay the same."""
+    import modeling.serving as serving
+
+    model, tokenizer, items, spec = load_export(small_export)
+    with mock.patch.object(serving, "make_collate", wraps=serving.make_collate) as made:
+        first = recommend(model, tokenizer, items, spec, resolve_history(["100", "101"], items, "x"), k=3)
+        again = recommend(model, tokenizer, items, spec, resolve_history(["100", "101"], items, "x"), k=3)
+        other = recommend(model, tokenizer, items, spec, resolve_history(["102"], items, "x"), k=3)
+    assert made.call_count == 1 and first == again and other != first
+    # Another load (new objects) is not served from the first one's entries.
+    model2, tokenizer2, items2, spec2 = load_export(small_export)
+    with mock.patch.object(serving, "make_collate", wraps=serving.make_collate) as made:
+        assert recommend(model2, tokenizer2, items2, spec2, [0, 1], k=3) == first
+    assert made.call_count == 1

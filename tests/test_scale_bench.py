@@ -50,7 +50,7 @@ def test_percentile_is_numpys_linear_one():
         assert scale._percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
-@pytest.mark.slow  # five subprocesses per size, each importing torch: ~25 s a size on one core
+@pytest.mark.slow  # six subprocesses per size, each importing torch: ~25 s a size on one core
 def test_scale_table_end_to_end_and_resumed(tmp_path):
     rows, table = _bench(tmp_path)
     assert len(rows) == len(SIZES) and len(table) == 2 + len(SIZES)
@@ -63,9 +63,13 @@ def test_scale_table_end_to_end_and_resumed(tmp_path):
         assert 0.9 * size <= row["interactions"] <= size and row["items"] <= ITEMS
         assert line.startswith(f"| {row['interactions']:,} | {row['items']:,} | {row['users']:,} |")
         for key in ("build_wall_s", "build_peak_rss_gib", "reader_rec_per_s", "train_samples_per_s",
-                    "train_step_s", "eval_s", "eval_users_per_s", "export_s", "recommend_p50_ms"):  # fmt: skip
+                    "train_step_s", "eval_s", "eval_users_per_s", "export_s", "recommend_p50_ms",
+                    "split_forward_ms", "split_backward_ms", "split_optimizer_ms"):  # fmt: skip
             assert row[key] > 0, key
         assert row["recommend_p99_ms"] >= row["recommend_p50_ms"]
+        # The step split timed the trainer's model over this catalogue: its parameters are the run's.
+        assert row["split_parameters"] == json.loads((d / "run" / "metrics.json").read_text())["parameters"]
+        assert row["split_steps"] == 10
         # One measured window (the first is warm-up) of micro-batches of 32 on one process.
         assert row["train_windows"] == STEPS // 5 - 1
         assert row["train_samples_per_s"] * row["train_step_s"] == pytest.approx(32)
