@@ -74,6 +74,8 @@ def run_figures(run_dir: Path) -> dict[str, Any]:
     """State bytes per rank (the ``state`` record), held/peak RSS and step time of the last window."""
     state = _records(run_dir, "state")[-1]
     last = _records(run_dir, "train")[-1]
+    setup = _records(run_dir, "setup")[-1]
+    saves = [r["save_s"] for r in _records(run_dir, "checkpoint")]
     total = [m + o for m, o in zip(state["model_bytes"], state["optimizer_bytes"])]
     return {
         "state_mib_per_rank": [round(t / 2**20, 1) for t in total],
@@ -82,6 +84,9 @@ def run_figures(run_dir: Path) -> dict[str, Any]:
         "held_rss_gb": round(last["memory_gb"], 3),
         "peak_rss_gb": round(last["peak_memory_gb"], 3),
         "step_s": round(last["step_time_s"], 3),
+        "model_build_s": setup["model_s"],
+        "engine_s": setup["engine_s"],
+        "checkpoint_save_s": saves,
     }
 
 
@@ -178,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine()
     (work / "result.json").write_text(json.dumps(result, indent=1))
 
-    print("\n| precision | ZeRO stage | model + optimizer MiB per rank (model) | held RSS GB | step s |")
-    print("|---|---|---|---|---|")
+    print("\n| precision | ZeRO stage | model + optimizer MiB per rank (model) | held RSS GB | step s "
+          "| model build s | engine s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in result["memory"]:
         per_rank = " / ".join(f"{s:,.1f}" for s in r["state_mib_per_rank"])
         print(f"| {r['precision']} | {r['stage']} | {per_rank} ({r['model_mib_per_rank'][0]:,.1f}) | "
-              f"{r['held_rss_gb']:.2f} | {r['step_s']:.2f} |")  # fmt: skip
+              f"{r['held_rss_gb']:.2f} | {r['step_s']:.2f} | {r['model_build_s']:.1f} | {r['engine_s']:.1f} |")  # fmt: skip
     z = result["zero3_run"]
     print(f"\nZeRO-3 run: {z['steps']} steps, {z['resumed_line']}; exact resume over steps "
-          f"{z['redone_steps_compared']}; checkpoint {z['checkpoint_mib']:,.1f} MiB; state per rank "
+          f"{z['redone_steps_compared']}; checkpoint {z['checkpoint_mib']:,.1f} MiB saved in {z['checkpoint_save_s']} s; state per rank "
           f"{z['state_mib_per_rank']} MiB; export {result['export']['wall_s']} s, {result['export']['mib']:,.1f} MiB; "
           f"recommend p50 / p99 {result['serve']['recommend_p50_ms']:.1f} / {result['serve']['recommend_p99_ms']:.1f} ms")  # fmt: skip
     print(json.dumps(result))

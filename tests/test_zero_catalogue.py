@@ -68,5 +68,8 @@ def test_zero_catalogue_halves_state_and_resumes_exactly(sample_shards, tmp_path
     assert run["resumed_line"].endswith("step_00000010 at step 10")
     assert run["exact_resume"] and run["redone_steps_compared"] == [15]
     assert run["metrics"]["step"] == 20 and run["metrics"]["num_examples"] == 20
+    # The second attempt saved the final checkpoint (the first saved step 10 before it was killed).
+    assert len(run["checkpoint_save_s"]) == 2 and min(run["checkpoint_save_s"]) > 0
+    assert zero0["model_build_s"] > 0 and zero3["engine_s"] > 0
     assert (tmp_path / "w" / "export" / "model.safetensors").is_file()
     assert result["serve"]["requests"] == 3 and result["serve"]["recommend_p50_ms"] > 0

@@ -303,9 +303,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         items = read_items(cfg.data.shards, manifest)
         # train.init_from: a new run's weights come from a trained model (a resumed one has its own).
         warm = load_source(cfg) if tc.init_from and resume_from is None else None
+        t_setup = time.perf_counter()
         model, tokenizer = build_model_and_tokenizer(
             cfg, cfg.data.shards, ds_config=deepspeed_config(cfg, info.world_size), warm_start=warm
         )
+        setup_s = {"model_s": time.perf_counter() - t_setup}
         # Every checkpoint (hence the export) says where a warm-started run came from.
         ckpts.extra_files = (
             record_files(warm, cfg, items, manifest) if warm is not None
@@ -323,7 +325,9 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         )
         n_trainable, n_params = trainable_parameters(model)
         total_steps = tc.max_steps or tc.epochs * max(1, len(train_loader) // tc.grad_accum)
+        t_setup = time.perf_counter()
         engine = build_engine(cfg, model, info.world_size, total_steps, load_universal=universal)
+        setup_s["engine_s"] = time.perf_counter() - t_setup
         engine.train()
         counts = [it.get("count") for it in items]
         loss_fn = LossComputer(cfg, None if None in counts else [int(c) for c in counts])
@@ -361,6 +365,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         if info.is_main:
             save_resolved(cfg, out_dir)  # after apply_schedule: it says what the optimizer does
         monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
+        monitor.timing("setup", st.step, setup_s)
         if resume_from is not None:
             shown = sync.shown(resume_from) if sync is not None else resume_from
             monitor.message(f"resumed from {shown} at step {st.step}")
@@ -496,9 +501,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 # Only an evaluated checkpoint can be the best one.
                 is_best = evaluated and st.best_saved.update(st.metrics[cfg.eval.metric], st.step)
                 ckpt_metrics = {**(st.metrics if evaluated else {}), "step": st.step, "epoch": st.epoch}
+                t_save = time.perf_counter()
                 path = ckpts.save(
                     engine, st.step, train_loader, st.to_dict(), cfg, ckpt_metrics, tokenizer, is_best
                 )
+                monitor.timing("checkpoint", st.step, {"save_s": time.perf_counter() - t_save})
                 last_ckpt_step = st.step
                 if sync is not None:
                     if info.is_main:

@@ -399,6 +399,13 @@ class Monitor:
         elif self.plain:
             print(f"eval step {step}: {line}", flush=True)
 
+    def timing(self, kind: str, step: int, seconds: dict[str, float]) -> None:
+        """Record rank 0's wall seconds of a part of the run outside the steps: ``setup`` (``model_s``:
+        building the model and tokenizer; ``engine_s``: DeepSpeed's engine) or ``checkpoint`` (``save_s``:
+        one complete checkpoint, every rank's files). A JSONL record, no log line."""
+        if self.enabled:
+            self._record(kind, step, {k: round(v, 3) for k, v in seconds.items()})
+
     def state(self, step: int, per_rank: list[list[float]]) -> None:
         """Record each rank's ``[model, optimizer]`` state bytes (:func:`state_bytes`): a ``state`` record
         in the JSONL log and one line."""
