@@ -122,7 +122,8 @@ def read_items(location: str | os.PathLike, manifest: dict[str, Any] | None = No
     data = read_url(url)
     if hashlib.sha256(data).hexdigest() != manifest["items_sha256"]:
         raise CorruptShardError(f"{url}: sha256 differs from the manifest (damaged or from another build)")
-    items = [json.loads(line) for line in data.splitlines() if line.strip()]
+    # One parse of the lines as a JSON array: a million json.loads calls took ~20 s at 1M items.
+    items = json.loads(b"[" + b",".join(line for line in data.splitlines() if line.strip()) + b"]")
     if len(items) != manifest["num_items"] or any(it["index"] != i for i, it in enumerate(items)):
         raise CorruptShardError(f"{url}: expected items with index 0..{manifest['num_items'] - 1}")
     return items
