@@ -142,15 +142,21 @@ def export(run_dir: Path, out: Path) -> dict[str, Any]:
     return {"export_s": wall, "export_mib": _dir_bytes(out) / 2**20}
 
 
-def serve(export_dir: Path, eval_users: int, requests: int) -> dict[str, Any]:
-    """:func:`measure_serving` in a fresh process (its own memory, nothing imported before), as one
-    JSON line of its stdout."""
-    cmd = [sys.executable, __file__, "--serve", str(export_dir), "--eval-users", str(eval_users),
-           "--requests", str(requests)]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+def _in_fresh_process(what: str, *args: str) -> dict[str, Any]:
+    """This script with ``args`` (an internal ``--serve`` / ``--split`` measure) in a fresh process (its
+    own memory, nothing imported before): the one JSON line it prints last."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], env=_env(), cwd=REPO, capture_output=True, text=True
+    )
     if proc.returncode:
-        raise SystemExit(f"serving {export_dir} failed: {proc.stderr.strip()[-3000:]}")
+        raise SystemExit(f"{what} failed: {proc.stderr.strip()[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve(export_dir: Path, eval_users: int, requests: int) -> dict[str, Any]:
+    """:func:`measure_serving` in a fresh process."""
+    return _in_fresh_process(f"serving {export_dir}", "--serve", str(export_dir), "--eval-users",
+                             str(eval_users), "--requests", str(requests))  # fmt: skip
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -211,13 +217,9 @@ def measure_serving(export_dir: str, eval_users: int, requests: int) -> dict[str
 
 
 def step_split(shards: Path, negatives: int, steps: int) -> dict[str, Any]:
-    """:func:`measure_step_split` in a fresh process, as one JSON line of its stdout."""
-    cmd = [sys.executable, __file__, "--split", str(shards), "--negatives", str(negatives),
-           "--split-steps", str(steps)]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"step split on {shards} failed: {proc.stderr.strip()[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """:func:`measure_step_split` in a fresh process."""
+    return _in_fresh_process(f"step split on {shards}", "--split", str(shards), "--negatives", str(negatives),
+                             "--split-steps", str(steps))  # fmt: skip
 
 
 def measure_step_split(shards: str, negatives: int, steps: int) -> dict[str, Any]:
