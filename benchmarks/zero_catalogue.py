@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.scale import CONFIG, _dir_bytes, _env, machine, serve  # noqa: E402
 
 BIN = Path(sys.executable).parent
+MARK = ".zero_catalogue"
+"""The file that marks a workdir this script made (and may empty)."""
 
 
 def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
@@ -91,18 +93,25 @@ def run_figures(run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--shards", type=Path, required=True, help="shards with a large catalogue")
-    ap.add_argument("--steps", type=int, default=200, help="steps of the ZeRO-3 run (a multiple of 20)")
+    ap.add_argument(
+        "--steps", type=int, default=200, help="steps of the ZeRO-3 run (a positive multiple of 20)"
+    )
     ap.add_argument("--memory-steps", type=int, default=10, help="steps of each memory run")
-    ap.add_argument("--precisions", default="bf16,fp32", help="memory runs; the ZeRO-3 run uses the first")
-    ap.add_argument("--negatives", type=int, default=1024)
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--precisions", default="bf16,fp32",
+                    help="comma-separated, of fp32 / bf16 / fp16: the memory runs; the ZeRO-3 run uses the first")  # fmt: skip
+    ap.add_argument("--negatives", type=int, default=1024, help="sampled negatives per micro-batch")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks (processes) of every run, at least 2")
     ap.add_argument(
         "--eval-users", type=int, default=200, help="validation users, and users ranked after export"
     )
     ap.add_argument("--requests", type=int, default=20, help="one-user recommend requests on the export")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/recgpt-zero-catalogue"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/recgpt-zero-catalogue"),
+                    help="the runs, export and result.json; emptied first if an earlier run of this script made "
+                    "it, refused if it holds anything else")  # fmt: skip
     a = ap.parse_args(argv)
     manifest = a.shards / "manifest.json"
     if not manifest.is_file():
@@ -110,11 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 20 or a.steps % 20:
         # The checkpoint (steps / 2) and the kill (3/4 steps) fall on log steps (every 5): the windows
         # logged after the resume are then the same steps as before the kill, and comparable.
-        ap.error("--steps: a multiple of 20")
+        ap.error(f"--steps: a positive multiple of 20, got {a.steps}")
     precisions = a.precisions.split(",")
+    if not set(precisions) <= {"fp32", "bf16", "fp16"}:
+        ap.error(f"--precisions: fp32, bf16 or fp16, comma-separated; got {a.precisions!r}")
+    if a.nproc < 2 or min(a.memory_steps, a.negatives, a.eval_users, a.requests) < 1:
+        ap.error("--nproc must be >= 2; --memory-steps, --negatives, --eval-users and --requests >= 1")
     work = a.workdir.resolve()
+    if work == a.shards.resolve() or work in a.shards.resolve().parents:
+        ap.error(f"--workdir: {work} holds the shards and would be emptied first; choose another directory")
+    if work.exists() and any(work.iterdir()) and not (work / MARK).exists():
+        ap.error(f"--workdir: {work} is not empty and was not made by this script (it would be emptied)")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    (work / MARK).write_text("made by benchmarks/zero_catalogue.py: its next run empties this directory\n")
     items = json.loads(manifest.read_text()).get("num_items")
     common = ["train.loss=sampled", f"train.num_negatives={a.negatives}", f"eval.max_users={a.eval_users}",
               "eval.batch_size=64", "train.log_interval=5", "train.resume=auto"]  # fmt: skip

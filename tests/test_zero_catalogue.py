@@ -73,3 +73,23 @@ def test_zero_catalogue_halves_state_and_resumes_exactly(sample_shards, tmp_path
     assert zero0["model_build_s"] > 0 and zero3["engine_s"] > 0
     assert (tmp_path / "w" / "export" / "model.safetensors").is_file()
     assert result["serve"]["requests"] == 3 and result["serve"]["recommend_p50_ms"] > 0
+
+
+def test_zero_catalogue_never_empties_a_directory_it_did_not_make(sample_shards, tmp_path):
+    """The workdir is emptied before the runs: one it did not make, or one holding the shards, is refused
+    (exit 2, one line) and left as it was; so are bad settings, before anything starts."""
+    script = [sys.executable, str(REPO / "benchmarks" / "zero_catalogue.py"), "--shards", str(sample_shards)]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for extra, says in [
+        (["--workdir", str(tmp_path / "mine")], "not made by this script"),
+        (["--workdir", str(sample_shards.parent)], "holds the shards"),
+        (["--steps", "0"], "--steps: a positive multiple of 20, got 0"),
+        (["--precisions", "bf16,fp64"], "--precisions"),
+        (["--nproc", "1"], "--nproc must be >= 2"),
+    ]:
+        p = subprocess.run([*script, *extra], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+        assert p.returncode == 2 and says in p.stderr.strip().splitlines()[-1], (extra, p.stderr)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and (
+        sample_shards / "manifest.json"
+    ).exists()

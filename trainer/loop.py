@@ -544,7 +544,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             monitor.message(
                 f"run directory {sync.url if sync is not None else out_dir}: checkpoints/ (latest: "
                 f"{checkpoint_name(st.step)}, best: "
-                f"{st.best_checkpoint}), tensorboard/, train_log.jsonl, metrics.json, config.yaml"
+                f"{st.best_checkpoint}), {'tensorboard/, ' if cfg.logging.tensorboard else ''}train_log.jsonl, "
+                "metrics.json, config.yaml"
             )
             if sync is not None:
                 monitor.flush()
