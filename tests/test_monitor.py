@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 
 import pytest
 import torch
@@ -122,6 +123,65 @@ def test_other_ranks_reduce_but_write_nothing(tmp_path, capsys):
     assert calls == [(2 + 4 + 2, 2)]  # sums: 2 losses, 4 counts, 2 times; maxima: peak and held memory
     assert train["loss"] == 1.0
     assert not (tmp_path / "train_log.jsonl").exists() and capsys.readouterr().out == ""
+
+
+def test_deferred_log_rides_on_the_next_micro_batch_collective(tmp_path, capsys):
+    """A deferred window is reduced inside the next step_reduce (one collective for both), written
+    then with the time and readings of the step that closed it; the numbers equal an immediate log."""
+    cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=plain"])
+    calls = []
+
+    def reduce(sums, maxima):
+        calls.append((len(sums), len(maxima)))
+        return _two_ranks(sums, maxima)
+
+    now = Monitor(cfg, tmp_path / "now", enabled=True, total_steps=10, start_step=0, reduce=_two_ranks)
+    later = Monitor(cfg, tmp_path / "later", enabled=True, total_steps=10, start_step=0, reduce=reduce)
+    readings = dict(lr=1e-3, grad_norm=0.5, peak_memory_bytes=3 * GB, memory_bytes=GB)
+    for m in (now, later):
+        m.add_step(_step([1.0, 3.0], wait=0.5, seconds=2.0))
+    expected = now.log_train(1, **readings)
+    t_closed = time.time()
+    assert later.log_train(1, **readings, defer=True) is None
+    assert calls == [] and (tmp_path / "later" / "train_log.jsonl").read_text() == ""
+    later.add_step(_step([5.0], wait=0.0, seconds=1.0))  # the next step's numbers start a new window
+    assert later.step_reduce([1.0, 0.0, 4.0]) == [2.0, 0.0, 8.0]
+    assert calls == [(3 + 2 + 4 + 2, 2)]  # the micro-batch's sums, then the window's, and the maxima
+    (record,) = [json.loads(ln) for ln in (tmp_path / "later" / "train_log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["time"] <= t_closed + 1e-3
+    assert {k: record[k] for k in (*expected[0], *expected[1])} == {**expected[0], **expected[1]}
+    assert later.step_reduce([1.0]) == [2.0] and calls[-1] == (1, 0)  # nothing pending: sums only
+    assert later.window_steps == 1 and later.window.losses == {"loss": 5.0, "clean_loss": 2.5}
+    now.close()
+    later.close()
+
+
+def test_a_deferred_window_is_reduced_before_the_next_one_closes(tmp_path):
+    # Two logs with no micro-batch between them (never in the loop, but the window must not be lost).
+    cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=none"])
+    monitor = Monitor(cfg, tmp_path, enabled=True, total_steps=10, start_step=0, reduce=_two_ranks)
+    monitor.add_step(_step([1.0], wait=0.0, seconds=1.0))
+    monitor.log_train(1, lr=1.0, grad_norm=None, peak_memory_bytes=0, memory_bytes=0, defer=True)
+    monitor.add_step(_step([3.0], wait=0.0, seconds=1.0))
+    train, _ = monitor.log_train(2, lr=1.0, grad_norm=None, peak_memory_bytes=0, memory_bytes=0)
+    monitor.close()
+    records = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 3.0)] and train["loss"] == 3.0
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["one-process", "two-ranks"])
+def test_a_window_still_deferred_at_close_is_written_with_this_ranks_numbers(tmp_path, alone):
+    """A run that fails within the step after a deferred log: no collective at close (other ranks may
+    be gone); the record is this rank's window, marked so when there are other ranks."""
+    cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=none"])
+    reduce = no_reduce if alone else _two_ranks
+    monitor = Monitor(cfg, tmp_path, enabled=True, total_steps=10, start_step=0, reduce=reduce)
+    monitor.add_step(_step([2.0], wait=0.0, seconds=1.0))
+    monitor.log_train(1, lr=1.0, grad_norm=None, peak_memory_bytes=0, memory_bytes=0, defer=True)
+    monitor.close()
+    (record,) = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["loss"] == 2.0 and record["samples_per_s"] == 4.0
+    assert ("note" in record) is not alone
 
 
 def _rss() -> int:

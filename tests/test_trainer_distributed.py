@@ -135,9 +135,15 @@ def test_kill_during_checkpoint_write_then_resume_is_exact(zero0_run, sample_sha
     p2 = recgpt_train(sample_shards, out, overrides, fault="kill:25:1")
     assert p2.returncode != 0
     assert (root / "latest").read_text() == "step_00000020" and not partial.exists()
-    second = losses(train_log(out))  # steps 11-25 now come from the resumed run
-    assert max(second) == 25
-    for s in range(11, 26):
+    records = train_log(out)
+    second = losses(records)  # steps 11-24 (25) now come from the resumed run
+    # Step 25's record waits for step 26's all-reduce, which the kill prevents: it is lost, or written
+    # by rank 0's exit path with its own numbers and a note saying so (Monitor.close). The resume below
+    # logs it again from the checkpoint of step 20.
+    assert max(second) in (24, 25)
+    if max(second) == 25:
+        assert "note" in [r for r in records if r["kind"] == "train" and r["step"] == 25][-1]
+    for s in range(11, 25):
         assert second[s] == pytest.approx(ref[s], abs=1e-6), f"step {s}: {second[s]} vs {ref[s]}"
 
     p3 = recgpt_train(sample_shards, out, overrides)

@@ -26,7 +26,9 @@ Collectives (each a host sync on GPU, and a meeting point that waits for the slo
 all-reduce per micro-batch (per step at ``grad_accum=1``), after its forward and before its backward:
 whether any rank's loss is non-finite, the micro-batch's samples and tokens, and with the step's first
 micro-batch N, so the loss is computed as a sum and divided by N afterwards (``modeling.loss.divide``).
-Logging adds one more (the statistics window and memory). Nothing else on the hot path reads the
+A logged step adds none: its statistics window and memory readings travel in the next micro-batch's
+all-reduce and are written then; only where the record must be on disk at once (the last step, an
+evaluation or a checkpoint) does the log make its own collective. Nothing else on the hot path reads the
 device or the other ranks: the counts come from the host copies of the batches, the gradient norm is
 read on logging steps only (tests/test_training_state.py counts the collectives).
 """
@@ -415,14 +417,14 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 # and DeepSpeed's micro-step counter (hence the accumulation boundary) is untouched
                 # (ZeRO-0 would otherwise apply NaN gradients); logs["loss"] is the loss read back.
                 # The same all-reduce sums the samples and tokens (exact in checkpoints) and N.
-                (bad, more_samples, more_tokens, n), _ = monitor.reduce(
+                # A log window closed at the previous step, if any, travels in it too (Monitor.log_train).
+                bad, more_samples, more_tokens, n = monitor.step_reduce(
                     [
                         0.0 if math.isfinite(logs["loss"]) else 1.0,
                         counts.samples,
                         counts.tokens,
                         positions if denominator is None else 0.0,
-                    ],
-                    [],
+                    ]
                 )
                 if denominator is None:
                     denominator = step_denominator(int(n), tc.grad_accum, info.world_size)
@@ -475,6 +477,13 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     memory_bytes=held_memory(fresh=st.step == total_steps),
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
+                    # Reduced with the next micro-batch's all-reduce (no extra meeting of the ranks),
+                    # except where the record must be written now: last step, evaluation, checkpoint.
+                    defer=not (
+                        st.step == total_steps
+                        or on_interval(st.step, tc.eval_interval)
+                        or on_interval(st.step, tc.checkpoint_interval)
+                    ),
                 )
                 if sync is not None:
                     monitor.flush()

@@ -242,6 +242,23 @@ class StepStats:
         return out, top
 
 
+@dataclass
+class _ClosedWindow:
+    """A log window as closed at its last step, with that step's readings (what its record will hold)."""
+
+    step: int
+    window: StepStats
+    steps: int
+    lr: float
+    grad_norm: float | None
+    peak_memory_bytes: float
+    memory_bytes: float
+    cluster_peak_flops: float
+    flops_per_token: float
+    time: float
+    """Unix seconds when the window closed: the record's ``time``, even when written a micro-batch later."""
+
+
 def window_scalars(
     local: StepStats,
     total: StepStats,
@@ -295,6 +312,8 @@ class Monitor:
         self.window = StepStats()
         """This rank's sums since the last log."""
         self.window_steps = 0
+        self._pending: _ClosedWindow | None = None
+        """A closed log window whose reduction waits for the next micro-batch's collective."""
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -336,26 +355,77 @@ class Monitor:
         memory_bytes: float,
         cluster_peak_flops: float = 0.0,
         flops_per_token: float = 0.0,
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """Reduce the window over the ranks, log it (rank 0) and start a new one; returns ``(train, perf)``.
+        defer: bool = False,
+    ) -> tuple[dict[str, float], dict[str, float]] | None:
+        """Close the log window at ``step``: reduce it over the ranks, log it (rank 0) and start a new
+        one; returns ``(train, perf)``, or ``None`` with ``defer``.
 
-        Every rank calls it at the same steps (one collective: the window's sums by name, and this
-        rank's peak and current memory, max over ranks). ``grad_norm`` is the last step's (measured
-        before clipping); the ``*_rank0`` scalars are this rank's.
+        Every rank calls it at the same steps. The reduction is one collective: the window's sums by
+        name, and this rank's peak and current memory, max over ranks. With ``defer`` that collective is
+        not made here: the closed window rides on the next :meth:`step_reduce` (the next micro-batch's
+        all-reduce, which every rank makes anyway) and is written then, one micro-batch later — a logged
+        step then costs no extra meeting of the ranks. The loop defers except where the record must be
+        on disk at this step (the last step, an evaluation or a checkpoint). ``grad_norm`` is the step's
+        (measured before clipping); the ``*_rank0`` scalars are this rank's.
         """
-        total, (peak_max, held_max) = self.window.reduced(self.reduce, [peak_memory_bytes, memory_bytes])
+        self._log_pending()  # a deferred window not yet carried (no micro-batch since): reduce it first
+        closed = _ClosedWindow(
+            step, self.window, self.window_steps, lr, grad_norm, float(peak_memory_bytes),
+            float(memory_bytes), cluster_peak_flops, flops_per_token, time.time(),
+        )  # fmt: skip
+        self.window, self.window_steps = StepStats(), 0
+        if defer:
+            self._pending = closed
+            return None
+        (total, maxima), _ = self._reduce_window(closed, [])
+        return self._write_window(closed, total, maxima)
+
+    def step_reduce(self, sums: list[float]) -> list[float]:
+        """The loop's per-micro-batch collective: ``sums`` summed over the ranks. When a deferred log
+        window is waiting, its sums and memory maxima travel in the same collective and it is logged."""
+        closed, self._pending = self._pending, None
+        if closed is None:
+            return self.reduce(sums, [])[0]
+        (total, maxima), own = self._reduce_window(closed, sums)
+        self._write_window(closed, total, maxima)
+        return own
+
+    def _log_pending(self) -> None:
+        closed, self._pending = self._pending, None
+        if closed is not None:
+            (total, maxima), _ = self._reduce_window(closed, [])
+            self._write_window(closed, total, maxima)
+
+    def _reduce_window(
+        self, closed: _ClosedWindow, before: list[float]
+    ) -> tuple[tuple[StepStats, list[float]], list[float]]:
+        """One collective: ``before`` (summed), then the window's sums, then its memory maxima.
+        Returns ``((window total, maxima), before summed)``."""
+        carried: list[float] = []
+
+        def reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+            total, top = self.reduce([*before, *sums], maxima)
+            carried.extend(total[: len(before)])
+            return total[len(before) :], top
+
+        out = closed.window.reduced(reduce, [closed.peak_memory_bytes, closed.memory_bytes])
+        return out, carried
+
+    def _write_window(
+        self, closed: _ClosedWindow, total: StepStats, maxima: list[float], note: str | None = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        peak_max, held_max = maxima
         memory_gb = {
             "peak_memory_gb": float(peak_max) / 2**30,
-            "peak_memory_gb_rank0": peak_memory_bytes / 2**30,
-            "memory_gb": float(held_max) / 2**30,  # held now (after the step), max over ranks
+            "peak_memory_gb_rank0": closed.peak_memory_bytes / 2**30,
+            "memory_gb": float(held_max) / 2**30,  # held at the window's end, max over ranks
         }
         train, perf = window_scalars(
-            self.window, total, self.window_steps, memory_gb, cluster_peak_flops, flops_per_token
+            closed.window, total, closed.steps, memory_gb, closed.cluster_peak_flops, closed.flops_per_token
         )
-        train["lr"] = lr
-        train["grad_norm"] = grad_norm
-        self.window, self.window_steps = StepStats(), 0
-        self.train_step(step, train, perf)
+        train["lr"] = closed.lr
+        train["grad_norm"] = closed.grad_norm
+        self.train_step(closed.step, train, perf, at=closed.time, note=note)
         return train, perf
 
     # ------------------------------------------------------------------ writing (rank 0)
@@ -365,16 +435,25 @@ class Monitor:
                 if v is not None:
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
-    def _record(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+    def _record(self, kind: str, step: int, values: dict[str, Any], at: float | None = None) -> None:
+        at = time.time() if at is None else at
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": at, **values}) + "\n")
         self.jsonl.flush()
 
-    def train_step(self, step: int, train: dict[str, float], perf: dict[str, float]) -> None:
+    def train_step(
+        self,
+        step: int,
+        train: dict[str, float],
+        perf: dict[str, float],
+        at: float | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Write one ``train`` record (``at``: its time, default now; ``note``: a caveat it carries)."""
         if not self.enabled:
             return
         self._scalars("train", train, step)
         self._scalars("perf", perf, step)
-        self._record("train", step, {**train, **perf})
+        self._record("train", step, {**train, **perf, **({"note": note} if note else {})}, at)
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{train['loss']:.4f}", samples_s=f"{perf['samples_per_s']:.0f}", refresh=False
@@ -435,6 +514,15 @@ class Monitor:
         self.jsonl.flush()
 
     def close(self) -> None:
+        """End of the run, or of a failed one: a deferred window no collective carried (the run stopped
+        within the next step) is still written, with this rank's numbers (the other ranks may be gone,
+        so no collective is attempted), and says so when there are other ranks."""
+        closed, self._pending = self._pending, None
+        if closed is not None and self.enabled:
+            alone = self.reduce is no_reduce
+            total, maxima = closed.window, [closed.peak_memory_bytes, closed.memory_bytes]
+            note = None if alone else "this rank's numbers only: the run stopped before the ranks' sums met"
+            self._write_window(closed, total, maxima, note)
         if not self.enabled:
             return
         if self.writer is not None:
