@@ -269,8 +269,8 @@ def report(out: Path) -> str:
     )
     lines += [
         "",
-        "| set | seeds | test NDCG@10 | test HR@10 | × best published | best valid NDCG@10 | steps (early "
-        "stopped) | wall min | CPU min (1 thread) | minutes to the best published NDCG@10 | most popular NDCG@10 |",
+        "| set | seeds | test NDCG@10 | test HR@10 | × best published | best valid NDCG@10 | steps "
+        "| wall min | CPU min (1 thread) | minutes to the best published NDCG@10 | most popular NDCG@10 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *summary,
     ]
@@ -369,17 +369,31 @@ def main() -> int:
     p.add_argument("--data-dir", default=str(DATA), help="folder holding the S3-Rec .txt files")
     p.add_argument("--rows", nargs="*", help="row names (default: the headline rows of both sets)")
     p.add_argument("--parallel", type=int, default=2, help="rows run side by side (one thread each)")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="print the tables of the finished rows")
+    p.add_argument("--list-rows", action="store_true", help="print every row's name and title, and exit")
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE for every row (smoke tests)")
-    p.add_argument("--png", default=str(REPO / "docs" / "quality_amazon_curves.png"))
+    p.add_argument(
+        "--png",
+        help="learning-curve figure (default after training: docs/quality_amazon_curves.png; "
+        "with --report-only only when given)",
+    )
     args = p.parse_args()
     out = Path(args.out).resolve()
-    (out / "rows").mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        every = rows()
-        unknown = sorted(set(args.rows or ()) - set(every))
-        if unknown:
-            p.error(f"unknown rows {unknown}; choose from {sorted(every)}")
+    every = rows()
+    if args.list_rows:
+        for name, r in every.items():
+            print(f"{name}\t{'headline' if r.headline else ''}\t{r.title} {' '.join(r.overrides)}")
+        return 0
+    unknown = sorted(set(args.rows or ()) - set(every))
+    if unknown:
+        p.error(f"unknown rows {unknown} (python {Path(__file__).name} --list-rows names them)")
+    if args.report_only and args.rows:
+        p.error("--rows selects rows to run; --report-only runs none (it reports every finished row)")
+    if args.report_only:
+        if not any((out / "rows").glob("*.json")):
+            p.error(f"--report-only: no finished rows in {out / 'rows'} (give --out of an earlier run)")
+    else:
+        (out / "rows").mkdir(parents=True, exist_ok=True)
         todo = [every[n] for n in (args.rows or [n for n, r in every.items() if r.headline])]
         shards = {s: ensure_shards(out, s, Path(args.data_dir)) for s in {r.data_set for r in todo}}
         for s, path in shards.items():
@@ -394,7 +408,8 @@ def main() -> int:
                     f"{name}: done ({res['wall_s'] / 60:.1f} min wall, {res['cpu_s'] / 60:.1f} CPU min)",
                     flush=True,
                 )
-        plot(out, Path(args.png))
+    if args.png or not args.report_only:
+        plot(out, Path(args.png or REPO / "docs" / "quality_amazon_curves.png"))
     print(report(out))
     return 0
 

@@ -84,6 +84,11 @@ def test_zero2_full_fgm_trains_and_prunes(zero2_run):
     _loss_falls(zero2_run)
     train = {r["step"]: r for r in zero2_run.log if r["kind"] == "train"}
     assert train[5]["adv_loss"] == 0.0 and train[6]["adv_loss"] > 0 and train[30]["perturbation_norm"] > 0
+    # Step 5's log line is not deferred past the message that starts step 6 (Monitor.log_train(defer)).
+    out = zero2_run.proc.stdout
+    assert (
+        out.index("step 5/30 |") < out.index("step 6: adversarial training (fgm") < out.index("step 6/30 |")
+    )
     assert 0 < zero2_run.metrics["robust_ndcg@10"] <= 1  # FGM-attacked evaluation ran under ZeRO-2
     root = zero2_run.dir / "checkpoints"
     best = (root / "best").read_text()

@@ -478,11 +478,13 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
                     # Reduced with the next micro-batch's all-reduce (no extra meeting of the ranks),
-                    # except where the record must be written now: last step, evaluation, checkpoint.
+                    # except where the record must be written now: last step, evaluation, checkpoint,
+                    # and the step before the adversarial start's message (which must follow it).
                     defer=not (
                         st.step == total_steps
                         or on_interval(st.step, tc.eval_interval)
                         or on_interval(st.step, tc.checkpoint_interval)
+                        or (acfg.method != "none" and st.step == acfg.warmup_steps)
                     ),
                 )
                 if sync is not None:
