@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             result["memory"].append(row)
             print(json.dumps(row), flush=True)
 
-    # 2. the ZeRO-3 run: checkpoint at half, rank 1 killed at three quarters, resumed, completed.
-    half, kill = a.steps // 2, 3 * a.steps // 4
+    # 2. the ZeRO-3 run: checkpoint at half, rank 1 killed one step after three quarters, resumed,
+    # completed. One step after: the log record of the three-quarter step travels in the next step's
+    # all-reduce (Monitor.log_train(defer)), so the killed attempt has written it when rank 1 dies and
+    # the windows from half to three quarters can be compared with the resumed attempt's.
+    half, kill = a.steps // 2, 3 * a.steps // 4 + 1
     run = work / "zero3-run"
     overrides = [*common, "zero.stage=3", f"train.precision={precisions[0]}", f"train.max_steps={a.steps}",
                  f"train.eval_interval={half}", f"train.checkpoint_interval={half}"]  # fmt: skip

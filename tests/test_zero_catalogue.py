@@ -64,7 +64,7 @@ def test_zero_catalogue_halves_state_and_resumes_exactly(sample_shards, tmp_path
         ratio = zero3["state_mib_per_rank"][rank] / zero0["state_mib_per_rank"][rank]
         assert 0.45 < ratio < 0.65, ratio
     run = result["zero3_run"]
-    assert run["first_attempt_rc"] != 0 and run["killed_at"] == 15
+    assert run["first_attempt_rc"] != 0 and run["killed_at"] == 16
     assert run["resumed_line"].endswith("step_00000010 at step 10")
     assert run["exact_resume"] and run["redone_steps_compared"] == [15]
     assert run["metrics"]["step"] == 20 and run["metrics"]["num_examples"] == 20
