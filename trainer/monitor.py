@@ -369,16 +369,12 @@ class Monitor:
         (measured before clipping); the ``*_rank0`` scalars are this rank's.
         """
         self._log_pending()  # a deferred window not yet carried (no micro-batch since): reduce it first
-        closed = _ClosedWindow(
+        self._pending = _ClosedWindow(
             step, self.window, self.window_steps, lr, grad_norm, float(peak_memory_bytes),
             float(memory_bytes), cluster_peak_flops, flops_per_token, time.time(),
         )  # fmt: skip
         self.window, self.window_steps = StepStats(), 0
-        if defer:
-            self._pending = closed
-            return None
-        (total, maxima), _ = self._reduce_window(closed, [])
-        return self._write_window(closed, total, maxima)
+        return None if defer else self._log_pending()
 
     def step_reduce(self, sums: list[float]) -> list[float]:
         """The loop's per-micro-batch collective: ``sums`` summed over the ranks. When a deferred log
@@ -390,11 +386,13 @@ class Monitor:
         self._write_window(closed, total, maxima)
         return own
 
-    def _log_pending(self) -> None:
+    def _log_pending(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        """Reduce and write the waiting window, if any, in a collective of its own."""
         closed, self._pending = self._pending, None
-        if closed is not None:
-            (total, maxima), _ = self._reduce_window(closed, [])
-            self._write_window(closed, total, maxima)
+        if closed is None:
+            return None
+        (total, maxima), _ = self._reduce_window(closed, [])
+        return self._write_window(closed, total, maxima)
 
     def _reduce_window(
         self, closed: _ClosedWindow, before: list[float]
