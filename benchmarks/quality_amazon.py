@@ -11,7 +11,9 @@ set) is reported for the time it took to reach the best published figure, never 
 Rows: ``<set>_s<seed>`` (the headline recipe, ``configs/sequential.yaml``, seeds 1-3) and one-seed
 10-epoch lever probes on Toys (``toys_<lever>``: one change to ``toys_probe10``, the recipe without FGM),
 ``<set>_sampled35`` / ``<set>_full35`` (without FGM over 35 epochs, sampled or full softmax) and
-``sports_recipe_<lever>`` (one change to the recipe itself on Sports, seed 1, beside ``sports_s1``).
+``sports_recipe_<lever>`` (one change to the batch-128 recipe on Sports, seed 1, beside
+``sports_b128_s1``); the confirmation that adopted batch 256: ``<set>_s4..6`` and ``<set>_b128_s1..6``
+(``--list-rows`` names every row).
 Resumable like benchmarks/quality.py: each finished row writes ``<out>/rows/<row>.json`` and a rerun
 skips it. Rows run as single-thread
 processes, ``--parallel`` (default 2) side by side; a row's CPU time is that of its training process.
@@ -279,7 +281,7 @@ def report(out: Path) -> str:
     names += [f"sports_recipe_{k}" for k in SPORTS_LEVERS]
     levers = [finished[n] for n in names if n in finished]
     if levers:
-        # A probe against the probe base; a 35-epoch row against the headline seed 1 of its set.
+        # A probe against the probe base; a 35-epoch or Sports lever row against the batch-128 recipe's seed 1.
         bases = {f"{s}_{k}35": finished.get(f"{s}_b128_s1") for k in ("sampled", "full") for s in FILES}
         bases |= {f"sports_recipe_{k}": finished.get("sports_b128_s1") for k in SPORTS_LEVERS}
         lines += [
@@ -308,14 +310,15 @@ def confirmation(finished: dict[str, dict]) -> list[str]:
             ("batch 128", f"{s}_b128_s"),
         ):
             for seeds in (SEEDS, CONFIRM_SEEDS):
-                got = [finished[f"{prefix}{seed}"] for seed in seeds if f"{prefix}{seed}" in finished]
+                present = [seed for seed in seeds if f"{prefix}{seed}" in finished]
+                got = [finished[f"{prefix}{seed}"] for seed in present]
                 if not got:
                     continue
                 # Five places: the decision's margins were that small (Toys +0.00005).
                 valid = [r["best_valid_ndcg@10"] for r in got]
                 spread = f" ± {statistics.stdev(valid):.5f}" if len(valid) > 1 else ""
                 out.append(
-                    f"| {s} | {recipe} | {', '.join(str(x) for x in seeds[: len(got)])} | {statistics.mean(valid):.5f}{spread} | "
+                    f"| {s} | {recipe} | {', '.join(map(str, present))} | {statistics.mean(valid):.5f}{spread} | "
                     f"{_mean_std([r['test']['ndcg@10'] for r in got])} | "
                     f"{_mean_std([r['test']['hr@10'] for r in got])} | "
                     f"{statistics.mean(r['cpu_s'] for r in got) / 60:.1f} |"
