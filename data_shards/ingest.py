@@ -416,8 +416,10 @@ def _read_table(
     data_cols = [c for c in df.columns if c != "_line"]
     empty = np.array((df[data_cols] == "").all(axis=1), dtype=bool)
     if empty.any():  # a blank line, or a line of separators only (a row missing every value)
+        # Blank: nothing but the line end. Not str.strip(): a TSV line of tabs only is whitespace to it,
+        # yet it is a row of empty fields (the columnar reader reads it so).
         text = raw.split(b"\n")
-        blank = [not text[n - 1].strip() if n <= len(text) else True for n in df["_line"][empty]]
+        blank = [not text[n - 1].rstrip(b"\r") if n <= len(text) else True for n in df["_line"][empty]]
         empty[np.flatnonzero(empty)[~np.asarray(blank, dtype=bool)]] = False
     return df[~empty].reset_index(drop=True), len(bad)
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from configs import DataError, ShardsConfig
@@ -397,6 +397,15 @@ def csv_logs(draw) -> tuple[str, str]:
     deadline=None, database=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(log=csv_logs(), duplicates=st.sampled_from(["drop", "keep"]), skip_bad=st.booleans())
+# A TSV line of tabs only is a row of empty fields, not a blank line (found by this test in CI).
+@example(
+    log=("log.tsv", "user_id\titem_id\trating\ttimestamp\n\t\t\t\n\t\t\t"), duplicates="drop", skip_bad=False
+)
+@example(
+    log=("log.tsv", "user_id\titem_id\trating\ttimestamp\r\n" + "0\t0\t4\t1600000001\r\n" * 2 + "\t\t\t\r\n"
+         + "0\t0\t4\t1600000000\r\n" * 3),
+    duplicates="keep", skip_bad=True,
+)  # fmt: skip
 def test_csv_reader_agrees_with_the_reference(log, duplicates, skip_bad, tmp_path_factory):
     """The columnar CSV reader (or its hand-over to the reference reader) gives the reference's manifest
     and bytes, or its one-line error."""
@@ -405,3 +414,21 @@ def test_csv_reader_agrees_with_the_reference(log, duplicates, skip_bad, tmp_pat
     settings_ = dict(rating_col="rating", duplicates=duplicates, skip_bad_lines=skip_bad, min_user_interactions=3,
                      max_history=3)  # fmt: skip
     _assert_engines_agree(d / log[0], d, settings_)
+
+
+def test_a_line_of_separators_only_is_a_row_missing_its_values(tmp_path):
+    """Not a blank line, whatever the separator (a TSV line of tabs is whitespace to str.strip): both
+    engines name it as a missing value, or skip and count it with skip_bad_lines."""
+    for sep, name in ((",", "log.csv"), ("\t", "log.tsv")):
+        rows = [sep.join(["user_id", "item_id", "rating", "timestamp"]), sep * 3]
+        rows += [sep.join(["1", str(i), "4", str(1_600_000_000 + i)]) for i in range(4)]
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+        for engine in ("python", "local"):
+            cfg = dict(engine=engine, rating_col="rating", min_user_interactions=3, max_history=3)
+            with pytest.raises(DataError, match=rf"{name}: line 2: field 'user_id': missing value"):
+                build_shards(tmp_path / name, tmp_path / f"{engine}-strict", ShardsConfig(**cfg))
+            manifest = build_shards(
+                tmp_path / name, tmp_path / f"{engine}-{name}", ShardsConfig(skip_bad_lines=True, **cfg)
+            )
+            assert manifest["rows"]["read"] == 5 and manifest["rows"]["removed"]["missing_value"] == 1
+            assert manifest["source"]["skipped_lines"] == 1 and manifest["num_interactions"] == 4
