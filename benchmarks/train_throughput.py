@@ -22,9 +22,11 @@ outside it for both contenders, which use the same loader).
   the BPE for 50,000 pieces gives 17,084 on the sample's titles: 26,808 tokens with the item tokens).
 
     python benchmarks/train_throughput.py [--shards DIR] [--nproc 2] [--steps 30] [--formats ids,text] \
-        [--repeat N] [--skip-hf] [override ...]
+        [--repeat N] [--aa] [--skip-hf] [override ...]
 
-``--repeat N`` alternates recgpt and minimal N times (ABAB) and reports the medians.
+``--repeat N`` alternates recgpt and minimal N times (ABAB) and reports the medians. ``--aa`` adds a
+second minimal loop to the alternation (ABCABC): the minimal loop against itself, the A/A difference,
+is the noise floor of a wall-time comparison on this machine — an overhead within it is not resolved.
 
 Prints one table and a JSON line. CPU: DS_ACCELERATOR=cpu and gloo are chosen automatically.
 """
@@ -301,6 +303,9 @@ def main() -> None:
     p.add_argument("--formats", default="ids,text")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--repeat", type=int, default=1, help="alternate recgpt and minimal N times; medians")
+    p.add_argument(
+        "--aa", action="store_true", help="also alternate a second minimal loop: the A/A noise floor"
+    )
     p.add_argument("--worker", choices=["recgpt", "minimal", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra config overrides for all contenders")
@@ -333,9 +338,12 @@ def main() -> None:
             *args.overrides,
         ]
         runs: dict[str, list[dict[str, float]]] = {"recgpt": [], "minimal": []}
-        for i in range(args.repeat):  # alternated, so a change of the machine's load hits both alike
-            for kind in runs:
-                runs[kind].append(run_worker(kind, args, overrides, work / fmt / f"{kind}-{i}"))
+        if args.aa:
+            runs["minimal_b"] = []
+        for i in range(args.repeat):  # alternated, so a change of the machine's load hits all alike
+            for name in runs:
+                kind = name.removesuffix("_b")
+                runs[name].append(run_worker(kind, args, overrides, work / fmt / f"{name}-{i}"))
         row: dict = {"format": fmt}
         for kind, results in runs.items():
             row[kind] = statistics.median(r["samples_s"] for r in results)
@@ -344,6 +352,11 @@ def main() -> None:
                 row[f"{kind}_{key}_runs"] = [round(r[key], 1) for r in results]
             row[f"{kind}_runs"] = [round(r["samples_s"], 2) for r in results]
         row["overhead_pct"] = 100.0 * (row["minimal"] - row["recgpt"]) / row["minimal"]
+        if args.aa:  # the same measure, minimal against minimal: what the machine alone moves
+            row["aa_pct"] = 100.0 * (row["minimal"] - row["minimal_b"]) / row["minimal"]
+            row["aa_cpu_pct"] = (
+                100.0 * (row["minimal_b_cpu_ms"] - row["minimal_cpu_ms"]) / row["minimal_cpu_ms"]
+            )
         row["cpu_overhead_pct"] = (
             100.0 * (row["recgpt_cpu_ms"] - row["minimal_cpu_ms"]) / row["minimal_cpu_ms"]
         )
@@ -362,7 +375,13 @@ def main() -> None:
             f"the shared compute {row['recgpt_rest_ms']:.1f} vs {row['minimal_rest_ms']:.1f} ms: "
             f"{row['own_overhead_pct']:+.1f} %) | page faults/step {row['recgpt_faults']:.0f} vs "
             f"{row['minimal_faults']:.0f}"
-            + (f" | HF Trainer {row['hf']:8.1f} (recgpt {row['speedup_vs_hf']:.2f}x)" if "hf" in row else ""),
+            + (f" | HF Trainer {row['hf']:8.1f} (recgpt {row['speedup_vs_hf']:.2f}x)" if "hf" in row else "")
+            + (
+                f" | A/A: minimal {row['minimal_b']:.1f} samples/s ({row['aa_pct']:+.1f} %), CPU/step "
+                f"{row['minimal_b_cpu_ms']:.1f} ms ({row['aa_cpu_pct']:+.1f} %)"
+                if args.aa
+                else ""
+            ),
             flush=True,
         )
     print(
