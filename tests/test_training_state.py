@@ -465,7 +465,7 @@ from configs import load_config
 from trainer.monitor import Monitor
 
 count = 0
-HELPERS = ("all_reduce_tensor", "all_gather_tensor", "all_gather_object", "barrier")
+HELPERS = ("all_gather_tensor", "all_gather_object", "barrier")
 RAW = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast", "barrier",
        "reduce", "gather", "scatter", "reduce_scatter", "all_to_all")
 

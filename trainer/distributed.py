@@ -196,13 +196,6 @@ def node_leaders() -> tuple[bool, list[int]]:
     return nodes.index(mine) == rank, nodes
 
 
-def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of a small tensor (no-op on one process); returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return t
-
-
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` stacked in rank order: ``[world_size, *t.shape]`` (``t[None]`` on one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

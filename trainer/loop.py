@@ -4,7 +4,7 @@ Runs unchanged as one process, under ``torchrun`` (any number of processes and n
 Ray Train worker (the launcher passes ``report``; this module never imports Ray). One readable
 function in the nanoGPT spirit: fetch the step's micro-batches (their supervised positions, samples
 and tokens counted on the host) -> per micro-batch: forward (adversarial inside the loss) -> one
-all-reduce (non-finite agreement, counts) -> one backward -> step -> log -> evaluate / checkpoint on
+collective (non-finite agreement, counts) -> one backward -> step -> log -> evaluate / checkpoint on
 their intervals. The helpers it uses live in sibling modules:
 ``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint`` (atomic
 checkpoints, exact resume), ``resume`` (what a resumed run may change; the restored schedule follows
@@ -23,11 +23,12 @@ sum to (N - skipped + replacement positions) / N instead of exactly 1, and its l
 over N.
 
 Collectives (each a host sync on GPU, and a meeting point that waits for the slowest rank): one
-all-reduce per micro-batch (per step at ``grad_accum=1``), after its forward and before its backward:
+per micro-batch (per step at ``grad_accum=1``), after its forward and before its backward, an all-gather
+of a few numbers summed on every rank (:func:`make_reduce`):
 whether any rank's loss is non-finite, the micro-batch's samples and tokens, and with the step's first
 micro-batch N, so the loss is computed as a sum and divided by N afterwards (``modeling.loss.divide``).
 A logged step adds none: its statistics window and memory readings travel in the next micro-batch's
-all-reduce and are written then; only where the record must be on disk at once (the last step, an
+collective and are written then; only where the record must be on disk at once (the last step, an
 evaluation or a checkpoint) does the log make its own collective. Nothing else on the hot path reads the
 device or the other ranks: the counts come from the host copies of the batches, the gradient norm is
 read on logging steps only (tests/test_training_state.py counts the collectives).
@@ -67,7 +68,7 @@ from trainer.checkpoint import (
     set_rng_state,
     step_of,
 )
-from trainer.distributed import all_gather_tensor, all_reduce_tensor, setup_distributed, teardown_distributed
+from trainer.distributed import all_gather_tensor, setup_distributed, teardown_distributed
 from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
 from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
@@ -226,14 +227,14 @@ def on_interval(step: int, interval: int, last: bool = False) -> bool:
 def make_reduce(device: torch.device) -> Reduce:
     """The loop's and the monitor's one collective for a few numbers: sums and maxima over the ranks.
 
-    One float64 tensor on this rank's device: all-reduced when there are only sums (every step), else
-    all-gathered and reduced here (logging steps: the window's sums and the memory maxima together).
+    One float64 tensor on this rank's device, all-gathered and reduced here, in rank order (the same
+    result on every rank). An all-gather, not an all-reduce, even for sums only (every step): for a few
+    numbers on gloo it costs less than half as much (2 CPU ranks here: 0.47 vs 1.06 ms wall, 0.30 vs
+    0.65 ms CPU a call; docs/BENCHMARKS.md), a few % of a short CPU step.
     """
 
     def reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
         t = torch.tensor([*sums, *maxima], dtype=torch.float64, device=device)
-        if not maxima:
-            return all_reduce_tensor(t, "sum").tolist(), []
         every = all_gather_tensor(t)  # [ranks, values]
         n = len(sums)
         return every[:, :n].sum(0).tolist(), every[:, n:].amax(0).tolist()
@@ -397,7 +398,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             pending = deque(next(batches) for _ in range(tc.grad_accum))
             stats.data_wait_s += time.perf_counter() - t0
             # Every supervised position of the step, on every rank, weighs 1/N (modeling.loss): these are
-            # this rank's, summed over the ranks by the all-reduce of the step's first micro-batch below.
+            # this rank's, summed over the ranks by the collective of the step's first micro-batch below.
             positions = sum(counts.positions for _, counts in pending)
             denominator = None
             samples = tokens = 0.0  # of the micro-batches used, over the ranks
@@ -416,7 +417,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 # every rank skips the same micro-batch, the collectives inside backward/step stay matched
                 # and DeepSpeed's micro-step counter (hence the accumulation boundary) is untouched
                 # (ZeRO-0 would otherwise apply NaN gradients); logs["loss"] is the loss read back.
-                # The same all-reduce sums the samples and tokens (exact in checkpoints) and N.
+                # The same collective sums the samples and tokens (exact in checkpoints) and N.
                 # A log window closed at the previous step, if any, travels in it too (Monitor.log_train).
                 bad, more_samples, more_tokens, n = monitor.step_reduce(
                     [
@@ -477,7 +478,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     memory_bytes=held_memory(fresh=st.step == total_steps),
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
-                    # Reduced with the next micro-batch's all-reduce (no extra meeting of the ranks),
+                    # Reduced with the next micro-batch's collective (no extra meeting of the ranks),
                     # except where the record must be written now: last step, evaluation, checkpoint,
                     # and the step before the adversarial start's message (which must follow it).
                     defer=not (

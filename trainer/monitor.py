@@ -363,7 +363,7 @@ class Monitor:
         Every rank calls it at the same steps. The reduction is one collective: the window's sums by
         name, and this rank's peak and current memory, max over ranks. With ``defer`` that collective is
         not made here: the closed window rides on the next :meth:`step_reduce` (the next micro-batch's
-        all-reduce, which every rank makes anyway) and is written then, one micro-batch later — a logged
+        collective, which every rank makes anyway) and is written then, one micro-batch later — a logged
         step then costs no extra meeting of the ranks. The loop defers except where the record must be
         on disk at this step (the last step, an evaluation or a checkpoint). ``grad_norm`` is the step's
         (measured before clipping); the ``*_rank0`` scalars are this rank's.
