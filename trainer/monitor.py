@@ -42,17 +42,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def memory_bytes(device: torch.device) -> int:
-    """Memory this process holds now: CUDA allocated bytes on GPU, resident set size on CPU (after
-    handing freed heap pages back to the OS, so RSS counts live memory rather than allocator slack).
-
-    On CPU this costs the next step: it faults the freed pages back in (measured: ~16,000 page faults,
-    ~50 ms CPU, half a step of the text throughput benchmark). :class:`HeldMemory` samples it sparingly.
+    """Memory this process holds now: CUDA allocated bytes on GPU; on CPU the resident set size less
+    the bytes malloc keeps free in its arenas (glibc's ``mallinfo2().fordblks``), so the holes freed
+    tensors leave stop counting, as after ``malloc_trim`` — without trimming: a trim hands those pages
+    back to the OS, and the next steps fault them in again (measured: one trim inside an 80-step
+    window of the text throughput benchmark cost ~5 % of it; docs/BENCHMARKS.md). Reading costs ~20 µs
+    and changes nothing, so every log reads it. Elsewhere than glibc (no ``mallinfo2``): the RSS.
     """
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    _malloc_trim()
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+        rss = int(f.read().split()[1]) * resource.getpagesize()
+    return max(rss - _free_heap_bytes(), 0)
 
 
 @functools.cache
@@ -62,38 +63,28 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)
 
 
-def _malloc_trim() -> None:
-    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
-    if trim is not None:
-        trim(0)
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33): every field a ``size_t``."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")
+    ]  # fmt: skip
 
 
-class HeldMemory:
-    """:func:`memory_bytes` for every log, measured at most once per ``min_interval_s`` on CPU.
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    fn = getattr(_libc(), "mallinfo2", None)
+    if fn is not None:
+        fn.restype, fn.argtypes = _MallInfo2, []
+    return fn
 
-    A CPU reading trims the heap, so the step after it faults its working set back in; at
-    ``train.log_interval=1`` that made the step ~50 % slower (text throughput benchmark, tiny model).
-    Held memory changes slowly, so a reading at most once a minute (and on ``fresh`` requests: the last
-    step's log) keeps ``perf/memory_gb`` meaningful at a negligible cost; the logs in between repeat the
-    last reading. GPU readings are free and always fresh.
-    """
 
-    def __init__(
-        self, device: torch.device, min_interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.device = device
-        self.min_interval_s = min_interval_s
-        self.clock = clock
-        self.value: int | None = None
-        self.at = 0.0
-
-    def __call__(self, fresh: bool = False) -> int:
-        if self.device.type == "cuda":
-            return memory_bytes(self.device)
-        now = self.clock()
-        if fresh or self.value is None or now - self.at >= self.min_interval_s:
-            self.value, self.at = memory_bytes(self.device), now
-        return self.value
+def _free_heap_bytes() -> int:
+    """Bytes malloc holds free in all its arenas (0 where ``mallinfo2`` is missing)."""
+    fn = _mallinfo2()
+    return int(fn().fordblks) if fn is not None else 0
 
 
 def state_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
