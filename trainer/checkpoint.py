@@ -87,7 +87,7 @@ from configs import (
     save_resolved,
     sha256_file,
 )
-from trainer.distributed import all_gather_object, barrier
+from trainer.distributed import all_gather_object, barrier, broadcast_object
 from trainer.faults import Faults
 
 CHECKPOINTS = "checkpoints"
@@ -375,7 +375,7 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path |
             if not isinstance(e, CheckpointError):
                 why = f"rank 0 could not choose the checkpoint to resume from ({type(e).__name__}: {one_line(e)})"
             outcome[0] = {"error": why}
-    dist.broadcast_object_list(outcome, src=0)
+    outcome = [broadcast_object(outcome[0], src=0)]
     if error is not None:
         raise error
     if "error" in outcome[0]:

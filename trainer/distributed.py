@@ -11,6 +11,7 @@ derived from the host: Ray narrows CUDA_VISIBLE_DEVICES, ray#37212).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -158,9 +159,43 @@ def setup_distributed() -> DistInfo:
 
 
 def teardown_distributed(info: DistInfo) -> None:
-    """Destroy the process group if we created it (Ray owns and destroys its own)."""
+    """Wait until the communication threads hold none of our tensors (:func:`settle_collectives`), then
+    destroy the process group if we created it (Ray owns and destroys its own)."""
+    settle_collectives()
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# The tensors of this process's latest collectives, kept until the communication thread that ran each
+# has let go of it. Why: gloo (and nccl's watchdog) finish a collective on a thread of their own, which
+# drops its references a moment *after* ``wait`` has returned (more than half the time, measured on 2
+# CPU ranks). If Python has dropped the tensor by then, that thread must take the GIL to free it; when
+# this happens while the interpreter is finalising (a rank returning right after its last collective),
+# the thread is killed inside a C++ destructor: "terminate called without an active exception", SIGABRT,
+# a finished run reported failed (the process group itself outlives destroy_process_group: DeepSpeed
+# keeps references to it). So every collective here keeps its tensors, and teardown waits for them.
+_RECENT: list[torch.Tensor] = []
+SETTLE_TIMEOUT_S = 10.0
+
+
+def settle_collectives(timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
+    """Wait until no communication thread holds a tensor of this module's recent collectives (their
+    C++ use count is back to our one reference), then forget them. True if they settled within
+    ``timeout_s`` seconds (typically well under a millisecond); False if a thread still holds one (it is
+    kept, and the race above stays possible for it)."""
+    deadline = time.monotonic() + timeout_s
+    while any(t._use_count() > 1 for t in _RECENT):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    _RECENT.clear()
+    return True
+
+
+def _tracked(*tensors: torch.Tensor) -> None:
+    """Keep ``tensors`` (a collective's, just waited for); forget those already let go of."""
+    _RECENT[:] = [t for t in _RECENT if t._use_count() > 1]
+    _RECENT.extend(tensors)
 
 
 def barrier() -> None:
@@ -168,13 +203,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _object_device() -> torch.device:
+    """Where object collectives stage their bytes: the current GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_object(obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (``[obj]`` on one process); ``obj`` must pickle."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
+    """``obj`` of every rank, in rank order (``[obj]`` on one process); ``obj`` must pickle.
+
+    The pickles travel as two tracked tensor all-gathers (lengths, then bytes padded to the longest),
+    not through ``torch.distributed.all_gather_object``, whose temporaries cannot be kept until the
+    communication thread lets go of them (see ``_RECENT``).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    device = _object_device()
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    lengths = all_gather_tensor(torch.tensor([len(data)], dtype=torch.int64, device=device)).view(-1).tolist()
+    padded = torch.zeros(max(lengths), dtype=torch.uint8)
+    padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    every = all_gather_tensor(padded.to(device)).cpu()
+    return [pickle.loads(every[i, :n].numpy().tobytes()) for i, n in enumerate(lengths)]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself on one process). Every rank sends its own
+    (the payloads here are a few bytes), so this is :func:`all_gather_object` indexed by ``src``."""
+    return all_gather_object(obj)[src]
 
 
 def node_rank() -> int:
@@ -197,9 +254,15 @@ def node_leaders() -> tuple[bool, list[int]]:
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``t`` stacked in rank order: ``[world_size, *t.shape]`` (``t[None]`` on one process)."""
+    """Every rank's ``t`` stacked in rank order: ``[world_size, *t.shape]`` (``t[None]`` on one process).
+
+    A private copy of ``t`` is sent and it and the receive buffers are tracked (see ``_RECENT``), so
+    the caller may drop or reuse ``t`` at once.
+    """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t)
+        send = t.detach().clone()
+        out = [torch.empty_like(send) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, send)
+        _tracked(send, *out)
         return torch.stack(out)
     return t[None]

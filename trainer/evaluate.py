@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from configs import ConfigError, ExportError, RecGPTConfig, load_config, one_line
 from data_shards import storage
+from trainer.distributed import all_gather_object
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -42,9 +43,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: RecGPTConfig, device: torch.de
             outputs.append(eval_outputs(model, to_device(batch, device), cfg, cfg.adversarial.eval_epsilon))
     local = concat_outputs(outputs)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        local = concat_outputs([g for g in gathered if g])
+        local = concat_outputs([g for g in all_gather_object(local) if g])
     model.train(was_training)
     return compute_metrics(local, cfg)
 
