@@ -73,11 +73,11 @@ from trainer.engine import build_engine, deepspeed_config, global_grad_norm, par
 from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
 from trainer.monitor import (
+    HeldMemory,
     Monitor,
     Reduce,
     StepStats,
     flops_per_token,
-    memory_bytes,
     peak_flops,
     peak_memory_bytes,
     state_bytes,
@@ -383,6 +383,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         acfg = cfg.adversarial
         batches = batch_stream(train_loader, info.device)
         mfu_terms = None  # (peak FLOP/s of all ranks, FLOPs per token), computed at the first log
+        held_memory = HeldMemory(info.device)
         bad_in_a_row = 0
         grad_norm = None
         step_lr = 0.0  # the learning rate of the step being run (read before step() advances the schedule)
@@ -474,7 +475,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     lr=step_lr,  # the learning rate this step's update used
                     grad_norm=grad_norm,  # of this step (clipping happens after measuring)
                     peak_memory_bytes=peak_memory_bytes(info.device),
-                    memory_bytes=memory_bytes(info.device),
+                    memory_bytes=held_memory(fresh=st.step == total_steps),
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
                     # Reduced with the next micro-batch's collective (no extra meeting of the ranks),

@@ -46,8 +46,9 @@ def memory_bytes(device: torch.device) -> int:
     the bytes malloc keeps free in its arenas (glibc's ``mallinfo2().fordblks``), so the holes freed
     tensors leave stop counting, as after ``malloc_trim`` — without trimming: a trim hands those pages
     back to the OS, and the next steps fault them in again (measured: one trim inside an 80-step
-    window of the text throughput benchmark cost ~5 % of it; docs/BENCHMARKS.md). Reading costs ~20 µs
-    and changes nothing, so every log reads it. Elsewhere than glibc (no ``mallinfo2``): the RSS.
+    window of the text throughput benchmark cost ~5 % of it; docs/BENCHMARKS.md). ``mallinfo2`` walks
+    malloc's free lists: ~20 µs in a small process, 3.6 ms in the text benchmark's training process, so
+    the loop reads it through :class:`HeldMemory`. Elsewhere than glibc (no ``mallinfo2``): the RSS.
     """
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
@@ -85,6 +86,34 @@ def _free_heap_bytes() -> int:
     """Bytes malloc holds free in all its arenas (0 where ``mallinfo2`` is missing)."""
     fn = _mallinfo2()
     return int(fn().fordblks) if fn is not None else 0
+
+
+class HeldMemory:
+    """:func:`memory_bytes` for every log, read at most once per ``min_interval_s`` on CPU.
+
+    A CPU reading walks malloc's free lists (3.6 ms a reading in the text throughput benchmark's
+    process; at ``train.log_interval=1`` that is ~3 % of its step). Held memory changes slowly, so a
+    reading at most once a minute (and on ``fresh`` requests: the last step's log) keeps
+    ``perf/memory_gb`` meaningful at a negligible cost; the logs in between repeat the last reading.
+    GPU readings are a counter read and always fresh.
+    """
+
+    def __init__(
+        self, device: torch.device, min_interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.device = device
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.value: int | None = None
+        self.at = 0.0
+
+    def __call__(self, fresh: bool = False) -> int:
+        if self.device.type == "cuda":
+            return memory_bytes(self.device)
+        now = self.clock()
+        if fresh or self.value is None or now - self.at >= self.min_interval_s:
+            self.value, self.at = memory_bytes(self.device), now
+        return self.value
 
 
 def state_bytes(module: torch.nn.Module, optimizer: Any) -> dict[str, int]:
