@@ -27,6 +27,10 @@ outside it for both contenders, which use the same loader).
 ``--repeat N`` alternates recgpt and minimal N times (ABAB) and reports the medians. ``--aa`` adds a
 second minimal loop to the alternation (ABCABC): the minimal loop against itself, the A/A difference,
 is the noise floor of a wall-time comparison on this machine — an overhead within it is not resolved.
+Signs: overhead = (minimal − recgpt) / minimal samples/s, so positive means recgpt is slower; A/A =
+(minimal − second minimal) / minimal; CPU overheads = (recgpt − minimal) / minimal CPU ms per step.
+One run each (``--repeat 1``) on a loaded machine resolves little: the documented figures use
+``--steps 80 --repeat 5 --aa`` on a quiet machine.
 
 Prints one table and a JSON line. CPU: DS_ACCELERATOR=cpu and gloo are chosen automatically.
 """
@@ -34,8 +38,10 @@ Prints one table and a JSON line. CPU: DS_ACCELERATOR=cpu and gloo are chosen au
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +89,13 @@ def _torchrun(nproc: int, *cmd: str) -> None:
 
 
 # --------------------------------------------------------------------------- the three contenders
+
+
+def _scratch() -> str:
+    """A temporary directory removed when this process exits."""
+    path = tempfile.mkdtemp(prefix="recgpt-throughput-hf-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _global_batch(overrides: list[str], nproc: int) -> int:
@@ -276,7 +289,7 @@ def worker_hf(steps: int, overrides: list[str], clock: StepClock) -> None:
     ds.update(train_micro_batch_size_per_gpu="auto", train_batch_size="auto", gradient_accumulation_steps="auto",
               gradient_clipping="auto")  # fmt: skip
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=steps,
+        output_dir=_scratch(), per_device_train_batch_size=1, max_steps=steps,
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
         adam_beta2=cfg.optim.beta2, max_grad_norm=cfg.optim.grad_clip, warmup_steps=cfg.schedule.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=10**6, save_strategy="no", report_to=[], deepspeed=ds,
@@ -323,6 +336,7 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="recgpt-throughput-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # shards (unless --shards) and runs
     shards = args.shards
     if shards is None:
         from launcher.cli import main as cli

@@ -86,8 +86,10 @@ class ShardsConfig:
     """How ``recgpt shards build`` turns interaction logs into a leave-one-out split of WebDataset shards."""
 
     format: str = "auto"
-    """Input format: auto (detected from file names), ml-100k, ml-1m, ml-latest, amazon-2018, amazon-2023,
-    csv, parquet, jsonl (JSON lines with the generic column mapping)."""
+    """Input format: auto (detected from file names and contents), ml-100k, ml-1m, ml-latest, amazon-2018,
+    amazon-2023, csv, parquet, jsonl (JSON lines with the generic column mapping), s3rec (``user item
+    item ...`` per line) or sasrec (``user item`` per line): in the academic sequence formats the position
+    in the file is the time order."""
     meta: str | None = None
     """Item metadata file (Amazon meta JSONL; titles) when it is not next to the input."""
     user_col: str = "user_id"
