@@ -389,6 +389,27 @@ def test_accumulation_and_two_ranks_match_one_batch_end_to_end(small_shards, tmp
                 assert got == pytest.approx(want, rel=1e-5), f"{name} step {step} {key}: {got} vs {want}"
 
 
+def test_fp32_zero0_logs_the_clipping_norm_which_is_the_measured_norm(small_shards, tmp_path):
+    """fp32 ZeRO-0 with clipping logs the norm DeepSpeed's clipping computes (trainer.engine.keep_clipping_norm)
+    instead of a second pass over the gradients; at step 1 (same weights either way) it is the norm that
+    the second pass (param_grad_norm, used without clipping) measures."""
+    from tests.conftest import recgpt_train
+
+    common = [
+        *QUICK,
+        "model.dropout=0.0",
+        "train.max_steps=1",
+        "train.eval_interval=0",
+        "train.checkpoint_interval=1",
+    ]
+    norms = {}
+    for clip in ("1.0", "0"):
+        out = tmp_path / f"clip{clip}"
+        _ok(recgpt_train(small_shards, out, [*common, f"optim.grad_clip={clip}"], nproc=1))
+        norms[clip] = _train_records(out)[1]["grad_norm"]
+    assert norms["1.0"] > 0 and norms["1.0"] == pytest.approx(norms["0"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_resume_with_larger_max_steps_follows_the_new_schedule_end_to_end(small_shards, tmp_path):
     from tests.conftest import recgpt_train
