@@ -11,13 +11,13 @@ runs here). The helpers keep their tensors until the thread lets go and teardown
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO, subprocess_env
+from trainer.distributed import free_port
 
 RANK_SCRIPT = """
 import json, sys
@@ -46,14 +46,8 @@ if rank == 0:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two_ranks() -> list[subprocess.CompletedProcess]:
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT],
