@@ -24,13 +24,18 @@ outside it for both contenders, which use the same loader).
     python benchmarks/train_throughput.py [--shards DIR] [--nproc 2] [--steps 30] [--formats ids,text] \
         [--repeat N] [--aa] [--skip-hf] [override ...]
 
-``--repeat N`` alternates recgpt and minimal N times (ABAB) and reports the medians. ``--aa`` adds a
-second minimal loop to the alternation (ABCABC): the minimal loop against itself, the A/A difference,
+``--repeat N`` alternates recgpt and minimal N times, the order rotated each round (AB BA ...: neither
+always runs first), and reports the medians. ``--aa`` adds a second minimal loop to the alternation
+(ABC BCA CAB ...): the minimal loop against itself, the A/A difference,
 is the noise floor of a wall-time comparison on this machine — an overhead within it is not resolved.
 Signs: overhead = (minimal − recgpt) / minimal samples/s, so positive means recgpt is slower; A/A =
 (minimal − second minimal) / minimal; CPU overheads = (recgpt − minimal) / minimal CPU ms per step.
 One run each (``--repeat 1``) on a loaded machine resolves little: the documented figures use
 ``--steps 80 --repeat 5 --aa`` on a quiet machine.
+
+Every contender runs with the allocator setting recgpt's loop makes (``train.keep_freed_memory``, on by
+default; pass ``train.keep_freed_memory=false`` to measure all of them with glibc's defaults), so the
+difference stays the framework's.
 
 Prints one table and a JSON line. CPU: DS_ACCELERATOR=cpu and gloo are chosen automatically.
 """
@@ -184,9 +189,12 @@ def _worker_setup(overrides: list[str]):
     from modeling.factory import build_model_and_tokenizer
     from trainer.distributed import setup_distributed
     from trainer.engine import deepspeed_config
+    from trainer.monitor import keep_freed_memory
 
-    info = setup_distributed()
     cfg = load_config(TINY, overrides)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()  # the allocator recgpt's loop runs with: the difference stays the framework's
+    info = setup_distributed()
     cfg.data.max_history = resolve_max_history(cfg, load_manifest(cfg.data.shards), cfg.data.shards)
     items = read_items(cfg.data.shards)
     model, tok = build_model_and_tokenizer(
@@ -354,8 +362,10 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {"recgpt": [], "minimal": []}
         if args.aa:
             runs["minimal_b"] = []
-        for i in range(args.repeat):  # alternated, so a change of the machine's load hits all alike
-            for name in runs:
+        names = list(runs)
+        for i in range(args.repeat):  # alternated, so a change of the machine's load hits all alike,
+            # and the order rotated each round (ABC, BCA, CAB, ...), so no contender always runs first
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 kind = name.removesuffix("_b")
                 runs[name].append(run_worker(kind, args, overrides, work / fmt / f"{name}-{i}"))
         row: dict = {"format": fmt}

@@ -69,6 +69,18 @@ def step_denominator(positions: int, grad_accum: int, world_size: int) -> float:
     return max(positions, 1) / (grad_accum * world_size)
 
 
+def check_num_negatives(cfg: RecGPTConfig, num_items: int, shards: object) -> None:
+    """Refuse ``train.num_negatives`` >= the catalogue's ``num_items`` for the sampled losses (ConfigError
+    naming the key): the draws (with replacement) would score nearly every item at a sampled loss's extra
+    cost, and gBCE's calibration assumes fewer negatives than items (alpha = k / (N - 1) <= 1)."""
+    k = cfg.train.num_negatives
+    if cfg.task == "next_item" and cfg.train.loss in ("sampled", "gbce") and k >= num_items:
+        raise ConfigError(
+            f"train.num_negatives: {k} is not below the {num_items:,} items of {shards}; use fewer "
+            "negatives, or train.loss=full to score every item"
+        )
+
+
 LOSS_LOGS = ("loss", "clean_loss", "adv_loss")
 """The logged values of :class:`LossComputer` that are losses, i.e. sums / ``denominator`` (the others,
 ``perturbation_norm``, are not)."""

@@ -83,8 +83,9 @@ def test_output_cut_short_by_head_ends_quietly(sample_shards):
 
 
 def test_bad_data_settings_fail_before_the_process_group_starts(tmp_path, sample_shards, capsys):
-    """A wrong data.shards or a data.max_history longer than the shards' windows: one line naming the
-    key, exit 2, before DeepSpeed and the process group start (no op-build noise first)."""
+    """A wrong data.shards, a data.max_history longer than the shards' windows or more sampled negatives
+    than items: one line naming the key, exit 2, before DeepSpeed and the process group start (no
+    op-build noise first)."""
     import torch.distributed as dist
 
     assert main(["train", f"data.shards={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'run'}"]) == 2
@@ -99,4 +100,8 @@ def test_bad_data_settings_fail_before_the_process_group_starts(tmp_path, sample
     assert main(too_long) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.max_history: 999 is longer" in err[0], err
+    more_negatives = ["train.loss=sampled", "train.num_negatives=9724"]  # the sample has 9,724 items
+    assert main([*too_long[:2], *more_negatives, f"train.output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.num_negatives: 9724 is not below the 9,724 items" in err[0], err
     assert not dist.is_initialized() and not (tmp_path / "run").exists()

@@ -78,6 +78,7 @@ from trainer.monitor import (
     Reduce,
     StepStats,
     flops_per_token,
+    keep_freed_memory,
     peak_flops,
     peak_memory_bytes,
     state_bytes,
@@ -266,8 +267,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from modeling.data import build_loader, resolve_max_history
     from modeling.factory import build_model_and_tokenizer
     from modeling.lora import adalora_update, trainable_parameters
-    from modeling.loss import LossComputer, divide, step_denominator
+    from modeling.loss import LossComputer, check_num_negatives, divide, step_denominator
 
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()  # first: every allocation of the run is served under the fixed thresholds
     # The data settings are checked before the process group and DeepSpeed start: a wrong path or a
     # history longer than the shards' windows is one line at once, not after the op build.
     try:
@@ -276,6 +279,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         raise type(e)(f"data.shards: {one_line(e)}") from None
     # The resolved config (saved with the run, every checkpoint and export) says the real history length.
     cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
+    check_num_negatives(cfg, int(manifest["num_items"]), cfg.data.shards)
     info = setup_distributed()
     tc = cfg.train
     faults = Faults.from_env(info.rank)

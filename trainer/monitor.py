@@ -82,6 +82,40 @@ def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     return fn
 
 
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit
+# (DEFAULT_MMAP_THRESHOLD_MAX); mallopt takes a C int, hence the trim threshold's bound.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep the memory a training step frees for the next step instead of handing it
+    back to the OS (``train.keep_freed_memory``); True if glibc took both settings.
+
+    A CPU step allocates and frees the same activations, gradients and optimizer temporaries every
+    time. glibc's defaults serve a block above its *dynamic* mmap threshold (128 KiB, raised as mapped
+    blocks are freed) with a fresh ``mmap`` and unmap it on free, and trim the heap's free top above a
+    trim threshold that follows it, so each step faults its pages in again: 4-8 thousand minor page
+    faults a step in the text throughput benchmark (2 ranks), ~1.6 µs each, 5-10 % of the step's CPU
+    time, and varying from run to run with the order of allocations (docs/BENCHMARKS.md). Fixing both
+    thresholds (mallopt ``M_MMAP_THRESHOLD`` 32 MiB, glibc's largest; ``M_TRIM_THRESHOLD`` 2 GiB) takes
+    that to ~100. Both are needed: a fixed mmap threshold alone keeps the 128 KiB trim threshold (more
+    faults), a fixed trim threshold alone keeps the 128 KiB mmap threshold (every block above it mapped
+    afresh). The cost: the process's resident memory stays at its peak (blocks above 32 MiB are still
+    mapped and unmapped; ``memory_gb`` counts held memory without malloc's free bytes). The same effect
+    as preloading jemalloc or tcmalloc, PyTorch's advice for CPU training, without a preload. Elsewhere
+    than glibc (no ``mallopt``) nothing changes and False is returned.
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None or _mallinfo2() is None:  # not glibc (musl's mallopt accepts and ignores)
+        return False
+    mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+
+
 def _free_heap_bytes() -> int:
     """Bytes malloc holds free in all its arenas (0 where ``mallinfo2`` is missing)."""
     fn = _mallinfo2()
