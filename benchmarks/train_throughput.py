@@ -316,14 +316,18 @@ def worker_hf(steps: int, overrides: list[str], clock: StepClock) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard directory (default: build the bundled sample into a temp dir)")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput window")
-    p.add_argument("--formats", default="ids,text")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--repeat", type=int, default=1, help="alternate recgpt and minimal N times; medians")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) per contender (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    p.add_argument(
+        "--warmup", type=int, default=5, help="steps left out of the throughput window (default 5)"
+    )
+    p.add_argument("--formats", default="ids,text", help="comma-separated: ids, text (default ids,text)")
+    p.add_argument("--skip-hf", action="store_true", help="leave out the Hugging Face Trainer")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds of alternated runs, order rotated; medians (default 1)"
+    )
     p.add_argument(
         "--aa", action="store_true", help="also alternate a second minimal loop: the A/A noise floor"
     )
@@ -342,6 +346,13 @@ def main() -> None:
         record = {"ends": clock.ends, "cpu": clock.cpu, "compute": clock.compute, "faults": clock.faults}
         Path(f"{args.result}.{rank}").write_text(json.dumps(record))
         return
+    if args.repeat < 1 or args.nproc < 1:
+        p.error("--repeat and --nproc must be >= 1")
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup must be in 0..--steps - 1 (got --warmup {args.warmup}, --steps {args.steps})")
+    unknown = sorted(set(args.formats.split(",")) - set(FORMAT_OVERRIDES))
+    if unknown:
+        p.error(f"--formats: unknown {', '.join(unknown)} (known: {', '.join(FORMAT_OVERRIDES)})")
 
     work = Path(tempfile.mkdtemp(prefix="recgpt-throughput-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # shards (unless --shards) and runs

@@ -503,9 +503,11 @@ class TrainConfig:
     """Log training scalars every N optimizer steps."""
     keep_freed_memory: bool = True
     """glibc: keep the memory a step frees for the next step (fixed malloc mmap and trim thresholds)
-    instead of returning it to the OS and faulting it in again: 5-10 % of a CPU step's time in the
-    throughput benchmark; the process's resident memory then stays at its peak
-    (trainer.monitor.keep_freed_memory). false: glibc's defaults."""
+    instead of returning it to the OS and faulting it in again. Measured on CPU with the text format of
+    the throughput benchmark: 4-8K page faults a step -> ~100, 5-10 % of the step's CPU time; blocks
+    above 32 MiB (e.g. full-softmax logits of a large batch) are still mapped afresh, so the ids
+    benchmark gains nothing. The process's resident memory stays at its peak. Not glibc: no effect (the
+    log says so). (trainer.monitor.keep_freed_memory) false: glibc's defaults."""
 
     def __post_init__(self) -> None:
         _choice(self.precision, "train.precision", ("fp32", "bf16", "fp16"))

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,35 @@ experiment (each trial has its own run directory and ``ray.num_workers`` workers
 MAX_COMBINATIONS = 512
 
 
-def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.PathLike) -> None:
+def _trial_check(manifest: dict[str, Any] | None) -> Callable[[RecGPTConfig], None]:
+    """What ``recgpt train`` checks of a config before its process group starts: the schema (done by
+    building the config), the trainable layers, and with the shards' ``manifest`` the settings that
+    depend on the data (the history window, the sampled negatives against the catalogue)."""
+    from modeling.data import resolve_max_history  # torch: only once a command needs it
+    from modeling.factory import check_trainable_layers
+    from modeling.loss import check_num_negatives
+
+    def check(cfg: RecGPTConfig) -> None:
+        check_trainable_layers(cfg)
+        if manifest is not None:
+            resolve_max_history(cfg, manifest, cfg.data.shards)
+            check_num_negatives(cfg, int(manifest["num_items"]), cfg.data.shards)
+
+    return check
+
+
+def check_space(
+    params: list[Param],
+    base: dict[str, Any],
+    space_path: str | os.PathLike,
+    manifest: dict[str, Any] | None = None,
+) -> None:
     """Every key exists and may be searched, every candidate value passes the schema's validation, and
     so do the combinations of the keys' candidates (all of them, or MAX_COMBINATIONS drawn with a
-    fixed seed) — settings that clash across keys fail here, before Ray starts, not in a trial."""
-    from modeling.factory import check_trainable_layers  # torch: only once a command needs it
-
-    check_trainable_layers(config_from_dict(base))
+    fixed seed) — settings that clash across keys fail here, before Ray starts, not in a trial. With the
+    shards' ``manifest``, also the checks against the data that ``recgpt train`` makes first."""
+    check = _trial_check(manifest)
+    check(config_from_dict(base))
     seen = set()
     for prm in params:
         if prm.key in seen:
@@ -192,7 +215,7 @@ def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.
             raise ConfigError(f"{space_path}: {e}") from None
         for value in prm.candidates():
             try:
-                check_trainable_layers(with_values(base, {prm.key: value}))
+                check(with_values(base, {prm.key: value}))
             except ConfigError as e:
                 if isinstance(value, float) and prm.kind in ("uniform", "loguniform") and "Integer" in str(e):
                     raise ConfigError(
@@ -200,14 +223,17 @@ def check_space(params: list[Param], base: dict[str, Any], space_path: str | os.
                         "numbers; use randint: [low, high) or choice: [...]"
                     ) from None
                 raise ConfigError(f"{space_path}: {prm.key}={value!r}: {e}") from None
-    _check_combinations(params, base, space_path)
+    _check_combinations(params, base, space_path, check)
 
 
-def _check_combinations(params: list[Param], base: dict[str, Any], space_path: str | os.PathLike) -> None:
+def _check_combinations(
+    params: list[Param],
+    base: dict[str, Any],
+    space_path: str | os.PathLike,
+    check: Callable[[RecGPTConfig], None],
+) -> None:
     import itertools
     import random
-
-    from modeling.factory import check_trainable_layers
 
     if len(params) < 2:
         return
@@ -220,7 +246,7 @@ def _check_combinations(params: list[Param], base: dict[str, Any], space_path: s
     for combo in combos:
         values = {prm.key: v for prm, v in zip(params, combo)}
         try:
-            check_trainable_layers(with_values(base, values))
+            check(with_values(base, values))
         except ConfigError as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(f"{space_path}: the combination {shown}: {e}") from None
@@ -307,7 +333,7 @@ def prepare(args: argparse.Namespace) -> Experiment:
         )
     base = to_dict(cfg)
     params = parse_space(args.space)
-    check_space(params, base, args.space)
+    check_space(params, base, args.space)  # the space's own mistakes first: they need no data
     for prm in params:
         if args.scheduler == "asha" and prm.key in ("train.max_steps", "train.eval_interval"):
             raise ConfigError(
@@ -315,9 +341,10 @@ def prepare(args: argparse.Namespace) -> Experiment:
                 "train.max_steps and train.eval_interval; search it with --scheduler none"
             )
     try:
-        load_manifest(cfg.data.shards)
+        manifest = load_manifest(cfg.data.shards)
     except DataError as e:
         raise DataError(f"data.shards: {one_line(e)}") from None
+    check_space(params, base, args.space, manifest)  # then against the data, as recgpt train does first
     storage, _ = run_location(cfg)
     if is_url(storage):
         # The experiment's files, trials.csv and best.yaml are plain files beside the trials' run dirs.

@@ -227,14 +227,19 @@ def test_held_memory_is_read_at_most_once_a_minute_and_fresh_at_the_last_step(mo
 
 
 _STEPS_SCRIPT = """
-import resource, sys
-import torch
+import ctypes, resource, sys
 from trainer.monitor import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-def step():  # a step's temporaries: allocated, used, freed
-    blocks = [torch.ones(256 * 1024) for _ in range(16)]  # 1 MiB each
-    del blocks
+def step():  # a step's temporaries: allocated, written, freed (1 MiB each)
+    blocks = [libc.malloc(2**20) for _ in range(16)]
+    for b in blocks:
+        libc.memset(b, 1, 2**20)
+    for b in blocks:
+        libc.free(b)
 step(); step()  # glibc's dynamic thresholds settle
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -247,7 +252,9 @@ def test_keep_freed_memory_stops_each_step_faulting_its_memory_in_again():
     """With glibc's defaults, a step's 16 MiB of 1 MiB temporaries is handed back to the OS when freed
     (the heap's free top exceeds the dynamic trim threshold) and faulted in again by the next step: ~4K
     minor page faults a step. keep_freed_memory (train.keep_freed_memory, on by default) keeps it for
-    reuse. Each case runs in a process of its own: the setting is process-wide."""
+    reuse. Each case runs in a process of its own: the setting is process-wide. malloc itself, not
+    tensors: whether torch's own pattern trims depends on its threads (with OMP_NUM_THREADS=1 this
+    pattern of tensors did not; the benchmark's steps did, docs/BENCHMARKS.md)."""
     import subprocess
     import sys
     from pathlib import Path

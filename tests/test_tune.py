@@ -151,6 +151,23 @@ def test_missing_shards_and_bad_flags_fail_before_ray(tmp_path, capsys, monkeypa
         assert f"{REPO}/nowhere/shards/manifest.json" in err  # made absolute: trials run elsewhere
 
 
+def test_settings_the_data_refuses_fail_before_ray(tmp_path, capsys, monkeypatch, sample_shards):
+    """What recgpt train checks against the shards first (sampled negatives against the catalogue, the
+    history window) is checked for every candidate before Ray starts, as one line."""
+    monkeypatch.setattr(tune_cmd, "run_experiment", lambda *a, **k: pytest.fail("Ray started"))
+    argv = ["tune", "--config", str(TINY), f"train.output_dir={tmp_path}/out", f"data.shards={sample_shards}",
+            "train.loss=sampled"]  # fmt: skip
+    for line, says in [
+        ("train.num_negatives: {grid: [256, 20000]}", "train.num_negatives=20000: train.num_negatives: 20000 "
+         "is not below the 9,724 items"),
+        ("data.max_history: {grid: [20, 80]}", "data.max_history=80: data.max_history: 80 is longer"),
+    ]:  # fmt: skip
+        space = write(tmp_path / "space.yaml", line + "\n")
+        assert cli.main([*argv[:1], "--space", str(space), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"recgpt tune: error: {space}: {says}"), err
+
+
 def test_asha_needs_an_evaluation_before_max_steps(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tune_cmd, "run_experiment", lambda *a, **k: pytest.fail("Ray started"))
     space = write(tmp_path / "space.yaml", "optim.lr: {choice: [0.001]}\n")

@@ -269,8 +269,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     from modeling.lora import adalora_update, trainable_parameters
     from modeling.loss import LossComputer, check_num_negatives, divide, step_denominator
 
-    if cfg.train.keep_freed_memory:
-        keep_freed_memory()  # first: every allocation of the run is served under the fixed thresholds
+    # First: every allocation of the run is served under the fixed thresholds.
+    kept_freed_memory = keep_freed_memory() if cfg.train.keep_freed_memory else None
     # The data settings are checked before the process group and DeepSpeed start: a wrong path or a
     # history longer than the shards' windows is one line at once, not after the op build.
     try:
@@ -373,6 +373,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             save_resolved(cfg, out_dir)  # after apply_schedule: it says what the optimizer does
         monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
         monitor.timing("setup", st.step, setup_s)
+        if kept_freed_memory is False:
+            monitor.message(
+                "train.keep_freed_memory: not glibc >= 2.33 here; the allocator keeps its defaults"
+            )
         if resume_from is not None:
             shown = sync.shown(resume_from) if sync is not None else resume_from
             monitor.message(f"resumed from {shown} at step {st.step}")
