@@ -174,15 +174,13 @@ def _trial_check(manifest: dict[str, Any] | None) -> Callable[[RecGPTConfig], No
     """What ``recgpt train`` checks of a config before its process group starts: the schema (done by
     building the config), the trainable layers, and with the shards' ``manifest`` the settings that
     depend on the data (the history window, the sampled negatives against the catalogue)."""
-    from modeling.data import resolve_max_history  # torch: only once a command needs it
+    from modeling.data import check_data_settings  # torch: only once a command needs it
     from modeling.factory import check_trainable_layers
-    from modeling.loss import check_num_negatives
 
     def check(cfg: RecGPTConfig) -> None:
         check_trainable_layers(cfg)
         if manifest is not None:
-            resolve_max_history(cfg, manifest, cfg.data.shards)
-            check_num_negatives(cfg, int(manifest["num_items"]), cfg.data.shards)
+            check_data_settings(cfg, manifest, cfg.data.shards)
 
     return check
 

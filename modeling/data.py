@@ -37,6 +37,18 @@ def resolve_max_history(cfg: RecGPTConfig, manifest: dict[str, Any], shards: str
     return asked
 
 
+def check_data_settings(cfg: RecGPTConfig, manifest: dict[str, Any], shards: str | os.PathLike) -> int:
+    """What ``recgpt train`` (and ``recgpt tune``, for every candidate) checks of ``cfg`` against the
+    shards' ``manifest`` before anything starts: the history window (:func:`resolve_max_history`) and
+    the sampled negatives against the catalogue (``modeling.loss.check_num_negatives``). ConfigError
+    naming the key; returns the resolved ``data.max_history``."""
+    from modeling.loss import check_num_negatives
+
+    max_history = resolve_max_history(cfg, manifest, shards)
+    check_num_negatives(cfg, int(manifest["num_items"]), shards)
+    return max_history
+
+
 def build_loader(
     cfg: RecGPTConfig,
     split: str,

@@ -264,10 +264,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     each evaluation at a step without a checkpoint.
     """
     from data_shards.manifest import load_manifest, read_items
-    from modeling.data import build_loader, resolve_max_history
+    from modeling.data import build_loader, check_data_settings
     from modeling.factory import build_model_and_tokenizer
     from modeling.lora import adalora_update, trainable_parameters
-    from modeling.loss import LossComputer, check_num_negatives, divide, step_denominator
+    from modeling.loss import LossComputer, divide, step_denominator
 
     # First: every allocation of the run is served under the fixed thresholds.
     kept_freed_memory = keep_freed_memory() if cfg.train.keep_freed_memory else None
@@ -278,8 +278,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
     except DataError as e:
         raise type(e)(f"data.shards: {one_line(e)}") from None
     # The resolved config (saved with the run, every checkpoint and export) says the real history length.
-    cfg.data.max_history = resolve_max_history(cfg, manifest, cfg.data.shards)
-    check_num_negatives(cfg, int(manifest["num_items"]), cfg.data.shards)
+    cfg.data.max_history = check_data_settings(cfg, manifest, cfg.data.shards)
     info = setup_distributed()
     tc = cfg.train
     faults = Faults.from_env(info.rank)
