@@ -498,7 +498,9 @@ class TrainConfig:
     initialised by model.item_init; fresh optimizer, schedule and step 0. Same model as the source (LoRA may differ). A crashed
     warm-started run resumes from its own checkpoints (train.resume=auto)."""
     max_bad_steps: int = 5
-    """Consecutive non-finite losses skipped before the run stops with an error."""
+    """Consecutive optimizer steps with a non-finite (NaN/inf) loss in some micro-batch on some rank before
+    the run stops with an error. Such a micro-batch adds no gradient (its backward runs with the gradients
+    zeroed); the rest of its step counts."""
     log_interval: int = 10
     """Log training scalars every N optimizer steps."""
     keep_freed_memory: bool = True

@@ -11,8 +11,8 @@ of the whole optimizer step on every rank (:func:`step_denominator`): DeepSpeed 
 micro-batch's gradient by ``grad_accum`` and averages over ranks, which leaves exactly
 ``sum over every position of the step / N`` — every supervised position weighs the same, however the
 step's sequences are split into micro-batches and ranks (a mean per micro-batch would weigh a position
-of a micro-batch with few supervised positions more). The training loop learns N only after the step's
-first forward (in the same all-reduce as the non-finite check): it asks for the sums
+of a micro-batch with few supervised positions more). The training loop waits for N (its step collective,
+started before the forward) only after the step's first forward: it asks for the sums
 (``denominator=1.0``) and divides the loss and its logs afterwards (:func:`divide`).
 """
 

@@ -178,7 +178,7 @@ def zero2_run(sample_shards, tmp_path_factory) -> Run:
 @pytest.fixture(scope="session")
 def zero3_lora_pgd_run(sample_shards, tmp_path_factory) -> Run:
     """LoRA + PGD (after 5 clean steps), ZeRO-3, 2 processes, 30 steps; rank 1's loss is NaN once at
-    step 8 (the step must be skipped on both ranks and training go on)."""
+    step 8 (its micro-batch adds no gradient, rank 0's does, and training goes on)."""
     overrides = [
         *RUN_STEPS,
         "zero.stage=3",

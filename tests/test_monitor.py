@@ -47,6 +47,20 @@ def test_step_stats_count_micro_batches_by_name():
     assert (s.data_wait_s, s.step_time_s) == (0.75, 3.0)
 
 
+def test_a_non_finite_micro_batch_counts_its_work_not_its_loss():
+    s = StepStats()
+    s.add_micro_batch({"loss": 2.0}, _batch(4, 10, 6))
+    s.add_micro_batch({"loss": float("nan")}, _batch(4, 10, 6), finite=False)
+    assert s.losses == {"loss": 2.0} and (s.micro_batches, s.non_finite) == (1, 1)
+    assert (s.samples, s.tokens, s.positions) == (8, 48, 80)  # read and computed: throughput counts it
+    s.step_time_s = 1.0
+    train, _ = window_scalars(s, s, steps=1)
+    assert train == {"loss": 2.0, "non_finite_micro_batches": 1.0}
+    bad = StepStats(non_finite=2, samples=8, step_time_s=1.0)  # a window with no finite loss at all
+    train, _ = window_scalars(bad, bad, steps=1)
+    assert train["loss"] != train["loss"] and train["non_finite_micro_batches"] == 2.0
+
+
 def test_reduced_matches_names_not_positions():
     a = StepStats(losses={"loss": 1.0, "adv_loss": 5.0}, samples=3, step_time_s=1.5)
     b = StepStats(losses={"adv_loss": 5.0, "loss": 1.0}, samples=3, step_time_s=1.5)  # other insertion order
@@ -120,12 +134,12 @@ def test_other_ranks_reduce_but_write_nothing(tmp_path, capsys):
     monitor.message("hello")
     monitor.close()
     # The same collective as rank 0: one for the window's sums and the memory maxima together.
-    assert calls == [(2 + 4 + 2, 2)]  # sums: 2 losses, 4 counts, 2 times; maxima: peak and held memory
+    assert calls == [(2 + 5 + 2, 2)]  # sums: 2 losses, 5 counts, 2 times; maxima: peak and held memory
     assert train["loss"] == 1.0
     assert not (tmp_path / "train_log.jsonl").exists() and capsys.readouterr().out == ""
 
 
-def test_deferred_log_rides_on_the_next_micro_batch_collective(tmp_path, capsys):
+def test_deferred_log_rides_on_the_next_step_collective(tmp_path, capsys):
     """A deferred window is reduced inside the next step_reduce (one collective for both), written
     then with the time and readings of the step that closed it; the numbers equal an immediate log."""
     cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=plain"])
@@ -145,12 +159,14 @@ def test_deferred_log_rides_on_the_next_micro_batch_collective(tmp_path, capsys)
     assert later.log_train(1, **readings, defer=True) is None
     assert calls == [] and (tmp_path / "later" / "train_log.jsonl").read_text() == ""
     later.add_step(_step([5.0], wait=0.0, seconds=1.0))  # the next step's numbers start a new window
-    assert later.step_reduce([1.0, 0.0, 4.0]) == [2.0, 0.0, 8.0]
-    assert calls == [(3 + 2 + 4 + 2, 2)]  # the micro-batch's sums, then the window's, and the maxima
+    wait = later.step_reduce([1.0, 0.0, 4.0])  # started (here: run at once); written when waited for
+    assert calls == [(3 + 2 + 5 + 2, 2)]  # the step's sums, then the window's, and the maxima
+    assert (tmp_path / "later" / "train_log.jsonl").read_text() == ""
+    assert wait() == [2.0, 0.0, 8.0]
     (record,) = [json.loads(ln) for ln in (tmp_path / "later" / "train_log.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and record["time"] <= t_closed + 1e-3
     assert {k: record[k] for k in (*expected[0], *expected[1])} == {**expected[0], **expected[1]}
-    assert later.step_reduce([1.0]) == [2.0] and calls[-1] == (1, 0)  # nothing pending: sums only
+    assert later.step_reduce([1.0])() == [2.0] and calls[-1] == (1, 0)  # nothing pending: sums only
     assert later.window_steps == 1 and later.window.losses == {"loss": 5.0, "clean_loss": 2.5}
     now.close()
     later.close()
@@ -182,6 +198,19 @@ def test_a_window_still_deferred_at_close_is_written_with_this_ranks_numbers(tmp
     (record,) = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert record["step"] == 1 and record["loss"] == 2.0 and record["samples_per_s"] == 4.0
     assert ("note" in record) is not alone
+
+
+def test_a_window_in_a_step_collective_never_waited_for_is_written_at_close(tmp_path):
+    """The step collective started, the run failed before waiting for it (in the forward): the window
+    stays pending and close() writes it with this rank's numbers."""
+    cfg = load_config(None, ["logging.tensorboard=false", "logging.progress=none"])
+    monitor = Monitor(cfg, tmp_path, enabled=True, total_steps=10, start_step=0, reduce=_two_ranks)
+    monitor.add_step(_step([2.0], wait=0.0, seconds=1.0))
+    monitor.log_train(1, lr=1.0, grad_norm=None, peak_memory_bytes=0, memory_bytes=0, defer=True)
+    monitor.step_reduce([1.0])  # never waited for
+    monitor.close()
+    (record,) = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and record["loss"] == 2.0 and "note" in record
 
 
 def _rss() -> int:

@@ -18,7 +18,7 @@ from trainer.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainer.engine import LRSchedule, param_groups
+from trainer.engine import LRSchedule, gradients_zeroed, param_groups
 from trainer.faults import Faults
 
 
@@ -69,10 +69,30 @@ def test_sgd_optimizer_and_its_deepspeed_keys(stage, offload):
         load_config(None, ["optim.name=adam"])
 
 
+def test_a_non_finite_backward_under_gradients_zeroed_adds_nothing():
+    """The loop's answer to a non-finite loss on one rank: its backward runs (the ranks' collectives stay
+    matched) but every parameter gradient is zeroed before accumulation; frozen ones get none."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    model[1].bias.requires_grad_(False)
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    with gradients_zeroed(model):
+        (model(x).sum() * float("nan")).backward()  # NaN through the whole graph
+    assert {n: p.grad for n, p in model.named_parameters() if p.requires_grad}.keys() == before.keys()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, before[n]), n  # accumulated exactly nothing
+    assert model[1].bias.grad is None
+    model(x).sum().backward()  # the hooks are gone: the next backward accumulates again
+    assert torch.allclose(model[0].weight.grad, 2 * before["0.weight"])
+
+
 def test_faults_parse_and_fire_once(monkeypatch):
     monkeypatch.setenv("RECGPT_FAULT", "nan:3:1,kill_before_publish:20:0")
     f1 = Faults.from_env(rank=1)
-    assert not f1.nan_loss(2) and f1.nan_loss(3) and not f1.nan_loss(3)  # once: the retry is clean
+    assert not f1.nan_loss(2) and f1.nan_loss(3) and not f1.nan_loss(3)  # once: the next micro-batch is clean
     assert not Faults.from_env(rank=0).nan_loss(3)
     monkeypatch.setenv("RECGPT_FAULT", "nan:*:*")
     always = Faults.from_env(rank=0)

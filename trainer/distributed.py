@@ -15,6 +15,7 @@ import pickle
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,16 +254,30 @@ def node_leaders() -> tuple[bool, list[int]]:
     return nodes.index(mine) == rank, nodes
 
 
+def start_all_gather_tensor(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start the all-gather of :func:`all_gather_tensor` without waiting for it; the returned function
+    waits and gives ``[world_size, *t.shape]``. Call it exactly once. Every rank starts its collectives in
+    the same order (gloo matches them by that order even while one runs in the background); meanwhile the
+    caller computes: a rank that gets here first does not sleep until the others arrive (the training
+    loop's step collective, started before the forward and waited for after it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return lambda: t[None]
+    send = t.detach().clone()
+    out = [torch.empty_like(send) for _ in range(dist.get_world_size())]
+    work = dist.all_gather(out, send, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        _tracked(send, *out)
+        return torch.stack(out)
+
+    return wait
+
+
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` stacked in rank order: ``[world_size, *t.shape]`` (``t[None]`` on one process).
 
     A private copy of ``t`` is sent and it and the receive buffers are tracked (see ``_RECENT``), so
     the caller may drop or reuse ``t`` at once.
     """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        send = t.detach().clone()
-        out = [torch.empty_like(send) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, send)
-        _tracked(send, *out)
-        return torch.stack(out)
-    return t[None]
+    return start_all_gather_tensor(t)()

@@ -11,6 +11,8 @@ and saves/loads its state in checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,3 +256,18 @@ def tracks_grad_norm(cfg: RecGPTConfig) -> bool:
     """Whether the engine records the global gradient norm for this configuration (DeepSpeed itself,
     or :func:`keep_clipping_norm`)."""
     return cfg.zero.stage > 0 or cfg.train.precision != "fp32" or keeps_clipping_norm(cfg)
+
+
+@contextmanager
+def gradients_zeroed(module: torch.nn.Module) -> Iterator[None]:
+    """Within: the gradient a backward computes for each trainable parameter of ``module`` is replaced by
+    zeros before it is accumulated (a tensor hook; DeepSpeed's accumulation and reduction hooks run after
+    it, for ZeRO 0-3 alike). For a micro-batch whose loss is non-finite on this rank: its backward runs
+    like the other ranks' (the same collectives in the same order: nothing hangs), NaN or inf flows
+    through the graph but reaches no gradient, and the micro-batch adds exactly nothing to the step."""
+    handles = [p.register_hook(torch.zeros_like) for p in module.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -48,7 +48,8 @@ class Faults:
             a, s, r = e
             if a != action or r not in ("*", str(self.rank)) or s not in ("*", str(step)):
                 continue
-            if s != "*" and e in self.fired:  # a step-specific fault fires once (retries see a clean loss)
+            # A step-specific fault fires once (the step's next micro-batch is clean).
+            if s != "*" and e in self.fired:
                 continue
             self.fired.add(e)
             return True

@@ -3,9 +3,9 @@
 Runs unchanged as one process, under ``torchrun`` (any number of processes and nodes) and inside a
 Ray Train worker (the launcher passes ``report``; this module never imports Ray). One readable
 function in the nanoGPT spirit: fetch the step's micro-batches (their supervised positions, samples
-and tokens counted on the host) -> per micro-batch: forward (adversarial inside the loss) -> one
-collective (non-finite agreement, counts) -> one backward -> step -> log -> evaluate / checkpoint on
-their intervals. The helpers it uses live in sibling modules:
+and tokens counted on the host) -> start the step's one collective -> per micro-batch: forward
+(adversarial inside the loss) -> (the first: wait for the collective) -> one backward -> step -> log ->
+evaluate / checkpoint on their intervals. The helpers it uses live in sibling modules:
 ``distributed`` (process group), ``engine`` (DeepSpeed, AdamW, schedule), ``checkpoint`` (atomic
 checkpoints, exact resume), ``resume`` (what a resumed run may change; the restored schedule follows
 this run's settings), ``evaluate`` (distributed full ranking), ``monitor`` (the statistics window
@@ -16,18 +16,27 @@ injection). :class:`TrainState` (with its two :class:`BestMetric` trackers) is w
 Loss weighting (``modeling.loss``): every supervised position of an optimizer step weighs 1/N, N the
 step's supervised positions over all its micro-batches and ranks, so ``grad_accum`` x micro-batch and
 ranks x micro-batch give the gradient of one batch of the same sequences. The logged ``loss`` /
-``clean_loss`` / ``adv_loss`` are per-position means of the step. A micro-batch skipped for a
-non-finite loss (on every rank alike) is replaced by the next one, as before; N stays the count of the
-step's micro-batches as fetched (the replacement's positions weigh 1/N too), so such a step's weights
-sum to (N - skipped + replacement positions) / N instead of exactly 1, and its logged loss is that sum
-over N.
+``clean_loss`` / ``adv_loss`` are per-position means of the step.
 
-Collectives (each a host sync on GPU, and a meeting point that waits for the slowest rank): one
-per micro-batch (per step at ``grad_accum=1``), after its forward and before its backward, an all-gather
-of a few numbers summed on every rank (:func:`make_reduce`):
-whether any rank's loss is non-finite, the micro-batch's samples and tokens, and with the step's first
-micro-batch N, so the loss is computed as a sum and divided by N afterwards (``modeling.loss.divide``).
-A logged step adds none: its statistics window and memory readings travel in the next micro-batch's
+Non-finite losses: a rank whose micro-batch has a NaN/inf loss runs its backward anyway, with every
+parameter gradient zeroed before it is accumulated (``trainer.engine.gradients_zeroed``): the collectives
+inside backward and step stay matched across ranks (ZeRO 0-3), DeepSpeed's micro-step counter is
+untouched, and the micro-batch adds exactly nothing; the other ranks' micro-batches of that step count as
+usual. N still holds its positions, so that step's weights sum to (N - its positions) / N. No rank waits
+to learn this before its backward: the count travels in the next step's collective (the last step's in
+the end-of-run one), where every rank alike logs it and counts ``train.max_bad_steps`` consecutive such
+steps before :class:`NonFiniteLossError`. Consumed samples and tokens count every micro-batch read (as
+the reader's position does); the log window counts the non-finite ones apart
+(``non_finite_micro_batches``), their losses out of the means.
+
+Collectives (each a host sync on GPU, and a meeting point that waits for the slowest rank): one per
+optimizer step, whatever ``grad_accum``, an all-gather of a few numbers summed on every rank
+(:func:`make_reduce`) — N, the step's samples and tokens, the previous step's non-finite micro-batches —
+all known on the host before the forward, so it is *started* before the first forward and waited for
+after it, before the first backward divides the loss sums by N (``modeling.loss.divide``): a rank that
+arrives first computes its forward instead of sleeping until the others arrive (measured: a blocking
+collective between forward and backward cost the text format ~3 % of a step, docs/BENCHMARKS.md).
+A logged step adds none: its statistics window and memory readings travel in the next step's
 collective and are written then; only where the record must be on disk at once (the last step, an
 evaluation or a checkpoint) does the log make its own collective. Nothing else on the hot path reads the
 device or the other ranks: the counts come from the host copies of the batches, the gradient norm is
@@ -40,7 +49,6 @@ import json
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,14 +76,26 @@ from trainer.checkpoint import (
     set_rng_state,
     step_of,
 )
-from trainer.distributed import all_gather_tensor, setup_distributed, teardown_distributed
-from trainer.engine import build_engine, deepspeed_config, global_grad_norm, param_grad_norm, tracks_grad_norm
+from trainer.distributed import (
+    all_gather_tensor,
+    setup_distributed,
+    start_all_gather_tensor,
+    teardown_distributed,
+)
+from trainer.engine import (
+    build_engine,
+    deepspeed_config,
+    global_grad_norm,
+    gradients_zeroed,
+    param_grad_norm,
+    tracks_grad_norm,
+)
 from trainer.evaluate import evaluate, to_device
 from trainer.faults import Faults
 from trainer.monitor import (
     HeldMemory,
     Monitor,
-    Reduce,
+    StartReduce,
     StepStats,
     flops_per_token,
     keep_freed_memory,
@@ -97,7 +117,7 @@ ReportFn = Callable[[dict[str, Any], "str | None"], None]
 
 
 class NonFiniteLossError(TrainingError):
-    """train.max_bad_steps consecutive micro-batches had a NaN/inf loss on some rank."""
+    """train.max_bad_steps consecutive steps had a NaN/inf loss in some micro-batch on some rank."""
 
 
 @dataclass
@@ -225,8 +245,9 @@ def on_interval(step: int, interval: int, last: bool = False) -> bool:
     return bool(interval and step % interval == 0) or last
 
 
-def make_reduce(device: torch.device) -> Reduce:
-    """The loop's and the monitor's one collective for a few numbers: sums and maxima over the ranks.
+def make_reduce(device: torch.device) -> StartReduce:
+    """The loop's and the monitor's one collective for a few numbers, started without waiting: sums and
+    maxima over the ranks (``start(sums, maxima)() -> (sums, maxima)``, :data:`trainer.monitor.StartReduce`).
 
     One float64 tensor on this rank's device, all-gathered and reduced here, in rank order (the same
     result on every rank). An all-gather, not an all-reduce, even for sums only (every step): for a few
@@ -234,13 +255,37 @@ def make_reduce(device: torch.device) -> Reduce:
     0.65 ms CPU a call; docs/BENCHMARKS.md), a few % of a short CPU step.
     """
 
-    def reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
-        t = torch.tensor([*sums, *maxima], dtype=torch.float64, device=device)
-        every = all_gather_tensor(t)  # [ranks, values]
-        n = len(sums)
-        return every[:, :n].sum(0).tolist(), every[:, n:].amax(0).tolist()
+    def start(sums: list[float], maxima: list[float]) -> Callable[[], tuple[list[float], list[float]]]:
+        wait = start_all_gather_tensor(torch.tensor([*sums, *maxima], dtype=torch.float64, device=device))
 
-    return reduce
+        def result() -> tuple[list[float], list[float]]:
+            every = wait()  # [ranks, values]
+            n = len(sums)
+            return every[:, :n].sum(0).tolist(), every[:, n:].amax(0).tolist()
+
+        return result
+
+    return start
+
+
+def count_bad_steps(monitor: Monitor, step: int, non_finite: int, in_a_row: int, limit: int) -> int:
+    """``in_a_row`` (consecutive steps with a non-finite loss) after step ``step``, whose ``non_finite``
+    micro-batches over all ranks the loop learns one collective later. Every rank calls it with the same
+    numbers, so all stop together: :class:`NonFiniteLossError` at ``limit`` (``train.max_bad_steps``)."""
+    if not non_finite:
+        return 0
+    in_a_row += 1
+    monitor.message(
+        f"step {step}: non-finite loss in {non_finite} micro-batch(es) over the ranks, which added no "
+        f"gradient ({in_a_row} such step(s) in a row)"
+    )
+    if in_a_row >= limit:
+        raise NonFiniteLossError(
+            f"non-finite losses in {in_a_row} consecutive steps, the last step {step} "
+            f"(train.max_bad_steps={limit}); lower optim.lr, check the data, or use bf16 instead of fp16. "
+            "The last complete checkpoint is intact (a non-finite micro-batch adds no gradient)."
+        )
+    return in_a_row
 
 
 def adversarial_start_message(acfg: AdversarialConfig, step: int) -> str:
@@ -370,7 +415,11 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                                     + ", ".join(changed))  # fmt: skip
         if info.is_main:
             save_resolved(cfg, out_dir)  # after apply_schedule: it says what the optimizer does
-        monitor = Monitor(cfg, out_dir, info.is_main, total_steps, st.step, make_reduce(info.device))
+        start_reduce = make_reduce(info.device)
+        monitor = Monitor(
+            cfg, out_dir, info.is_main, total_steps, st.step,
+            reduce=lambda sums, maxima: start_reduce(sums, maxima)(), start_reduce=start_reduce,
+        )  # fmt: skip
         monitor.timing("setup", st.step, setup_s)
         if kept_freed_memory is False:
             monitor.message(
@@ -391,7 +440,8 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         batches = batch_stream(train_loader, info.device)
         mfu_terms = None  # (peak FLOP/s of all ranks, FLOPs per token), computed at the first log
         held_memory = HeldMemory(info.device)
-        bad_in_a_row = 0
+        bad_steps = 0  # consecutive steps with a non-finite loss on some rank, as far as known
+        non_finite = 0  # this rank's non-finite micro-batches of the step just done (reported in the next)
         grad_norm = None
         step_lr = 0.0  # the learning rate of the step being run (read before step() advances the schedule)
         last_ckpt_step = st.step if resume_from is not None else -1
@@ -402,57 +452,46 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             t_step = time.perf_counter()
             stats = StepStats()
             t0 = time.perf_counter()
-            pending = deque(next(batches) for _ in range(tc.grad_accum))
+            micro_batches = [next(batches) for _ in range(tc.grad_accum)]
             stats.data_wait_s += time.perf_counter() - t0
-            # Every supervised position of the step, on every rank, weighs 1/N (modeling.loss): these are
-            # this rank's, summed over the ranks by the collective of the step's first micro-batch below.
-            positions = sum(counts.positions for _, counts in pending)
-            denominator = None
-            samples = tokens = 0.0  # of the micro-batches used, over the ranks
-            while stats.micro_batches < tc.grad_accum:
-                if pending:
-                    batch, counts = pending.popleft()
-                else:  # a replacement for a skipped micro-batch: its positions weigh 1/N like the others
-                    t0 = time.perf_counter()
-                    batch, counts = next(batches)
-                    stats.data_wait_s += time.perf_counter() - t0
+            # The step's one collective, started here and waited for after the first forward (a rank
+            # that arrives first computes instead of sleeping): N (every supervised position of the
+            # step, on every rank, weighs 1/N: modeling.loss), the samples and tokens (exact in
+            # checkpoints), the previous step's non-finite micro-batches, and a log window closed at the
+            # previous step, if any (Monitor.log_train). All known on the host before the forward.
+            wait = monitor.step_reduce(
+                [
+                    sum(counts.positions for _, counts in micro_batches),
+                    sum(counts.samples for _, counts in micro_batches),
+                    sum(counts.tokens for _, counts in micro_batches),
+                    non_finite,
+                ]
+            )
+            non_finite, denominator = 0, None
+            for i, (batch, counts) in enumerate(micro_batches):
                 # The sums over the supervised positions, divided once N is known (modeling.loss.divide).
                 loss, logs = loss_fn(engine, batch, st.step, 1.0)
                 if faults.nan_loss(st.step + 1):
                     loss, logs = loss * float("nan"), {**logs, "loss": float("nan")}
-                # The micro-batch's one collective, before backward. Non-finite: agreed across ranks, so
-                # every rank skips the same micro-batch, the collectives inside backward/step stay matched
-                # and DeepSpeed's micro-step counter (hence the accumulation boundary) is untouched
-                # (ZeRO-0 would otherwise apply NaN gradients); logs["loss"] is the loss read back.
-                # The same collective sums the samples and tokens (exact in checkpoints) and N.
-                # A log window closed at the previous step, if any, travels in it too (Monitor.log_train).
-                bad, more_samples, more_tokens, n = monitor.step_reduce(
-                    [
-                        0.0 if math.isfinite(logs["loss"]) else 1.0,
-                        counts.samples,
-                        counts.tokens,
-                        positions if denominator is None else 0.0,
-                    ]
-                )
                 if denominator is None:
+                    n, samples, tokens, bad_before = wait()
                     denominator = step_denominator(int(n), tc.grad_accum, info.world_size)
-                if bad:
-                    bad_in_a_row += 1
-                    monitor.message(
-                        f"step {st.step + 1}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)"
+                    bad_steps = count_bad_steps(
+                        monitor, st.step, int(bad_before), bad_steps, tc.max_bad_steps
                     )
-                    if bad_in_a_row >= tc.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_in_a_row} consecutive non-finite losses at step {st.step + 1} "
-                            f"(train.max_bad_steps={tc.max_bad_steps}); lower optim.lr, check the data, or "
-                            "use bf16 instead of fp16. The last complete checkpoint is untouched."
-                        )
-                    continue
-                bad_in_a_row = 0
                 loss, logs = divide(loss, logs, denominator)
-                samples, tokens = samples + more_samples, tokens + more_tokens
-                engine.backward(loss)
-                boundary = stats.micro_batches == tc.grad_accum - 1
+                # A non-finite loss (logs["loss"] is the loss read back) is this rank's alone to know:
+                # its backward still runs, so every collective inside backward and step stays matched
+                # with the other ranks and DeepSpeed's micro-step counter is untouched, but with every
+                # parameter gradient zeroed before it is accumulated: the micro-batch adds nothing.
+                finite = math.isfinite(logs["loss"])
+                if finite:
+                    engine.backward(loss)
+                else:
+                    non_finite += 1
+                    with gradients_zeroed(engine.module):
+                        engine.backward(loss)
+                boundary = i == tc.grad_accum - 1
                 if boundary and cfg.lora.method == "adalora" and cfg.lora.enabled:
                     adalora_update(engine, st.step)  # reads .grad: before step() zeroes it
                 log_next = on_interval(st.step + 1, tc.log_interval, st.step + 1 == total_steps)
@@ -461,7 +500,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 if boundary:
                     step_lr = engine.get_lr()[0]  # what this step uses: step() advances the schedule
                 engine.step()
-                stats.add_micro_batch(logs, batch, counts.tokens)
+                stats.add_micro_batch(logs, batch, counts.tokens, finite)
             st.step += 1
             st.epoch = train_loader.epoch
             stats.step_time_s = time.perf_counter() - t_step
@@ -485,7 +524,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     memory_bytes=held_memory(fresh=st.step == total_steps),
                     cluster_peak_flops=mfu_terms[0],
                     flops_per_token=mfu_terms[1],
-                    # Reduced with the next micro-batch's collective (no extra meeting of the ranks),
+                    # Reduced with the next step's collective (no extra meeting of the ranks),
                     # except where the record must be written now: last step, evaluation, checkpoint,
                     # and the step before the adversarial start's message (which must follow it).
                     defer=not (
@@ -542,10 +581,13 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         if last_ckpt_step != st.step:
             raise RuntimeError(f"internal: finished at step {st.step} without a final checkpoint")
         # What each rank holds of model and optimizer state: the figure ZeRO partitions (one collective).
+        # The last step's non-finite micro-batches travel in the same collective.
         held = state_bytes(engine.module, engine.optimizer)
-        monitor.state(st.step, all_gather_tensor(
-            torch.tensor([held["model"], held["optimizer"]], dtype=torch.float64, device=info.device)
-        ).tolist())  # fmt: skip
+        every = all_gather_tensor(torch.tensor(
+            [held["model"], held["optimizer"], non_finite], dtype=torch.float64, device=info.device
+        ))  # fmt: skip
+        monitor.state(st.step, every[:, :2].tolist())
+        count_bad_steps(monitor, st.step, int(every[:, 2].sum()), bad_steps, tc.max_bad_steps)
         final = {
             **st.metrics,
             "step": st.step,

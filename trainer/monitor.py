@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import resource
 import sys
 import time
@@ -234,12 +235,28 @@ collective (the loop passes one built on ``trainer.distributed``; tests pass a f
 call it, in the same order, with lists of the same lengths."""
 
 
+StartReduce = Callable[[list[float], list[float]], Callable[[], tuple[list[float], list[float]]]]
+"""``start(sums, maxima) -> wait``: the same collective as :data:`Reduce`, started without waiting for
+it; ``wait()`` (called once) returns its result. The loop's step collective starts before the forward and
+is waited for after it, so a rank that arrives first computes instead of sleeping until the others come."""
+
+
 def no_reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
     """The :data:`Reduce` of a single process."""
     return [float(v) for v in sums], [float(v) for v in maxima]
 
 
-_COUNTS = ("micro_batches", "samples", "tokens", "positions")
+def started_at_once(reduce: Reduce) -> StartReduce:
+    """``reduce`` as a :data:`StartReduce` that runs when started (one process, tests' fakes)."""
+
+    def start(sums: list[float], maxima: list[float]) -> Callable[[], tuple[list[float], list[float]]]:
+        result = reduce(sums, maxima)
+        return lambda: result
+
+    return start
+
+
+_COUNTS = ("micro_batches", "non_finite", "samples", "tokens", "positions")
 _SECONDS = ("data_wait_s", "step_time_s")
 
 
@@ -250,7 +267,10 @@ class StepStats:
     losses: dict[str, float] = field(default_factory=dict)
     """Sums over micro-batches of the logged loss terms, by name (loss, clean_loss, adv_loss, ...)."""
     micro_batches: int = 0
-    """Micro-batches that went into the step(s); skipped non-finite ones do not count."""
+    """Micro-batches whose loss went into the step(s): the finite ones."""
+    non_finite: int = 0
+    """Micro-batches whose loss was non-finite: their backward ran with zeroed gradients (they add
+    nothing to the step); their samples, tokens and positions count (they were read and computed)."""
     samples: int = 0
     """Sequences."""
     tokens: int = 0
@@ -263,14 +283,20 @@ class StepStats:
     """Wall seconds of the step(s), data wait included."""
 
     def add_micro_batch(
-        self, logs: dict[str, float], batch: dict[str, torch.Tensor], tokens: int | None = None
+        self,
+        logs: dict[str, float],
+        batch: dict[str, torch.Tensor],
+        tokens: int | None = None,
+        finite: bool = True,
     ) -> None:
         """Count one micro-batch that went through backward and step. ``tokens``: its non-padding tokens
         when the caller counted them already (the loop counts on the host: summing the mask on the
-        device would wait for the GPU)."""
+        device would wait for the GPU). ``finite=False``: its loss was non-finite; ``logs`` add 0 (their
+        names still enter: every rank's window must hold the same names for the collective)."""
         for k, v in logs.items():
-            self.losses[k] = self.losses.get(k, 0.0) + v
-        self.micro_batches += 1
+            self.losses[k] = self.losses.get(k, 0.0) + (v if finite else 0.0)
+        self.micro_batches += finite
+        self.non_finite += not finite
         self.samples += batch["input_ids"].shape[0]
         self.tokens += int(batch["attention_mask"].sum()) if tokens is None else tokens
         self.positions += batch["input_ids"].numel()
@@ -285,15 +311,23 @@ class StepStats:
     def reduced(self, reduce: Reduce, maxima: list[float] | None = None) -> tuple[StepStats, list[float]]:
         """The sums over every rank, matched by name, and the maxima over the ranks of ``maxima`` (one
         collective for both: every rank calls it)."""
+        names, values = self.flat()
+        total, top = reduce(values, maxima or [])
+        return StepStats.unflat(names, total), top
+
+    def flat(self) -> tuple[list[str], list[float]]:
+        """``(loss names, numbers)``: the losses in name order, then the counts and seconds — what a
+        collective sums (every rank has the same loss names)."""
         names = sorted(self.losses)
-        numbers = _COUNTS + _SECONDS
-        values, top = reduce(
-            [self.losses[k] for k in names] + [getattr(self, n) for n in numbers], maxima or []
-        )
+        return names, [self.losses[k] for k in names] + [getattr(self, n) for n in _COUNTS + _SECONDS]
+
+    @staticmethod
+    def unflat(names: list[str], values: list[float]) -> StepStats:
+        """The inverse of :meth:`flat` (counts back to ``int``)."""
         out = StepStats(losses=dict(zip(names, values[: len(names)])))
-        for n, v in zip(numbers, values[len(names) :]):
+        for n, v in zip(_COUNTS + _SECONDS, values[len(names) :]):
             setattr(out, n, int(v) if n in _COUNTS else float(v))
-        return out, top
+        return out
 
 
 @dataclass
@@ -325,11 +359,15 @@ def window_scalars(
 
     ``local``: this rank's sums (its wall time is the window's time; ``*_rank0`` are its rates),
     ``total``: the sums over all ranks. train: the mean of each loss term over every micro-batch of
-    every rank. perf: throughput, step and data-wait time per step, ``memory_gb`` as given, and MFU
+    every rank whose loss was finite, and ``non_finite_micro_batches`` when there were others. perf: throughput, step and data-wait time per step, ``memory_gb`` as given, and MFU
     when ``cluster_peak_flops`` (all ranks' peak FLOP/s together) is known.
     """
     seconds = local.step_time_s
-    train = {k: v / total.micro_batches for k, v in total.losses.items()}
+    # Every micro-batch of the window non-finite: no mean to give.
+    finite = total.micro_batches or math.nan
+    train = {k: v / finite for k, v in total.losses.items()} if total.losses else {"loss": math.nan}
+    if total.non_finite:
+        train["non_finite_micro_batches"] = float(total.non_finite)
     perf = {
         "samples_per_s": total.samples / seconds,
         "tokens_per_s": total.tokens / seconds,
@@ -356,6 +394,7 @@ class Monitor:
         total_steps: int,
         start_step: int,
         reduce: Reduce = no_reduce,
+        start_reduce: StartReduce | None = None,
     ):
         self.enabled = enabled
         self.writer = None
@@ -363,11 +402,13 @@ class Monitor:
         self.plain = False
         self.total_steps = total_steps
         self.reduce = reduce
+        self.start_reduce = start_reduce or started_at_once(reduce)
+        """The same collective as ``reduce``, started without waiting (:meth:`step_reduce`)."""
         self.window = StepStats()
         """This rank's sums since the last log."""
         self.window_steps = 0
         self._pending: _ClosedWindow | None = None
-        """A closed log window whose reduction waits for the next micro-batch's collective."""
+        """A closed log window whose reduction waits for the next step's collective."""
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -416,9 +457,9 @@ class Monitor:
 
         Every rank calls it at the same steps. The reduction is one collective: the window's sums by
         name, and this rank's peak and current memory, max over ranks. With ``defer`` that collective is
-        not made here: the closed window rides on the next :meth:`step_reduce` (the next micro-batch's
-        collective, which every rank makes anyway) and is written then, one micro-batch later — a logged
-        step then costs no extra meeting of the ranks. The loop defers except where the record must be
+        not made here: the closed window rides on the next :meth:`step_reduce` (the next step's
+        collective, which every rank makes anyway) and is written when that is waited for, after the
+        step's first forward — a logged step then costs no extra meeting of the ranks. The loop defers except where the record must be
         on disk at this step (the last step, an evaluation or a checkpoint). ``grad_norm`` is the step's
         (measured before clipping); the ``*_rank0`` scalars are this rank's.
         """
@@ -430,38 +471,33 @@ class Monitor:
         self.window, self.window_steps = StepStats(), 0
         return None if defer else self._log_pending()
 
-    def step_reduce(self, sums: list[float]) -> list[float]:
-        """The loop's per-micro-batch collective: ``sums`` summed over the ranks. When a deferred log
-        window is waiting, its sums and memory maxima travel in the same collective and it is logged."""
-        closed, self._pending = self._pending, None
+    def step_reduce(self, sums: list[float]) -> Callable[[], list[float]]:
+        """Start the loop's step collective: ``sums`` summed over the ranks; returns the function that
+        waits for it and gives them. When a deferred log window is waiting, its sums and memory maxima
+        travel in the same collective, and it is written when the result is waited for (until then it
+        stays pending: a run that fails in between still writes it at :meth:`close`)."""
+        closed = self._pending
         if closed is None:
-            return self.reduce(sums, [])[0]
-        (total, maxima), own = self._reduce_window(closed, sums)
-        self._write_window(closed, total, maxima)
-        return own
+            wait = self.start_reduce(sums, [])
+            return lambda: wait()[0]
+        names, window = closed.window.flat()
+        wait = self.start_reduce([*sums, *window], [closed.peak_memory_bytes, closed.memory_bytes])
+
+        def finish() -> list[float]:
+            total, maxima = wait()
+            self._pending = None
+            self._write_window(closed, StepStats.unflat(names, total[len(sums) :]), maxima)
+            return total[: len(sums)]
+
+        return finish
 
     def _log_pending(self) -> tuple[dict[str, float], dict[str, float]] | None:
         """Reduce and write the waiting window, if any, in a collective of its own."""
         closed, self._pending = self._pending, None
         if closed is None:
             return None
-        (total, maxima), _ = self._reduce_window(closed, [])
+        total, maxima = closed.window.reduced(self.reduce, [closed.peak_memory_bytes, closed.memory_bytes])
         return self._write_window(closed, total, maxima)
-
-    def _reduce_window(
-        self, closed: _ClosedWindow, before: list[float]
-    ) -> tuple[tuple[StepStats, list[float]], list[float]]:
-        """One collective: ``before`` (summed), then the window's sums, then its memory maxima.
-        Returns ``((window total, maxima), before summed)``."""
-        carried: list[float] = []
-
-        def reduce(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
-            total, top = self.reduce([*before, *sums], maxima)
-            carried.extend(total[: len(before)])
-            return total[len(before) :], top
-
-        out = closed.window.reduced(reduce, [closed.peak_memory_bytes, closed.memory_bytes])
-        return out, carried
 
     def _write_window(
         self, closed: _ClosedWindow, total: StepStats, maxima: list[float], note: str | None = None
