@@ -194,10 +194,20 @@ def test_zero0_run_of_two_processes_continues_on_one(zero0_run, sample_shards, t
 
 
 def test_non_finite_losses_stop_the_run_without_checkpoint(sample_shards, tmp_path):
+    """The step that reaches train.max_bad_steps is neither evaluated nor checkpointed, though both are
+    due at it; every bad step is a JSONL record."""
     out = tmp_path / "run"
-    p = recgpt_train(sample_shards, out, ["train.max_bad_steps=3"], nproc=1, fault="nan:*:*")
-    assert p.returncode != 0
+    overrides = ["train.max_bad_steps=3", "train.eval_interval=3", "train.checkpoint_interval=3"]
+    p = recgpt_train(sample_shards, out, overrides, nproc=1, fault="nan:*:*")
+    assert p.returncode == 2
     assert "non-finite losses in 3 consecutive steps, the last step 3 (train.max_bad_steps=3)" in p.stderr
+    log = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["steps_in_a_row"]) for r in log if r["kind"] == "non_finite"] == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+    ]
+    assert not [r for r in log if r["kind"] == "eval"]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 

@@ -23,9 +23,13 @@ parameter gradient zeroed before it is accumulated (``trainer.engine.gradients_z
 inside backward and step stay matched across ranks (ZeRO 0-3), DeepSpeed's micro-step counter is
 untouched, and the micro-batch adds exactly nothing; the other ranks' micro-batches of that step count as
 usual. N still holds its positions, so that step's weights sum to (N - its positions) / N. No rank waits
-to learn this before its backward: the count travels in the next step's collective (the last step's in
-the end-of-run one), where every rank alike logs it and counts ``train.max_bad_steps`` consecutive such
-steps before :class:`NonFiniteLossError`. Consumed samples and tokens count every micro-batch read (as
+to learn this before its backward: the count travels in the next step's collective (at a step that is
+evaluated or checkpointed, and the last, in a collective of its own right after the step), where every
+rank alike logs it and counts ``train.max_bad_steps`` consecutive such steps before
+:class:`NonFiniteLossError` — raised before such a step is evaluated or checkpointed. A step whose every
+micro-batch on every rank was non-finite still steps the optimizer with zero gradients: AdamW's momentum
+and weight decay move the weights a little (as after any zero gradient); ``train.max_bad_steps`` bounds
+how many such steps a run takes. Consumed samples and tokens count every micro-batch read (as
 the reader's position does); the log window counts the non-finite ones apart
 (``non_finite_micro_batches``), their losses out of the means.
 
@@ -36,7 +40,8 @@ all known on the host before the forward, so it is *started* before the first fo
 after it, before the first backward divides the loss sums by N (``modeling.loss.divide``): a rank that
 arrives first computes its forward instead of sleeping until the others arrive (measured: a blocking
 collective between forward and backward cost the text format ~3 % of a step, docs/BENCHMARKS.md).
-A logged step adds none: its statistics window and memory readings travel in the next step's
+A step that is evaluated or checkpointed adds one (its non-finite count, above); a logged step adds
+none: its statistics window and memory readings travel in the next step's
 collective and are written then; only where the record must be on disk at once (the last step, an
 evaluation or a checkpoint) does the log make its own collective. Nothing else on the hot path reads the
 device or the other ranks: the counts come from the host copies of the batches, the gradient norm is
@@ -270,20 +275,18 @@ def make_reduce(device: torch.device) -> StartReduce:
 
 def count_bad_steps(monitor: Monitor, step: int, non_finite: int, in_a_row: int, limit: int) -> int:
     """``in_a_row`` (consecutive steps with a non-finite loss) after step ``step``, whose ``non_finite``
-    micro-batches over all ranks the loop learns one collective later. Every rank calls it with the same
-    numbers, so all stop together: :class:`NonFiniteLossError` at ``limit`` (``train.max_bad_steps``)."""
+    micro-batches over all ranks the loop learns by a collective after it. Every rank calls it with the
+    same numbers, so all stop together: :class:`NonFiniteLossError` at ``limit`` (``train.max_bad_steps``),
+    raised before that step is evaluated or checkpointed."""
     if not non_finite:
         return 0
     in_a_row += 1
-    monitor.message(
-        f"step {step}: non-finite loss in {non_finite} micro-batch(es) over the ranks, which added no "
-        f"gradient ({in_a_row} such step(s) in a row)"
-    )
+    monitor.non_finite(step, non_finite, in_a_row)
     if in_a_row >= limit:
         raise NonFiniteLossError(
             f"non-finite losses in {in_a_row} consecutive steps, the last step {step} "
-            f"(train.max_bad_steps={limit}); lower optim.lr, check the data, or use bf16 instead of fp16. "
-            "The last complete checkpoint is intact (a non-finite micro-batch adds no gradient)."
+            f"(train.max_bad_steps={limit}); lower optim.lr or check the data (with fp16: use bf16). "
+            f"Step {step} is not checkpointed; train.resume=auto continues from the latest checkpoint."
         )
     return in_a_row
 
@@ -442,6 +445,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         held_memory = HeldMemory(info.device)
         bad_steps = 0  # consecutive steps with a non-finite loss on some rank, as far as known
         non_finite = 0  # this rank's non-finite micro-batches of the step just done (reported in the next)
+        counted = True  # whether the step just done (if any) was counted already (see count_bad_steps)
         grad_norm = None
         step_lr = 0.0  # the learning rate of the step being run (read before step() advances the schedule)
         last_ckpt_step = st.step if resume_from is not None else -1
@@ -467,7 +471,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     non_finite,
                 ]
             )
-            non_finite, denominator = 0, None
+            carried, non_finite, counted, denominator = not counted, 0, False, None
             for i, (batch, counts) in enumerate(micro_batches):
                 # The sums over the supervised positions, divided once N is known (modeling.loss.divide).
                 loss, logs = loss_fn(engine, batch, st.step, 1.0)
@@ -476,9 +480,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                 if denominator is None:
                     n, samples, tokens, bad_before = wait()
                     denominator = step_denominator(int(n), tc.grad_accum, info.world_size)
-                    bad_steps = count_bad_steps(
-                        monitor, st.step, int(bad_before), bad_steps, tc.max_bad_steps
-                    )
+                    if carried:  # the previous step's count rode in this collective
+                        bad_steps = count_bad_steps(
+                            monitor, st.step, int(bad_before), bad_steps, tc.max_bad_steps
+                        )
                 loss, logs = divide(loss, logs, denominator)
                 # A non-finite loss (logs["loss"] is the loss read back) is this rank's alone to know:
                 # its backward still runs, so every collective inside backward and step stays matched
@@ -507,6 +512,17 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             st.consumed_samples += int(samples)  # exact in every checkpoint
             st.consumed_tokens += int(tokens)
             monitor.add_step(stats)
+            if (
+                st.step == total_steps
+                or on_interval(st.step, tc.eval_interval)
+                or on_interval(st.step, tc.checkpoint_interval)
+            ):
+                # This step is evaluated or checkpointed: learn its non-finite count now (its own
+                # collective, at these steps only), so a run that reaches train.max_bad_steps here
+                # stops before writing it.
+                (now,), _ = monitor.reduce([non_finite], [])
+                bad_steps = count_bad_steps(monitor, st.step, int(now), bad_steps, tc.max_bad_steps)
+                non_finite, counted = 0, True
 
             # ------------------------------------------------------------ log
             if on_interval(st.step, tc.log_interval, st.step == total_steps):
@@ -581,13 +597,10 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
         if last_ckpt_step != st.step:
             raise RuntimeError(f"internal: finished at step {st.step} without a final checkpoint")
         # What each rank holds of model and optimizer state: the figure ZeRO partitions (one collective).
-        # The last step's non-finite micro-batches travel in the same collective.
         held = state_bytes(engine.module, engine.optimizer)
-        every = all_gather_tensor(torch.tensor(
-            [held["model"], held["optimizer"], non_finite], dtype=torch.float64, device=info.device
-        ))  # fmt: skip
-        monitor.state(st.step, every[:, :2].tolist())
-        count_bad_steps(monitor, st.step, int(every[:, 2].sum()), bad_steps, tc.max_bad_steps)
+        monitor.state(st.step, all_gather_tensor(
+            torch.tensor([held["model"], held["optimizer"]], dtype=torch.float64, device=info.device)
+        ).tolist())  # fmt: skip
         final = {
             **st.metrics,
             "step": st.step,

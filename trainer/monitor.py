@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
-import math
 import resource
 import sys
 import time
@@ -359,13 +358,14 @@ def window_scalars(
 
     ``local``: this rank's sums (its wall time is the window's time; ``*_rank0`` are its rates),
     ``total``: the sums over all ranks. train: the mean of each loss term over every micro-batch of
-    every rank whose loss was finite, and ``non_finite_micro_batches`` when there were others. perf: throughput, step and data-wait time per step, ``memory_gb`` as given, and MFU
+    every rank whose loss was finite (``None`` when none was), and ``non_finite_micro_batches`` when
+    there were others. perf: throughput, step and data-wait time per step, ``memory_gb`` as given, and MFU
     when ``cluster_peak_flops`` (all ranks' peak FLOP/s together) is known.
     """
     seconds = local.step_time_s
-    # Every micro-batch of the window non-finite: no mean to give.
-    finite = total.micro_batches or math.nan
-    train = {k: v / finite for k, v in total.losses.items()} if total.losses else {"loss": math.nan}
+    # Every micro-batch of the window non-finite: no mean to give (null in the JSONL, no TensorBoard point).
+    finite = total.micro_batches
+    train = {k: v / finite if finite else None for k, v in total.losses.items()} or {"loss": None}
     if total.non_finite:
         train["non_finite_micro_batches"] = float(total.non_finite)
     perf = {
@@ -542,13 +542,12 @@ class Monitor:
         self._scalars("train", train, step)
         self._scalars("perf", perf, step)
         self._record("train", step, {**train, **perf, **({"note": note} if note else {})}, at)
+        loss = "non-finite" if train["loss"] is None else f"{train['loss']:.4f}"
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{train['loss']:.4f}", samples_s=f"{perf['samples_per_s']:.0f}", refresh=False
-            )
+            self.bar.set_postfix(loss=loss, samples_s=f"{perf['samples_per_s']:.0f}", refresh=False)
         elif self.plain:
             print(
-                f"step {step}/{self.total_steps} | loss {train['loss']:.4f} | lr {train['lr']:.2e} | "
+                f"step {step}/{self.total_steps} | loss {loss} | lr {train['lr']:.2e} | "
                 f"{perf['samples_per_s']:.0f} samples/s | {perf['tokens_per_s']:.0f} tokens/s | "
                 f"step {perf['step_time_s'] * 1000:.0f} ms (data {perf['data_wait_s'] * 1000:.0f} ms)"
                 + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else ""),
@@ -583,6 +582,17 @@ class Monitor:
         shown = ", ".join(f"{(m + o) / 2**20:,.1f}" for m, o in zip(model, opt))
         self.message(
             f"model + optimizer state per rank: {shown} MiB (model {model[0] / 2**20:,.1f} on rank 0)"
+        )
+
+    def non_finite(self, step: int, micro_batches: int, in_a_row: int) -> None:
+        """Step ``step`` had ``micro_batches`` micro-batches with a non-finite loss over the ranks (the
+        ``in_a_row``-th such step in a row): a ``non_finite`` JSONL record and one log line."""
+        if not self.enabled:
+            return
+        self._record("non_finite", step, {"micro_batches": micro_batches, "steps_in_a_row": in_a_row})
+        self.message(
+            f"step {step}: non-finite loss in {micro_batches} micro-batch(es) over the ranks, which added no "
+            f"gradient ({in_a_row} such step(s) in a row)"
         )
 
     def message(self, text: str) -> None:
