@@ -512,14 +512,15 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
             st.consumed_samples += int(samples)  # exact in every checkpoint
             st.consumed_tokens += int(tokens)
             monitor.add_step(stats)
-            if (
+            # The last step, or one that is evaluated or checkpointed: what it did must be known now.
+            settles = (
                 st.step == total_steps
                 or on_interval(st.step, tc.eval_interval)
                 or on_interval(st.step, tc.checkpoint_interval)
-            ):
-                # This step is evaluated or checkpointed: learn its non-finite count now (its own
-                # collective, at these steps only), so a run that reaches train.max_bad_steps here
-                # stops before writing it.
+            )
+            if settles:
+                # Its non-finite count, at once (its own collective, at these steps only), so a run
+                # that reaches train.max_bad_steps here stops before writing it.
                 (now,), _ = monitor.reduce([non_finite], [])
                 bad_steps = count_bad_steps(monitor, st.step, int(now), bad_steps, tc.max_bad_steps)
                 non_finite, counted = 0, True
@@ -543,12 +544,7 @@ def train(cfg: RecGPTConfig, report: ReportFn | None = None) -> dict[str, Any]:
                     # Reduced with the next step's collective (no extra meeting of the ranks),
                     # except where the record must be written now: last step, evaluation, checkpoint,
                     # and the step before the adversarial start's message (which must follow it).
-                    defer=not (
-                        st.step == total_steps
-                        or on_interval(st.step, tc.eval_interval)
-                        or on_interval(st.step, tc.checkpoint_interval)
-                        or (acfg.method != "none" and st.step == acfg.warmup_steps)
-                    ),
+                    defer=not (settles or (acfg.method != "none" and st.step == acfg.warmup_steps)),
                 )
                 if sync is not None:
                     monitor.flush()
