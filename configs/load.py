@@ -71,11 +71,22 @@ def _merge(schema: type[T], layers: list[Any], source: str | None, overrides: tu
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         line = _omegaconf_error_line(e)
-        if source is not None and not any(o.split("=")[0] in line for o in overrides):
+        # The file (always the first layer) is named when it fails on its own: a misspelt override
+        # (``trian.lr=1``; the error names only ``trian``) is the command line's, not the file's.
+        if source is not None and (not overrides or _fails(schema, layers[0])):
             line = f"{source}: {line}"
         raise ConfigError(line) from None
     validate_tree(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def _fails(schema: type, layer: Any) -> bool:
+    """Whether ``layer`` alone does not merge into ``schema``."""
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), layer))
+    except OmegaConfBaseException:
+        return True
+    return False
 
 
 def _override_layer(overrides: list[str] | tuple[str, ...], prefix: str = "") -> list[Any]:

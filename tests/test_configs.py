@@ -52,6 +52,18 @@ def test_bad_key_inside_a_copy_names_the_key(tmp_path, capsys):
     assert len(err) == 1 and "train_extra" in err[0], err
 
 
+def test_a_misspelt_override_is_not_blamed_on_the_file(tmp_path):
+    """The error names the file only when the file is wrong (the trial's ``trian.max_bad_steps=3``)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS[0], ["trian.max_bad_steps=3"])
+    assert str(e.value) == "trian: unknown key"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  max_bad_steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["train.max_steps=3"])
+    assert str(e.value) == f"{bad}: trian: unknown key"
+
+
 def test_checkpoint_interval_must_be_a_multiple_of_eval_interval():
     with pytest.raises(ConfigError, match="train.checkpoint_interval"):
         load_config(CONFIGS[0], ["train.eval_interval=20", "train.checkpoint_interval=30"])
