@@ -28,6 +28,9 @@ def _omegaconf_error_line(err: OmegaConfBaseException, prefix: str = "") -> str:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     if "Key '" in msg and "not in" in msg:
         msg = "unknown key"
+    elif msg.startswith("Incompatible value 'None'"):
+        # ``key=`` (nothing after the '=') reads as null: say so rather than OmegaConf's type talk.
+        msg = "needs a value (got none: key=VALUE)"
     return f"{prefix}{key}: {msg}"
 
 

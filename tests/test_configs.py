@@ -64,6 +64,12 @@ def test_a_misspelt_override_is_not_blamed_on_the_file(tmp_path):
     assert str(e.value) == f"{bad}: trian: unknown key"
 
 
+def test_an_override_without_a_value_says_so():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS[0], ["train.max_bad_steps="])
+    assert str(e.value) == "train.max_bad_steps: needs a value (got none: key=VALUE)"
+
+
 def test_checkpoint_interval_must_be_a_multiple_of_eval_interval():
     with pytest.raises(ConfigError, match="train.checkpoint_interval"):
         load_config(CONFIGS[0], ["train.eval_interval=20", "train.checkpoint_interval=30"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from configs import ConfigError
 from trainer.checkpoint import (
     COMPLETE,
     CheckpointError,
@@ -98,7 +99,7 @@ def test_faults_parse_and_fire_once(monkeypatch):
     always = Faults.from_env(rank=0)
     assert all(always.nan_loss(s) for s in (1, 1, 2))
     monkeypatch.setenv("RECGPT_FAULT", "explode:1:1")
-    with pytest.raises(ValueError, match="RECGPT_FAULT"):
+    with pytest.raises(ConfigError, match="RECGPT_FAULT"):  # one line and exit 2, no traceback
         Faults.from_env(rank=0)
     monkeypatch.delenv("RECGPT_FAULT")
     assert Faults.from_env(rank=0).entries == []

@@ -15,6 +15,7 @@ import pickle
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,14 @@ def setup_distributed() -> DistInfo:
         backend = "gloo"
         _clear_stale_op_build_lock()
     import deepspeed  # after DS_ACCELERATOR is settled
+
+    # ZeRO-3 calls these torch collectives by their deprecated names at every fetch and reduce: one
+    # FutureWarning per call site and rank that the user can do nothing about.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
 
     # Adopts an existing default group (Ray Train) instead of creating a second one.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

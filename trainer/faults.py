@@ -21,6 +21,8 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from configs.errors import ConfigError
+
 ACTIONS = ("kill", "kill_before_publish", "kill_during_upload", "nan")
 
 
@@ -37,7 +39,7 @@ class Faults:
         for raw in filter(None, (s.strip() for s in spec.split(","))):
             parts = raw.split(":")
             if len(parts) != 3 or parts[0] not in ACTIONS:
-                raise ValueError(
+                raise ConfigError(
                     f"RECGPT_FAULT: bad entry {raw!r} (ACTION:STEP:RANK, actions {', '.join(ACTIONS)})"
                 )
             entries.append((parts[0], parts[1], parts[2]))
