@@ -28,6 +28,9 @@ outside it for both contenders, which use the same loader).
 always runs first), and reports the medians. ``--aa`` adds a second minimal loop to the alternation
 (ABC BCA CAB ...): the minimal loop against itself, the A/A difference,
 is the noise floor of a wall-time comparison on this machine — an overhead within it is not resolved.
+With three rounds or more it also prints the overhead paired by round (each round's contenders ran
+back to back): the mean of the rounds' overheads ± the half-width of its 95 % interval, also in the
+JSON (``overhead_paired``, ``aa_paired``: [mean, half-width]).
 Signs: overhead = (minimal − recgpt) / minimal samples/s, so positive means recgpt is slower; A/A =
 (minimal − second minimal) / minimal; CPU overheads = (recgpt − minimal) / minimal CPU ms per step.
 One run each (``--repeat 1``) on a loaded machine resolves little: the documented figures use
@@ -179,6 +182,19 @@ class StepClock:
         LossComputer.__call__ = timed(LossComputer.__call__)  # type: ignore[method-assign]
         DeepSpeedEngine.backward = timed(DeepSpeedEngine.backward)  # type: ignore[method-assign]
         DeepSpeedEngine.step = timed(DeepSpeedEngine.step)  # type: ignore[method-assign]
+
+
+def paired(contender: list[dict[str, float]], reference: list[dict[str, float]]) -> tuple[float, float]:
+    """(mean, half-width of its 95 % interval) of the per-round wall-time overhead in %,
+    ``(reference - contender) / reference`` samples/s, round i of one against round i of the other
+    (normal approximation: 1.96 standard errors; 0 with one round)."""
+    pct = [100.0 * (r["samples_s"] - c["samples_s"]) / r["samples_s"] for c, r in zip(contender, reference)]
+    half = 1.96 * statistics.stdev(pct) / len(pct) ** 0.5 if len(pct) > 1 else 0.0
+    return statistics.fmean(pct), half
+
+
+def _pm(mean_half: tuple[float, float]) -> str:
+    return f"{mean_half[0]:+.1f} ± {mean_half[1]:.1f} %"
 
 
 def _worker_setup(overrides: list[str]):
@@ -387,6 +403,12 @@ def main() -> None:
                 row[f"{kind}_{key}_runs"] = [round(r[key], 1) for r in results]
             row[f"{kind}_runs"] = [round(r["samples_s"], 2) for r in results]
         row["overhead_pct"] = 100.0 * (row["minimal"] - row["recgpt"]) / row["minimal"]
+        # Paired by round (the contenders of one round ran back to back, under the same load): the mean
+        # of the rounds' overheads and its 95 % interval (± 1.96 standard errors), which says whether a
+        # difference is resolved at all where the medians of noisy runs cannot.
+        row["overhead_paired"] = paired(runs["recgpt"], runs["minimal"])
+        if args.aa:
+            row["aa_paired"] = paired(runs["minimal_b"], runs["minimal"])
         if args.aa:  # the same measure, minimal against minimal: what the machine alone moves
             row["aa_pct"] = 100.0 * (row["minimal"] - row["minimal_b"]) / row["minimal"]
             row["aa_cpu_pct"] = (
@@ -415,6 +437,12 @@ def main() -> None:
                 f" | A/A: minimal {row['minimal_b']:.1f} samples/s ({row['aa_pct']:+.1f} %), CPU/step "
                 f"{row['minimal_b_cpu_ms']:.1f} ms ({row['aa_cpu_pct']:+.1f} %)"
                 if args.aa
+                else ""
+            )
+            + (
+                f" | paired by round: overhead {_pm(row['overhead_paired'])}"
+                + (f", A/A {_pm(row['aa_paired'])}" if args.aa else "")
+                if args.repeat >= 3
                 else ""
             ),
             flush=True,
