@@ -29,12 +29,15 @@ always runs first), and reports the medians. ``--aa`` adds a second minimal loop
 (ABC BCA CAB ...): the minimal loop against itself, the A/A difference,
 is the noise floor of a wall-time comparison on this machine — an overhead within it is not resolved.
 With three rounds or more it also prints the overhead paired by round (each round's contenders ran
-back to back): the mean of the rounds' overheads ± the half-width of its 95 % interval, also in the
-JSON (``overhead_paired``, ``aa_paired``: [mean, half-width]).
+back to back): the mean of the rounds' overheads ± 1.96 standard errors of that mean, also in the JSON
+(``overhead_paired``, ``aa_paired``: [mean, 1.96 s.e.]) — about a 95 % interval from some 20 rounds
+up; with fewer the true interval is wider (Student's t: x 2.2 at 3 rounds, x 1.2 at 8). Pool the
+``*_runs`` of several invocations for a tighter figure. A short ``--steps`` inflates every overhead
+(the measured window is ``--steps`` minus the warm-up's 5 steps).
 Signs: overhead = (minimal − recgpt) / minimal samples/s, so positive means recgpt is slower; A/A =
 (minimal − second minimal) / minimal; CPU overheads = (recgpt − minimal) / minimal CPU ms per step.
 One run each (``--repeat 1``) on a loaded machine resolves little: the documented figures use
-``--steps 80 --repeat 5 --aa`` on a quiet machine.
+``--steps 80 --aa`` and ``--repeat`` 4 to 10 (docs/BENCHMARKS.md gives each table's command).
 
 Every contender runs with the allocator setting recgpt's loop makes (``train.keep_freed_memory``, on by
 default; pass ``train.keep_freed_memory=false`` to measure all of them with glibc's defaults), so the
@@ -185,9 +188,9 @@ class StepClock:
 
 
 def paired(contender: list[dict[str, float]], reference: list[dict[str, float]]) -> tuple[float, float]:
-    """(mean, half-width of its 95 % interval) of the per-round wall-time overhead in %,
+    """(mean, 1.96 standard errors of the mean) of the per-round wall-time overhead in %,
     ``(reference - contender) / reference`` samples/s, round i of one against round i of the other
-    (normal approximation: 1.96 standard errors; 0 with one round)."""
+    (0 with one round). The normal approximation of a 95 % interval: too narrow below ~20 rounds."""
     pct = [100.0 * (r["samples_s"] - c["samples_s"]) / r["samples_s"] for c, r in zip(contender, reference)]
     half = 1.96 * statistics.stdev(pct) / len(pct) ** 0.5 if len(pct) > 1 else 0.0
     return statistics.fmean(pct), half
@@ -404,8 +407,8 @@ def main() -> None:
             row[f"{kind}_runs"] = [round(r["samples_s"], 2) for r in results]
         row["overhead_pct"] = 100.0 * (row["minimal"] - row["recgpt"]) / row["minimal"]
         # Paired by round (the contenders of one round ran back to back, under the same load): the mean
-        # of the rounds' overheads and its 95 % interval (± 1.96 standard errors), which says whether a
-        # difference is resolved at all where the medians of noisy runs cannot.
+        # of the rounds' overheads ± 1.96 standard errors, which says whether a difference is resolved
+        # at all where the medians of noisy runs cannot.
         row["overhead_paired"] = paired(runs["recgpt"], runs["minimal"])
         if args.aa:
             row["aa_paired"] = paired(runs["minimal_b"], runs["minimal"])
@@ -440,7 +443,7 @@ def main() -> None:
                 else ""
             )
             + (
-                f" | paired by round: overhead {_pm(row['overhead_paired'])}"
+                f" | paired by round (mean ± 1.96 s.e.): overhead {_pm(row['overhead_paired'])}"
                 + (f", A/A {_pm(row['aa_paired'])}" if args.aa else "")
                 if args.repeat >= 3
                 else ""

@@ -30,7 +30,7 @@ def _omegaconf_error_line(err: OmegaConfBaseException, prefix: str = "") -> str:
         msg = "unknown key"
     elif msg.startswith("Incompatible value 'None'"):
         # ``key=`` (nothing after the '=') reads as null: say so rather than OmegaConf's type talk.
-        msg = "needs a value (got none: key=VALUE)"
+        msg = "needs a value, not null or empty"
     return f"{prefix}{key}: {msg}"
 
 
@@ -94,7 +94,7 @@ def _fails(schema: type, layer: Any) -> bool:
 
 def _override_layer(overrides: list[str] | tuple[str, ...], prefix: str = "") -> list[Any]:
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or item.startswith("="):
             raise ConfigError(f"{item}: overrides are key=value (e.g. train.max_steps=100)")
     if not overrides:
         return []

@@ -65,9 +65,12 @@ def test_a_misspelt_override_is_not_blamed_on_the_file(tmp_path):
 
 
 def test_an_override_without_a_value_says_so():
-    with pytest.raises(ConfigError) as e:
-        load_config(CONFIGS[0], ["train.max_bad_steps="])
-    assert str(e.value) == "train.max_bad_steps: needs a value (got none: key=VALUE)"
+    for bad in ("train.max_bad_steps=", "train.max_bad_steps=null"):
+        with pytest.raises(ConfigError) as e:
+            load_config(CONFIGS[0], [bad])
+        assert str(e.value) == "train.max_bad_steps: needs a value, not null or empty"
+    with pytest.raises(ConfigError, match="^=3: overrides are key=value"):
+        load_config(CONFIGS[0], ["=3"])
 
 
 def test_checkpoint_interval_must_be_a_multiple_of_eval_interval():

@@ -98,9 +98,10 @@ def test_faults_parse_and_fire_once(monkeypatch):
     monkeypatch.setenv("RECGPT_FAULT", "nan:*:*")
     always = Faults.from_env(rank=0)
     assert all(always.nan_loss(s) for s in (1, 1, 2))
-    monkeypatch.setenv("RECGPT_FAULT", "explode:1:1")
-    with pytest.raises(ConfigError, match="RECGPT_FAULT"):  # one line and exit 2, no traceback
-        Faults.from_env(rank=0)
+    for bad in ("explode:1:1", "kill:1", "kill:x:0", "kill:01:0", "kill:1:-1"):  # never silently inert
+        monkeypatch.setenv("RECGPT_FAULT", bad)
+        with pytest.raises(ConfigError, match="RECGPT_FAULT: bad entry"):  # one line, exit 2
+            Faults.from_env(rank=0)
     monkeypatch.delenv("RECGPT_FAULT")
     assert Faults.from_env(rank=0).entries == []
 

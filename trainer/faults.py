@@ -26,6 +26,10 @@ from configs.errors import ConfigError
 ACTIONS = ("kill", "kill_before_publish", "kill_during_upload", "nan")
 
 
+def _step_or_rank(value: str) -> bool:
+    return value == "*" or (value.isdigit() and str(int(value)) == value)
+
+
 @dataclass
 class Faults:
     rank: int
@@ -38,9 +42,12 @@ class Faults:
         entries = []
         for raw in filter(None, (s.strip() for s in spec.split(","))):
             parts = raw.split(":")
-            if len(parts) != 3 or parts[0] not in ACTIONS:
+            # STEP and RANK are '*' or a plain non-negative integer: anything else ('x', '01', '-1')
+            # would never match and the test relying on the fault would pass without it.
+            if len(parts) != 3 or parts[0] not in ACTIONS or not all(map(_step_or_rank, parts[1:])):
                 raise ConfigError(
-                    f"RECGPT_FAULT: bad entry {raw!r} (ACTION:STEP:RANK, actions {', '.join(ACTIONS)})"
+                    f"RECGPT_FAULT: bad entry {raw!r} (ACTION:STEP:RANK, STEP and RANK a number or *, "
+                    f"actions {', '.join(ACTIONS)})"
                 )
             entries.append((parts[0], parts[1], parts[2]))
         return cls(rank=rank, entries=entries)
