@@ -410,9 +410,8 @@ def main() -> None:
         # of the rounds' overheads ± 1.96 standard errors, which says whether a difference is resolved
         # at all where the medians of noisy runs cannot.
         row["overhead_paired"] = paired(runs["recgpt"], runs["minimal"])
-        if args.aa:
+        if args.aa:  # the same measures, minimal against minimal: what the machine alone moves
             row["aa_paired"] = paired(runs["minimal_b"], runs["minimal"])
-        if args.aa:  # the same measure, minimal against minimal: what the machine alone moves
             row["aa_pct"] = 100.0 * (row["minimal"] - row["minimal_b"]) / row["minimal"]
             row["aa_cpu_pct"] = (
                 100.0 * (row["minimal_b_cpu_ms"] - row["minimal_cpu_ms"]) / row["minimal_cpu_ms"]

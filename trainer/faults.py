@@ -27,7 +27,7 @@ ACTIONS = ("kill", "kill_before_publish", "kill_during_upload", "nan")
 
 
 def _step_or_rank(value: str) -> bool:
-    return value == "*" or (value.isdigit() and str(int(value)) == value)
+    return value == "*" or (value.isdecimal() and str(int(value)) == value)
 
 
 @dataclass
